@@ -1,0 +1,1 @@
+"""Data: manifests, importers of published layouts, feature cache, datasets, the demo corpus."""
