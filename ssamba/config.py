@@ -84,6 +84,88 @@ class AugmentConfig:
             raise ConfigError(f"augment.mixup is a probability in [0, 1], got {self.mixup}")
 
 
+SIZES = {"tiny": 192, "small": 384, "base": 768}
+SSAST_HEADS = {"tiny": 3, "small": 6, "base": 12}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The encoder (SPEC.md sections 2-3, 7). Every ablation switch is one field.
+
+    ``arch`` ``ssamba`` (Mamba) or ``ssast`` (ViT baseline). Defaults are SSAMBA-tiny as the
+    official recipes build it (LayerNorm, bidirectional v2 mixer, layer pairing, final norm twice).
+    """
+
+    arch: str = "ssamba"
+    embed_dim: int = 192
+    depth: int = 24
+    patch_size: int = 16
+    fstride: int = 16
+    tstride: int = 16
+    # Mamba mixer
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int = 0  # 0: ceil(embed_dim / 16)
+    bimamba: bool = True  # v2 mixer: a backward scan with its own parameters inside each block
+    divide_out: bool = True  # (y_f + y_b) / 2 (official if_devide_out)
+    layer_pairing: bool = True  # official if_bidirectional: layer 2i+1 sees the flipped sequence
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    fused_add_norm: bool = False  # same math in one kernel (GPU, when mamba-ssm's Triton norm is present)
+    residual_in_fp32: bool = False
+    final_norm_twice: bool = True  # the official forward applies norm_f twice (checkpoint parity)
+    drop_path: float = 0.1
+    scan_backend: str = "auto"  # auto | reference | cuda
+    # SSAST baseline
+    num_heads: int = 3
+    mlp_ratio: float = 4.0
+    attention: str = "fused"  # fused (scaled_dot_product_attention) | materialized
+    # fine-tuning head
+    pooling: str = "mean"  # mean of patch tokens (ft_avgtok) | cls (ft_cls)
+
+    def __post_init__(self):
+        checks = [
+            (self.arch in ("ssamba", "ssast"), f"model.arch must be 'ssamba' or 'ssast', got {self.arch!r}"),
+            (self.norm in ("layernorm", "rmsnorm"), f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
+            (self.scan_backend in ("auto", "reference", "cuda"),
+             f"model.scan_backend must be auto, reference or cuda, got {self.scan_backend!r}"),
+            (self.attention in ("fused", "materialized"),
+             f"model.attention must be 'fused' or 'materialized', got {self.attention!r}"),
+            (self.pooling in ("mean", "cls"), f"model.pooling must be 'mean' or 'cls', got {self.pooling!r}"),
+            (not (self.layer_pairing and self.arch == "ssamba" and self.depth % 2),
+             f"model.layer_pairing needs an even model.depth, got {self.depth}"),
+            (self.embed_dim > 0 and self.depth > 0, "model.embed_dim and model.depth must be positive"),
+            (self.arch != "ssast" or self.embed_dim % self.num_heads == 0,
+             f"model.embed_dim {self.embed_dim} must be divisible by model.num_heads {self.num_heads}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.embed_dim
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.dt_rank or -(-self.embed_dim // 16)
+
+
+def model_preset(name: str, arch: str = "ssamba") -> ModelConfig:
+    """``tiny`` / ``small`` / ``base`` (SPEC.md sizes) or the CPU presets ``demo`` / ``test``."""
+    if name in SIZES:
+        d = SIZES[name]
+        if arch == "ssast":
+            return ModelConfig(arch="ssast", embed_dim=d, depth=12, num_heads=SSAST_HEADS[name])
+        return ModelConfig(embed_dim=d)
+    if name == "demo":
+        return ModelConfig(arch=arch, embed_dim=64, depth=4, num_heads=4)
+    if name == "test":
+        return ModelConfig(arch=arch, embed_dim=32, depth=2, num_heads=2, d_state=8)
+    raise ConfigError(f"unknown model preset {name!r}; choose tiny, small, base, demo or test")
+
+
 # ------------------------------------------------------------------------------ dotted keys
 def to_flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
     """Flatten nested dataclasses into ``{"section.field": value}``."""
@@ -197,6 +279,6 @@ def parse_set_args(items: list[str] | None) -> dict[str, str]:
 
 
 __all__ = [
-    "FrontendConfig", "AugmentConfig", "to_flat", "from_flat", "apply_overrides", "parse_set_args",
+    "FrontendConfig", "AugmentConfig", "ModelConfig", "model_preset", "to_flat", "from_flat", "apply_overrides", "parse_set_args",
     "parse_value",
 ]
