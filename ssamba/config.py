@@ -157,13 +157,120 @@ def model_preset(name: str, arch: str = "ssamba") -> ModelConfig:
     if name in SIZES:
         d = SIZES[name]
         if arch == "ssast":
-            return ModelConfig(arch="ssast", embed_dim=d, depth=12, num_heads=SSAST_HEADS[name])
+            return ModelConfig(arch="ssast", embed_dim=d, depth=12, num_heads=SSAST_HEADS[name], drop_path=0.0)
         return ModelConfig(embed_dim=d)
     if name == "demo":
         return ModelConfig(arch=arch, embed_dim=64, depth=4, num_heads=4)
     if name == "test":
         return ModelConfig(arch=arch, embed_dim=32, depth=2, num_heads=2, d_state=8)
     raise ConfigError(f"unknown model preset {name!r}; choose tiny, small, base, demo or test")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where pretraining clips come from and how they are read. ``manifest=""`` is the demo corpus."""
+
+    manifest: str = ""
+    train_split: str = "train"  # "" = every row
+    eval_split: str = "validation"
+    use_cache: bool = True  # precompute fbanks once (FeatureCache)
+    cache_dir: str = ""  # "" = $SSAMBA_CACHE/features
+    num_workers: int = 0  # DataLoader processes
+    strict: bool = False  # fail at the first bad clip instead of skipping it
+    stats_from_manifest: bool = True  # use mean/std stored in the manifest when present
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """MSPM pretraining (SPEC.md section 4); defaults are the official recipe."""
+
+    target_length: int = 1024
+    mask_count: int = 400
+    mask_strategy: str = "cluster"  # cluster | random | frame
+    passes: int = 2  # 2: independent masks for the InfoNCE and MSE passes (official); 1: one shared pass
+    mse_weight: float = 10.0
+    lr: float = 1e-4
+    weight_decay: float = 5e-8
+    beta1: float = 0.95
+    beta2: float = 0.999
+    batch_size: int = 64
+    epochs: int = 10
+    max_steps: int = 0  # > 0 stops after this many optimiser steps
+    warmup_steps: int = 1000
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    grad_accum: int = 1
+    clip_grad: float = 0.0  # 0 = off
+    amp: bool = True  # bf16 autocast on CUDA (scan in fp32); ignored on CPU
+    plateau_every: int = 4000  # steps between evaluations; ReduceLROnPlateau steps on their masked accuracy
+    eval_batches: int = 0  # 0 = the whole validation split
+
+    def __post_init__(self):
+        if self.mask_strategy not in ("cluster", "random", "frame"):
+            raise ConfigError(f"pretrain.mask_strategy must be cluster, random or frame, got {self.mask_strategy!r}")
+        if self.passes not in (1, 2):
+            raise ConfigError(f"pretrain.passes must be 1 or 2, got {self.passes}")
+        if self.mask_count <= 0:
+            raise ConfigError(f"pretrain.mask_count must be > 0, got {self.mask_count}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning on one labelled task (SPEC.md section 5); defaults are the ESC-50 recipe."""
+
+    task: str = "demo"
+    manifest: str = ""  # "" = the demo corpus
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    fold: int = 0  # > 0: cross-validation, this fold is evaluated and the others train
+    target_length: int = 512
+    fstride: int = 10
+    tstride: int = 10
+    loss: str = "ce"  # ce | bce
+    metric: str = "acc"  # acc | map
+    lr: float = 1e-4
+    head_lr: float = 1.0  # the head's lr is lr * head_lr
+    weight_decay: float = 5e-7
+    beta1: float = 0.95
+    beta2: float = 0.999
+    batch_size: int = 48
+    epochs: int = 50
+    max_steps: int = 0
+    warmup_steps: int = 0
+    lr_decay_start: int = 6
+    lr_decay_step: int = 1
+    lr_decay: float = 0.85
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    amp: bool = True
+    freqm: int = 24
+    timem: int = 96
+    mixup: float = 0.0
+    noise: bool = True
+    mean: float = -6.6268077  # dataset statistics (ESC-50); the manifest's stats win when present
+    std: float = 5.358466
+
+    def __post_init__(self):
+        if self.loss not in ("ce", "bce"):
+            raise ConfigError(f"finetune.loss must be 'ce' or 'bce', got {self.loss!r}")
+        if self.metric not in ("acc", "map"):
+            raise ConfigError(f"finetune.metric must be 'acc' or 'map', got {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One run: front end, model, pretraining data and recipe, fine-tuning recipe, seed."""
+
+    name: str = "demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    frontend: FrontendConfig = FrontendConfig()
+    augment: AugmentConfig = AugmentConfig()  # pretraining augmentations (official: none)
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
 
 # ------------------------------------------------------------------------------ dotted keys
@@ -279,6 +386,7 @@ def parse_set_args(items: list[str] | None) -> dict[str, str]:
 
 
 __all__ = [
-    "FrontendConfig", "AugmentConfig", "ModelConfig", "model_preset", "to_flat", "from_flat", "apply_overrides", "parse_set_args",
+    "FrontendConfig", "AugmentConfig", "ModelConfig", "model_preset", "DataConfig", "PretrainConfig",
+    "FinetuneConfig", "ExperimentConfig", "to_flat", "from_flat", "apply_overrides", "parse_set_args",
     "parse_value",
 ]

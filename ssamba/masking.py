@@ -20,10 +20,13 @@ def cluster_mask(n_patches: int, t_grid: int, count: int, rng: np.random.Generat
     Draw a cluster size ``c`` in {3, 4, 5} once; then repeatedly pick a start ``s`` uniformly in
     ``[0, N)`` and add the ``c x c`` block ``s + t_grid * i + j`` (indices kept only when
     ``0 < idx < N``: patch 0 is never masked, and a block can wrap across a row end) until more
-    than ``count`` unique indices exist; keep the ``count`` smallest.
+    than ``count`` unique indices exist; keep the ``count`` smallest. Only ``N - 1`` patches can be
+    masked and the draw stops once more than ``count`` are, so ``count`` must be below ``N - 1``.
     """
-    if not 0 < count < n_patches:
-        raise ValueError(f"mask count must be in (0, {n_patches}) for {n_patches} patches, got {count}")
+    if not 0 < count < n_patches - 1:
+        raise ValueError(f"cluster mask count must be in (0, {n_patches - 1}) for {n_patches} patches "
+                         f"(patch 0 is never masked and the draw needs more than count candidates), "
+                         f"got {count}")
     c = int(rng.integers(0, 3)) + 3
     offsets = (t_grid * np.arange(c)[:, None] + np.arange(c)[None, :]).ravel()
     chosen = np.zeros(n_patches, dtype=bool)

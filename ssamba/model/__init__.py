@@ -1,0 +1,1 @@
+"""Models: the SSAMBA (Mamba) and SSAST (ViT) encoders, MSPM heads, checkpoints. Imports only torch."""

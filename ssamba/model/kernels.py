@@ -1,0 +1,82 @@
+"""Optional CUDA fast path: mamba-ssm's selective scan and causal-conv1d, same signatures as scan.py.
+
+Imports of the extensions are lazy and guarded: ``import mamba_ssm`` fails outright without its
+compiled extension, so nothing here is imported at package import time. Build the kernels on a
+GPU machine with ``python -m ssamba.kernels build``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import torch
+
+from ssamba.errors import ConfigError
+from ssamba.model.scan import causal_conv1d_ref, selective_scan_ref
+
+BUILD_HINT = (
+    "Build them on the GPU machine with `python -m ssamba.kernels build` (mamba-ssm and causal-conv1d "
+    "from their source distributions, for the local GPU architecture), or use model.scan_backend=reference."
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_scan() -> Callable | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # ImportError, or OSError / undefined symbol from a mismatched build
+        return None
+    return selective_scan_fn
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_conv() -> Callable | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        return None
+    return causal_conv1d_fn
+
+
+_warned = False
+
+
+def resolve_backend(name: str) -> str:
+    """``auto`` -> ``cuda`` when the kernels import on a CUDA machine, else ``reference`` (said once)."""
+    global _warned
+    if name == "reference":
+        return "reference"
+    if name == "cuda":
+        if _cuda_scan() is None:
+            why = "no CUDA device" if not torch.cuda.is_available() else "mamba_ssm cannot be imported"
+            raise ConfigError(f"model.scan_backend='cuda' but the mamba-ssm kernels are unavailable ({why}). {BUILD_HINT}")
+        return "cuda"
+    if name == "auto":
+        if _cuda_scan() is not None:
+            return "cuda"
+        if torch.cuda.is_available() and not _warned:
+            warnings.warn(f"mamba-ssm kernels not found: using the pure-PyTorch scan (slow on GPU). {BUILD_HINT}")
+            _warned = True
+        return "reference"
+    raise ConfigError(f"model.scan_backend must be auto, reference or cuda, got {name!r}")
+
+
+def scan_fn(backend: str) -> Callable:
+    """The selective scan of a resolved backend (``selective_scan_fn`` signature)."""
+    return _cuda_scan() if backend == "cuda" else selective_scan_ref
+
+
+def conv_fn(backend: str) -> Callable:
+    """The causal depthwise conv of a resolved backend (``causal_conv1d_fn`` signature).
+
+    On the CUDA backend without causal-conv1d, the reference conv (cuDNN) computes the same thing.
+    """
+    if backend == "cuda" and _cuda_conv() is not None:
+        return _cuda_conv()
+    return causal_conv1d_ref

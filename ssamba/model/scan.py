@@ -1,0 +1,590 @@
+"""Pure-PyTorch selective scan (Mamba S6) and causal depthwise conv1d.
+
+These are the CPU / reference implementations used when the CUDA kernels of ``mamba-ssm`` and
+``causal-conv1d`` are not available. They take exactly the arguments of
+``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` and ``causal_conv1d.causal_conv1d_fn``
+so the CUDA kernels can be swapped in without touching the calling code.
+
+Shape legend used throughout this module::
+
+    b  batch size
+    d  number of channels ("dim", d_inner in a Mamba block)
+    L  sequence length
+    N  state size per channel (d_state)
+    G  number of groups sharing one B / C (d % G == 0), dg = d // G
+    W  convolution width
+
+Two selective scans are provided:
+
+* :func:`selective_scan_naive` -- a plain per-step loop under autograd. Obviously correct and slow;
+  it is the specification the tests compare against.
+* :func:`selective_scan_ref` -- the fast one: a custom :class:`torch.autograd.Function` whose forward
+  stores the hidden states and whose backward is a hand-derived reverse-time scan. All elementwise
+  work is done on contiguous ``(L, b, d, N)`` buffers so every time step touches one contiguous block
+  and the per-step Python work is a single in-place ``addcmul_``.
+
+Math (per channel ``d`` and state ``n``; ``h_{-1} = 0``)::
+
+    delta   = softplus(delta + delta_bias)           (bias / softplus optional)
+    h_t     = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
+    y_t     = sum_n C_t[n] * h_t[n]  +  D * u_t
+    out_t   = y_t * silu(z_t)                        (if z is given)
+
+Backward (g_t = dL/dh_t, accumulated in reverse time, a_t = exp(delta_t * A))::
+
+    g_t       = C_t * dy_t + a_{t+1} * g_{t+1}
+    dB_t      = sum_d g_t * delta_t * u_t            (summed over the channels sharing B)
+    dC_t      = sum_d dy_t * h_t
+    du_t      = delta_t * sum_n g_t * B_t + D * dy_t
+    ddelta_t  = u_t * sum_n g_t * B_t + sum_n g_t * h_{t-1} * a_t * A
+    dA        = sum_{b,t} g_t * h_{t-1} * a_t * delta_t
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import statistics
+import threading
+import time
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["selective_scan_ref", "selective_scan_naive", "causal_conv1d_ref", "clear_workspace"]
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+_tls = threading.local()
+
+
+def _workspace(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Scratch buffer reused across calls (CPU only, per thread); contents are garbage.
+
+    Freshly allocated large CPU tensors are page-faulted in on first touch, which costs more than the
+    arithmetic of the scan itself (~3 ms per 8 MB on a small VM). Temporaries that never leave a
+    forward/backward call therefore live in these per-thread buffers. :func:`clear_workspace` frees them.
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    bufs = _tls.__dict__.setdefault("bufs", {})
+    n = math.prod(shape)
+    key = (slot, dtype)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < n:
+        bufs.pop(key, None)
+        del buf  # release the old buffer before allocating the larger one
+        buf = torch.empty(n, dtype=dtype, device=device)
+        bufs[key] = buf
+    return buf[:n].view(shape)
+
+
+_HUGE_MIN_BYTES = 4 << 20
+
+
+def _alloc_state(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Uninitialised tensor for the hidden states (kept until backward, so not a workspace buffer).
+
+    On CPU, large buffers are mapped with transparent huge pages where the OS allows it (Linux
+    ``madvise``): first-touch page faults on 4 KiB pages otherwise cost more than the scan itself
+    (measured ~3 ms per 8 MiB on a 2-core VM, ~1 ms with huge pages). The mapping is released when
+    the tensor is freed. Anywhere else this is plain ``torch.empty``.
+    """
+    n = math.prod(shape)
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    if device.type == "cpu" and nbytes >= _HUGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            m.madvise(mmap.MADV_HUGEPAGE)
+            return torch.frombuffer(m, dtype=dtype, count=n).view(shape)
+        except (OSError, ValueError, AttributeError):
+            pass
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def clear_workspace() -> None:
+    """Free the scratch buffers :func:`selective_scan_ref` keeps for the calling thread."""
+    _tls.__dict__.pop("bufs", None)
+
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """log(1 + exp(x)) to ~1 ulp; ~2x faster on CPU than F.softplus (whose log1p is slow there).
+
+    max(x, 0) + log1p(e) with e = exp(-|x|), and log1p(e) = log(w) - ((w - 1) - e) / w, w = 1 + e
+    (first-order correction of the rounding in 1 + e; exact also when w rounds to 1). Differs from
+    F.softplus only above its threshold 20, by less than float32 resolution.
+    """
+    e = torch.exp(-x.abs())
+    w = e + 1.0
+    corr = (w - 1.0).sub_(e).div_(w)
+    return torch.log(w).sub_(corr).add_(x.clamp(min=0))
+
+
+def _work_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    """float32, or float64 when any given floating tensor is float64 (never lower than float32)."""
+    dt = torch.float32
+    for t in tensors:
+        if t is not None and t.dtype == torch.float64:
+            dt = torch.float64
+    return dt
+
+
+def _bc_kind(X: Tensor, name: str, b: int, d: int, N: int, L: int) -> tuple[str, int]:
+    """Classify B / C: ("const", 1) for (d, N); ("var", 1) for (b, N, L); ("group", G) for (b, G, N, L)."""
+    if X.dim() == 2:
+        if tuple(X.shape) != (d, N):
+            raise ValueError(f"{name}: time-invariant form must be (dim, N)=({d}, {N}), got {tuple(X.shape)}")
+        return "const", 1
+    if X.dim() == 3:
+        if tuple(X.shape) != (b, N, L):
+            raise ValueError(f"{name}: expected (batch, N, L)=({b}, {N}, {L}), got {tuple(X.shape)}")
+        return "var", 1
+    if X.dim() == 4:
+        G = X.shape[1]
+        if tuple(X.shape) != (b, G, N, L) or G == 0 or d % G != 0:
+            raise ValueError(f"{name}: expected (batch, G, N, L) with dim % G == 0, got {tuple(X.shape)}")
+        return "group", G
+    raise ValueError(f"{name}: expected 2, 3 or 4 dims, got shape {tuple(X.shape)}")
+
+
+def _check_shapes(u: Tensor, delta: Tensor, A: Tensor) -> tuple[int, int, int, int]:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (batch, dim, L), got {tuple(u.shape)}, {tuple(delta.shape)}")
+    b, d, L = u.shape
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (dim, N)=({d}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise NotImplementedError("complex A is not supported")
+    if L == 0:
+        raise ValueError("sequence length must be >= 1")
+    return b, d, L, A.shape[1]
+
+
+def _to_lbd(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(b, d, L) -> contiguous (L, b, d) in ``dtype`` with a single copy."""
+    b, d, L = x.shape
+    out = torch.empty((L, b, d), dtype=dtype, device=x.device)
+    out.copy_(x.permute(2, 0, 1))
+    return out
+
+
+def _from_lbd(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(L, b, d) -> contiguous (b, d, L) in ``dtype`` with a single copy."""
+    L, b, d = x.shape
+    out = torch.empty((b, d, L), dtype=dtype, device=x.device)
+    out.copy_(x.permute(1, 2, 0))
+    return out
+
+
+def _grad_from_lbd(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """(L, b, d) -> (b, d, L) gradient: a permuted view (no transposing copy) unless dtype differs.
+
+    Autograd accepts gradients of any strides (a leaf's .grad is laid out to match the leaf).
+    """
+    return x.permute(1, 2, 0).to(dtype)
+
+
+class _Layout:
+    """Internal layout of the state: (L, b, G, N, dg), channel c = g * dg + j innermost.
+
+    G is the lcm of the group counts of B and C (1 when neither is grouped), so each B_t / C_t is one
+    row per (l, b, g) and every contraction over n or over the channels of a group is a batched
+    matrix product on contiguous memory. Each time step is one contiguous (b, G, N, dg) block.
+    """
+
+    def __init__(self, b: int, d: int, L: int, N: int, B: Tensor, C: Tensor) -> None:
+        self.b, self.d, self.L, self.N = b, d, L, N
+        self.kB, self.GB = _bc_kind(B, "B", b, d, N, L)
+        self.kC, self.GC = _bc_kind(C, "C", b, d, N, L)
+        G = math.lcm(self.GB, self.GC)
+        self.G, self.dg = G, d // G
+        self.state = (L, b, G, N, d // G)
+
+    # (d, N) tensors (A, time-invariant B / C) <-> (G, N, dg)
+    def dn_in(self, X: Tensor, dtype: torch.dtype) -> Tensor:
+        out = torch.empty((self.G, self.N, self.dg), dtype=dtype, device=X.device)
+        out.copy_(X.reshape(self.G, self.dg, self.N).permute(0, 2, 1))
+        return out
+
+    def dn_out(self, X: Tensor, dtype: torch.dtype) -> Tensor:
+        out = torch.empty((self.G, self.dg, self.N), dtype=dtype, device=X.device)
+        out.copy_(X.permute(0, 2, 1))
+        return out.view(self.d, self.N)
+
+    # B / C in the caller's form <-> internal form: const (G, N, dg); var / group (L, b, G, N)
+    def bc_in(self, X: Tensor, kind: str, Gx: int, dtype: torch.dtype) -> Tensor:
+        if kind == "const":
+            return self.dn_in(X, dtype)
+        L, b, G, N = self.L, self.b, self.G, self.N
+        X4 = X.unsqueeze(1) if kind == "var" else X  # (b, Gx, N, L)
+        out = torch.empty((L, b, Gx, G // Gx, N), dtype=dtype, device=X.device)
+        out.copy_(X4.permute(3, 0, 1, 2).unsqueeze(3).expand(L, b, Gx, G // Gx, N))
+        return out.view(L, b, G, N)
+
+    def bc_out(self, dX: Tensor, kind: str, Gx: int, dtype: torch.dtype) -> Tensor:
+        if kind == "const":
+            return self.dn_out(dX, dtype)
+        L, b, G, N = self.L, self.b, self.G, self.N
+        dX = dX.view(L, b, Gx, G // Gx, N).sum(3) if Gx != G else dX  # fold repeated groups
+        out = torch.empty((b, Gx, N, L), dtype=dtype, device=dX.device)
+        out.copy_(dX.permute(1, 2, 3, 0))
+        return out.squeeze(1) if kind == "var" else out
+
+    def outer(self, w: Tensor, X: Tensor, kind: str, out: Tensor) -> Tensor:
+        """out[l, b, g, n, j] = w[l, b, (g, j)] * X[.., n]."""
+        L, b, G, N, dg = out.shape
+        Xb = X if kind == "const" else X.view(L, b, G, N, 1)
+        return torch.mul(w.view(L, b, G, 1, dg), Xb, out=out)
+
+    def reduce_n(self, S: Tensor, X: Tensor, kind: str, tmp) -> Tensor:
+        """r[l, b, (g, j)] = sum_n S[l, b, g, n, j] * X[.., n]  -> (L', b, d)."""
+        L, b, G, N, dg = S.shape
+        if kind == "const":
+            return torch.mul(S, X, out=tmp(S.shape)).sum(3).view(L, b, G * dg)
+        M = L * b * G
+        return torch.bmm(X.reshape(M, 1, N), S.view(M, N, dg)).view(L, b, G * dg)
+
+    def reduce_d(self, w: Tensor, S: Tensor, kind: str, tmp) -> Tensor:
+        """Gradient of X in :meth:`outer` given dout = S: sum of w * S over channels (and l, b if const)."""
+        L, b, G, N, dg = S.shape
+        if kind == "const":
+            return torch.mul(S, w.view(L, b, G, 1, dg), out=tmp(S.shape)).sum((0, 1))
+        M = L * b * G
+        # (1, dg) @ (dg, N) against the transposed view: ~8x faster on CPU than (N, dg) @ (dg, 1)
+        return torch.bmm(w.reshape(M, 1, dg), S.view(M, N, dg).transpose(1, 2)).view(L, b, G, N)
+
+
+# --------------------------------------------------------------------------------------------------
+# fast reference: custom autograd Function
+# --------------------------------------------------------------------------------------------------
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    """Selective scan with a hand-written reverse-time backward (see module docstring for the math).
+
+    Kept between forward and backward: the hidden states H (one b*d*L*N buffer in the working dtype)
+    and a few (L, b, d) tensors. exp(delta * A) is recomputed in backward rather than stored.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        ctx.set_materialize_grads(False)
+        b, d, L, N = _check_shapes(u, delta, A)
+        lay = _Layout(b, d, L, N, B, C)
+        G, dg = lay.G, lay.dg
+        wd = _work_dtype(u, delta, A, B, C, D, z, delta_bias)
+        dev = u.device
+
+        u_l = _to_lbd(u, wd)  # (L, b, d)
+        dt = _to_lbd(delta, wd)  # (L, b, d)
+        if delta_bias is not None:
+            dt.add_(delta_bias.to(wd))
+        dt_raw = None
+        if delta_softplus:
+            dt_raw = dt
+            dt = _softplus(dt)
+        A_i = lay.dn_in(A, wd)  # (G, N, dg)
+        A2 = A_i * _LOG2E  # exp(x) = exp2(x * log2(e)); exp2 is ~3x cheaper than exp on CPU
+        B_i = lay.bc_in(B, lay.kB, lay.GB, wd)
+        C_i = lay.bc_in(C, lay.kC, lay.GC, wd)
+
+        # H <- delta * B * u at every step; the recurrence then runs in place over it.
+        H = _alloc_state(lay.state, wd, dev)
+        lay.outer(dt * u_l, B_i, lay.kB, out=H)
+        dA = _workspace("a", lay.state, wd, dev)
+        torch.exp2(torch.mul(dt.view(L, b, G, 1, dg), A2, out=dA), out=dA)
+        Hs, dAs = H.unbind(0), dA.unbind(0)
+        for t in range(1, L):
+            Hs[t].addcmul_(dAs[t], Hs[t - 1])
+        del Hs, dAs
+
+        y = lay.reduce_n(H, C_i, lay.kC, lambda s: dA)  # (L, b, d)
+        D_w = None
+        if D is not None:
+            D_w = D.to(wd)
+            y.addcmul_(u_l, D_w)
+        z_l = y_ssm = None
+        if z is not None:
+            z_l = _to_lbd(z, wd)
+            y_ssm = y
+            out = torch.empty((b, d, L), dtype=u.dtype, device=dev)
+            # gate and transpose back to (b, d, L) in one pass
+            torch.mul(y_ssm, F.silu(z_l), out=out.permute(2, 0, 1))
+        else:
+            out = _from_lbd(y, u.dtype)
+        last = torch.empty((b, G, dg, N), dtype=wd, device=dev)
+        last.copy_(H[L - 1].permute(0, 1, 3, 2))
+
+        ctx.save_for_backward(u_l, dt, dt_raw, A_i, B_i, C_i, D_w, z_l, y_ssm, H)
+        ctx.lay = lay
+        ctx.has_bias = delta_bias is not None
+        ctx.in_dtypes = tuple(None if t is None else t.dtype for t in (u, delta, A, B, C, D, z, delta_bias))
+        return out, last.view(b, d, N)
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u_l, dt, dt_raw, A_i, B_i, C_i, D_w, z_l, y_ssm, H = ctx.saved_tensors
+        lay = ctx.lay
+        u_dt, dl_dt, A_dt, B_dt, C_dt, D_dt, z_dt, bias_dt = ctx.in_dtypes
+        need = ctx.needs_input_grad
+        L, b, G, N, dg = H.shape
+        d = G * dg
+        wd, dev = H.dtype, H.device
+        tmp = lambda shape: _workspace("t", shape, wd, dev)  # noqa: E731
+
+        du = ddelta = dA_p = dB = dC = dD = dz = ddb = None
+        dy = torch.zeros((L, b, d), dtype=wd, device=dev) if dout is None else _to_lbd(dout, wd)
+        if z_l is not None:
+            sig = torch.sigmoid(z_l)
+            if need[6]:
+                # d silu(z) / dz = sig * (1 + z * (1 - sig))
+                dsilu = torch.addcmul(torch.ones_like(z_l), z_l, 1.0 - sig).mul_(sig)
+                dz = _grad_from_lbd(dsilu.mul_(dy).mul_(y_ssm), z_dt)
+            dy.mul_(sig.mul_(z_l))  # dy <- dL/dy_ssm
+        if D_w is not None and need[5]:
+            dD = (dy * u_l).sum((0, 1)).to(D_dt)
+        if need[4]:
+            dC = lay.bc_out(lay.reduce_d(dy, H, lay.kC, tmp), lay.kC, lay.GC, C_dt)
+
+        du_l = None
+        need_dt = need[1] or need[7]
+        if need[0] or need_dt or need[2] or need[3]:
+            # g_t = C_t * dy_t + exp(delta_{t+1} A) * g_{t+1}, in place in Gb
+            Gb = _workspace("g", H.shape, wd, dev)
+            lay.outer(dy, C_i, lay.kC, out=Gb)
+            if dlast is not None:
+                Gb[L - 1].add_(dlast.to(wd).reshape(b, G, dg, N).permute(0, 1, 3, 2))
+            dA = _workspace("a", H.shape, wd, dev)
+            torch.exp2(torch.mul(dt.view(L, b, G, 1, dg), A_i * _LOG2E, out=dA), out=dA)
+            Gs, dAs = Gb.unbind(0), dA.unbind(0)
+            for t in range(L - 2, -1, -1):
+                Gs[t].addcmul_(dAs[t + 1], Gs[t + 1])
+            del Gs, dAs
+
+            ddt = None
+            if need[0] or need_dt:
+                s = lay.reduce_n(Gb, B_i, lay.kB, tmp)  # sum_n g * B  (L, b, d)
+                if need[0]:
+                    du_l = s * dt
+                if need_dt:
+                    ddt = s.mul_(u_l)
+            if need[3]:
+                dB = lay.bc_out(lay.reduce_d(dt * u_l, Gb, lay.kB, tmp), lay.kB, lay.GB, B_dt)
+            if (need[2] or need_dt) and L > 1:
+                # X_t = g_t * exp(delta_t A) * h_{t-1} for t >= 1 (h_{-1} = 0), in place in Gb[1:]
+                X = Gb[1:]
+                X.mul_(dA[1:]).mul_(H[: L - 1])
+                if need_dt:
+                    ddt[1:].add_(torch.mul(X, A_i, out=dA[1:]).sum(3).view(L - 1, b, d))
+                if need[2]:
+                    dA_p = lay.dn_out(X.mul_(dt[1:].view(L - 1, b, G, 1, dg)).sum((0, 1)), A_dt)
+            if need_dt:
+                if dt_raw is not None:
+                    ddt.mul_(torch.sigmoid(dt_raw))
+                if need[1]:
+                    ddelta = _grad_from_lbd(ddt, dl_dt)
+                if need[7] and ctx.has_bias:
+                    ddb = ddt.sum((0, 1)).to(bias_dt)
+
+        if need[0]:
+            if D_w is not None:
+                du_l = dy * D_w if du_l is None else du_l.addcmul_(dy, D_w)
+            du = _grad_from_lbd(du_l, u_dt)
+        if need[2] and dA_p is None:  # L == 1: A does not influence the output
+            dA_p = torch.zeros((d, N), dtype=A_dt, device=dev)
+        return du, ddelta, dA_p, dB, dC, dD, dz, ddb, None, None
+
+
+def selective_scan_ref(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Selective scan (Mamba S6), fast pure-PyTorch version with a hand-written backward.
+
+    Drop-in for ``mamba_ssm``'s ``selective_scan_fn`` (same arguments, same semantics).
+
+    Shapes (b batch, d dim, L length, N state, G groups with d % G == 0)::
+
+        u, delta    (b, d, L)
+        A           (d, N)       real
+        B, C        (b, N, L) input-dependent, or (b, G, N, L) grouped, or (d, N) time-invariant
+        D           (d,)         optional skip connection
+        z           (b, d, L)    optional gate: out = y * silu(z)
+        delta_bias  (d,)         optional, added to delta before the softplus
+        returns     out (b, d, L) in u's dtype; with return_last_state, (out, h_last) where
+                    h_last (b, d, N) is in the working dtype (float32, or float64 for float64 inputs)
+
+    All internal computation is in float32 (float64 if any input is float64). Gradients flow to
+    every tensor argument, including through h_last. Memory kept for backward: one (L, b, d, N)
+    state buffer; on CPU up to three more such buffers are cached per thread as scratch space
+    (see :func:`clear_workspace`).
+    """
+    out, last = _SelectiveScanFn.apply(
+        u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state)
+    )
+    return (out, last) if return_last_state else out
+
+
+# --------------------------------------------------------------------------------------------------
+# naive specification
+# --------------------------------------------------------------------------------------------------
+
+
+def selective_scan_naive(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Selective scan as a plain per-step loop under autograd (slow; the tests' specification).
+
+    Same arguments, shapes and return values as :func:`selective_scan_ref`::
+
+        u, delta (b, d, L); A (d, N); B, C (b, N, L) | (b, G, N, L) | (d, N);
+        D (d,); z (b, d, L); delta_bias (d,)  ->  out (b, d, L) [, h_last (b, d, N)]
+    """
+    in_dtype = u.dtype
+    wd = _work_dtype(u, delta, A, B, C, D, z, delta_bias)
+    b, d, L = u.shape
+    N = A.shape[1]
+    u = u.to(wd)
+    delta = delta.to(wd)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(wd)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    A = A.to(wd)
+
+    def per_channel(X: Tensor, name: str) -> Tensor:
+        # -> (b, d, N, L) view/copy giving each channel its own B_t / C_t
+        kind, G = _bc_kind(X, name, b, d, N, L)
+        X = X.to(wd)
+        if kind == "const":
+            return X[None, :, :, None].expand(b, d, N, L)
+        if kind == "var":
+            return X[:, None].expand(b, d, N, L)
+        return X.repeat_interleave(d // G, dim=1)
+
+    Bx = per_channel(B, "B")
+    Cx = per_channel(C, "C")
+    h = torch.zeros((b, d, N), dtype=wd, device=u.device)
+    ys = []
+    for t in range(L):
+        dt = delta[:, :, t, None]  # (b, d, 1)
+        h = torch.exp(dt * A) * h + dt * Bx[..., t] * u[:, :, t, None]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if ys else u.new_zeros((b, d, 0))
+    if D is not None:
+        y = y + D.to(wd)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(wd))
+    out = y.to(in_dtype)
+    return (out, h) if return_last_state else out
+
+
+# --------------------------------------------------------------------------------------------------
+# causal depthwise conv1d
+# --------------------------------------------------------------------------------------------------
+
+
+def causal_conv1d_ref(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None
+) -> Tensor:
+    """Causal depthwise 1-D convolution (``causal_conv1d_fn`` semantics).
+
+    Shapes: x (b, d, L); weight (d, W); bias (d,) or None  ->  out (b, d, L) in x's dtype.
+
+    ``out[:, c, t] = bias[c] + sum_k weight[c, k] * x[:, c, t - (W - 1) + k]`` with x = 0 for negative
+    times, so out at time t only depends on x at times <= t. ``activation``: None, "silu" or "swish".
+    Computed in float32 (float64 for float64 input).
+    """
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    d, W = weight.shape
+    if x.dim() != 3 or x.shape[1] != d:
+        raise ValueError(f"x must be (batch, {d}, L), got {tuple(x.shape)}")
+    wd = _work_dtype(x, weight, bias)
+    L = x.shape[-1]
+    out = F.conv1d(
+        x.to(wd),
+        weight.to(wd).unsqueeze(1),
+        None if bias is None else bias.to(wd),
+        padding=W - 1,
+        groups=d,
+    )[..., :L]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmark: python -m ssamba.model.scan
+# --------------------------------------------------------------------------------------------------
+
+
+def _make_inputs(b: int, d: int, L: int, N: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, d, L, generator=g)
+    delta = torch.randn(b, d, L, generator=g) * 0.5
+    A = -torch.exp(torch.randn(d, N, generator=g) * 0.5)
+    B = torch.randn(b, N, L, generator=g)
+    C = torch.randn(b, N, L, generator=g)
+    D = torch.randn(d, generator=g)
+    z = torch.randn(b, d, L, generator=g)
+    bias = torch.randn(d, generator=g) * 0.1
+    return [u, delta, A, B, C, D, z, bias]
+
+
+def _bench(fn, inputs, reps: int) -> float:
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    times = []
+    for i in range(reps + 1):
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        out = fn(*leaves, delta_softplus=True)
+        out.sum().backward()
+        dt = time.perf_counter() - t0
+        if i > 0:  # first run is warm-up
+            times.append(dt)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:  # pragma: no cover - benchmark entry point
+    """Print forward+backward milliseconds of naive vs ref on two Mamba-like shapes."""
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for b, d, L, N, reps_naive, reps_ref in ((16, 128, 65, 16, 7, 15), (8, 384, 513, 16, 3, 5)):
+        inputs = _make_inputs(b, d, L, N)
+        t_naive = _bench(selective_scan_naive, inputs, reps_naive)
+        t_ref = _bench(selective_scan_ref, inputs, reps_ref)
+        print(
+            f"b={b:3d} d={d:4d} L={L:4d} N={N:3d}  fwd+bwd median  naive {t_naive:9.1f} ms   "
+            f"ref {t_ref:8.1f} ms   speed-up x{t_naive / t_ref:.1f}"
+        )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

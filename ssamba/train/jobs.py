@@ -1,0 +1,137 @@
+"""The two jobs, pretraining and fine-tuning, as plain functions of an experiment config (no Ray).
+
+The Ray Train worker and the command lines call these; each returns the loop's :class:`FitResult`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ssamba.config import AugmentConfig, ExperimentConfig, ModelConfig, from_flat, to_flat
+from ssamba.model.audio_model import AudioModel, Geometry
+from ssamba.model.checkpoints import grid_of, load_checkpoint, read_checkpoint, transfer_encoder
+from ssamba.train.data import load_manifest, make_loaders, select
+from ssamba.train.loop import FitResult, LoopSettings, fit, pick_device, seed_everything
+from ssamba.train.tasks import FinetuneTask, PretrainTask
+
+Report = Callable[[dict[str, float], Path | None], None]
+
+
+def _threads() -> None:
+    n = os.environ.get("OMP_NUM_THREADS")
+    if n and n.isdigit() and int(n) > 0:
+        torch.set_num_threads(int(n))  # Ray sets OMP_NUM_THREADS per task; a reused worker keeps its first
+
+
+def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: Report | None = None,
+                 log=print, is_main: bool = True, wrap_model: Callable | None = None) -> FitResult:
+    """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``."""
+    _threads()
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    p = cfg.pretrain
+    manifest = load_manifest(cfg.data.manifest, log=log)
+    fe = replace(cfg.frontend, target_length=p.target_length)
+    loaders = make_loaders(manifest, fe, cfg.augment, cfg=cfg, train_split=cfg.data.train_split,
+                           eval_split=cfg.data.eval_split, fold=0, batch_size=p.batch_size,
+                           use_manifest_stats=cfg.data.stats_from_manifest, log=log)
+    model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, fe.target_length), num_classes=0, pretrain_heads=True)
+    task = PretrainTask(p, model.grid, cfg.seed)
+    settings = LoopSettings(epochs=p.epochs, max_steps=p.max_steps, grad_accum=p.grad_accum, clip_grad=p.clip_grad,
+                            amp=p.amp, eval_every=p.plateau_every)
+    log(f"[pretrain] {cfg.model.arch} D={cfg.model.embed_dim} depth={cfg.model.depth} grid {model.grid}, "
+        f"{sum(x.numel() for x in model.parameters()):,} parameters, {len(loaders.train.dataset)} clips, "
+        f"masks {p.mask_count} ({p.mask_strategy}), device {device}, scan {getattr(model.v, 'backend', '-')}")
+    meta = {"config": to_flat(cfg), "frontend": to_flat(loaders.frontend)}
+    model.to(device)
+    if wrap_model is not None:
+        model = wrap_model(model)
+    return fit(model, task, loaders.train, loaders.eval, settings, device=device, out_dir=out_dir,
+               checkpoint_meta=meta, report=report, log=log, is_main=is_main)
+
+
+def finetune_model_config(cfg: ExperimentConfig, init_payload: dict | None) -> ModelConfig:
+    """The encoder of the checkpoint (if any) at the fine-tuning stride, with this run's head/runtime settings."""
+    ft = cfg.finetune
+    base = cfg.model
+    if init_payload is not None:
+        base = from_flat(ModelConfig, init_payload["model"])
+        base = replace(base, pooling=cfg.model.pooling, drop_path=cfg.model.drop_path,
+                       scan_backend=cfg.model.scan_backend)
+    return replace(base, fstride=ft.fstride, tstride=ft.tstride)
+
+
+def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str | os.PathLike | None = None,
+                 report: Report | None = None, log=print, is_main: bool = True,
+                 wrap_model: Callable | None = None) -> FitResult:
+    """Fine-tune on ``cfg.finetune`` from ``init`` (our checkpoint) or from scratch (``init=None``).
+
+    After training, the best checkpoint is evaluated on the test split (when the manifest has one);
+    those metrics are added as ``ft/<task>/test_<m>``.
+    """
+    _threads()
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    ft = cfg.finetune
+    manifest = load_manifest(ft.manifest, log=log)
+    fe = replace(cfg.frontend, target_length=ft.target_length, mean=ft.mean, std=ft.std)
+    aug = AugmentConfig(freqm=ft.freqm, timem=ft.timem, mixup=ft.mixup, noise=ft.noise)
+    loaders = make_loaders(manifest, fe, aug, cfg=cfg, train_split=ft.train_split, eval_split=ft.eval_split,
+                           fold=ft.fold, batch_size=ft.batch_size, use_manifest_stats=cfg.data.stats_from_manifest,
+                           log=log)
+    payload = read_checkpoint(init) if init else None
+    mcfg = finetune_model_config(cfg, payload)
+    if payload is not None and payload.get("pretrain_heads") is False and payload.get("num_classes"):
+        log(f"[ft/{ft.task}] starting from a fine-tuned checkpoint: its classifier is replaced")
+    model = AudioModel(mcfg, Geometry(fe.num_mel_bins, ft.target_length), num_classes=len(loaders.label_vocab),
+                       pretrain_heads=False)
+    if payload is not None:
+        dropped = transfer_encoder(payload["state_dict"], grid_of(payload), model)
+        log(f"[ft/{ft.task}] encoder from {init} (grid {grid_of(payload)} -> {model.grid}); dropped: "
+            + (", ".join(dropped) or "nothing"))
+    task = FinetuneTask(ft, len(loaders.label_vocab))
+    settings = LoopSettings(epochs=ft.epochs, max_steps=ft.max_steps, grad_accum=ft.grad_accum, clip_grad=ft.clip_grad,
+                            amp=ft.amp, eval_every=0)
+    meta = {"config": to_flat(cfg), "frontend": to_flat(loaders.frontend), "label_vocab": loaders.label_vocab}
+    model.to(device)
+    if wrap_model is not None:
+        model = wrap_model(model)
+    res = fit(model, task, loaders.train, loaders.eval, settings, device=device, out_dir=out_dir,
+              checkpoint_meta=meta, report=None, log=log, is_main=is_main)
+    test = _test_metrics(cfg, manifest, loaders, res, task, device, log) if is_main else {}
+    final = dict(res.last_eval)
+    final.update({f"{task.prefix}/best_{k.split('/')[-1]}": v for k, v in res.best_metrics.items()
+                  if k.split("/")[-1] in ("acc", "map", "loss")})
+    final.update(test)
+    res.last_eval = final
+    if report is not None:
+        report(final, Path(out_dir) if res.best_path else None)
+    return res
+
+
+def _test_metrics(cfg, manifest, loaders, res, task, device, log) -> dict[str, float]:
+    ft = cfg.finetune
+    if ft.fold > 0 or not ft.test_split or ft.test_split not in set(manifest.df["split"].dropna()):
+        return {}
+    if res.best_path is None:
+        return {}
+    from ssamba.data.dataset import ClipDataset, collate
+    from torch.utils.data import DataLoader
+
+    test_m = select(manifest, ft.test_split)
+    ds = ClipDataset(test_m, loaders.frontend, AugmentConfig(), cache=loaders.train.dataset.cache,
+                     label_vocab=loaders.label_vocab, strict=cfg.data.strict)
+    loader = DataLoader(ds, batch_size=ft.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
+    best, _ = load_checkpoint(res.best_path)
+    best.to(device).eval()
+    import contextlib
+
+    metrics = task.evaluate(best, loader, device, contextlib.nullcontext)
+    out = {f"{task.prefix}/test_{k}": v for k, v in metrics.items()}
+    log(f"[{task.prefix}] test: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in out.items()))
+    return out

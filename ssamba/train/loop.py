@@ -1,0 +1,243 @@
+"""The one training loop, for pretraining and fine-tuning alike; runs with or without Ray.
+
+Per optimiser step: ``grad_accum`` micro-batches (loss scaled by 1/accum), optional gradient
+clipping, the schedule's lr. Evaluations run every ``eval_every`` steps (0: every epoch) and at
+the end; the best evaluation (task metric, maximised) is saved as ``best.pt`` in our checkpoint
+format, and ``last.pt`` holds the full training state so a restarted run resumes where it was.
+A non-finite loss raises :class:`NonFiniteLossError` naming the step, the batch and its clips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ssamba.data.dataset import SkipLog
+from ssamba.errors import SSAMBAError
+from ssamba.model.checkpoints import save_checkpoint
+
+
+class NonFiniteLossError(SSAMBAError, FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SSAMBAError("device 'cuda' requested but no CUDA device is visible. Fix: --set device=cpu")
+    return torch.device(name)
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of ``range(n)`` seeded by ``(seed, epoch)``, optionally starting part-way (resume)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+
+    def __iter__(self):
+        return iter(self.order()[self.start:])
+
+    def __len__(self) -> int:
+        return self.n - self.start
+
+
+@dataclass
+class FitResult:
+    """What a fit produced: best metric and checkpoint, final evaluation, cost, skipped clips."""
+
+    best_metric: float = float("-inf")
+    best_path: Path | None = None
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    epochs: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+    skipped: SkipLog = field(default_factory=SkipLog)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class LoopSettings:
+    epochs: int
+    max_steps: int = 0
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    amp: bool = True
+    eval_every: int = 0
+    log_every: int = 20
+
+
+def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: DataLoader | None,
+        settings: LoopSettings, *, device: torch.device, out_dir: str | os.PathLike,
+        checkpoint_meta: dict[str, Any] | None = None,
+        report: Callable[[dict[str, float], Path | None], None] | None = None,
+        log: Callable[[str], None] = print, is_main: bool = True) -> FitResult:
+    """Train ``model`` on ``task``; see the module docstring. Resumes from ``out_dir/last.pt`` if present.
+
+    ``report(metrics, checkpoint_dir)`` is called after every evaluation with metrics named
+    ``<task.prefix>/<name>`` (and ``.../train_<name>``), and the folder holding ``best.pt``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = checkpoint_meta or {}
+    model.to(device)
+    optimizer = task.optimizer(model)
+    schedule = task.schedule(optimizer)
+    use_amp = settings.amp and device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+
+    sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
+    per_epoch = max(1, len(train_loader.dataset) // max(1, train_loader.batch_size or 1))
+    steps_per_epoch = max(1, per_epoch // settings.grad_accum)
+    total_steps = settings.epochs * steps_per_epoch
+    if settings.max_steps:
+        total_steps = min(total_steps, settings.max_steps) if settings.epochs else settings.max_steps
+    res = FitResult()
+    step, epoch, batch_in_epoch = 0, 0, 0
+    last = out / "last.pt"
+    if last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        getattr(model, "module", model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        res.best_metric = state["best_metric"]
+        res.best_path = out / "best.pt" if (out / "best.pt").is_file() else None
+        res.samples = state["samples"]
+        log(f"[{task.prefix}] resumed from {last} at step {step} (epoch {epoch})")
+
+    def evaluate_and_report(final: bool = False) -> None:
+        nonlocal res
+        model.eval()
+        metrics = task.evaluate(model, eval_loader, device, autocast) if eval_loader is not None else {}
+        model.train()
+        named = {f"{task.prefix}/{k}": v for k, v in metrics.items()}
+        named[f"{task.prefix}/lr"] = schedule.lr
+        named[f"{task.prefix}/step"] = step
+        named[f"{task.prefix}/epoch"] = epoch
+        named[f"{task.prefix}/skipped_clips"] = len(res.skipped)
+        for k, v in train_window.items():
+            named[f"{task.prefix}/train_{k}"] = v / max(train_window_n, 1)
+        res.last_eval = named
+        value = metrics.get(task.metric, float("nan"))
+        schedule.after_eval(value)
+        improved = value == value and value > res.best_metric
+        if improved or res.best_path is None:
+            if value == value:
+                res.best_metric = value
+            res.best_metrics = dict(named)
+            if is_main:
+                res.best_path = save_checkpoint(out / "best.pt", model, metrics=named, **meta)
+        if is_main:
+            torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step, "epoch": epoch,
+                        "batch_in_epoch": batch_in_epoch, "best_metric": res.best_metric,
+                        "samples": res.samples}, out / "last.tmp")
+            os.replace(out / "last.tmp", last)
+        shown = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in named.items() if isinstance(v, float))
+        log(f"[{task.prefix}] step {step}/{total_steps} epoch {epoch}: {shown}" + (" (final)" if final else ""))
+        if report is not None:
+            report(named, out if res.best_path is not None else None)
+
+    train_window: dict[str, float] = {}
+    train_window_n = 0
+    t0 = time.perf_counter()
+    model.train()
+    done = step >= total_steps
+    while not done:
+        if sampler is not None:
+            sampler.set_epoch(epoch, batch_in_epoch * (train_loader.batch_size or 1))
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
+        micro = 0
+        optimizer.zero_grad(set_to_none=True)
+        for batch in train_loader:
+            batch_in_epoch += 1
+            res.skipped.add(batch.get("skipped", []))
+            if batch["fbank"].shape[0] == 0:
+                continue
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            schedule.apply(step)
+            with autocast():
+                loss, parts = task.loss(model, batch, step, micro)
+            if not torch.isfinite(loss):
+                idx = batch["index"][:4].tolist()
+                paths = [train_loader.dataset.paths[i] for i in idx] if hasattr(train_loader.dataset, "paths") else idx
+                raise NonFiniteLossError(
+                    f"[{task.prefix}] non-finite loss {float(loss)} at step {step} (epoch {epoch}, batch "
+                    f"{batch_in_epoch - 1} of the epoch; first clips {paths}). Fix: lower the learning rate, "
+                    f"enable clipping (clip_grad) or check these clips."
+                )
+            (loss / settings.grad_accum).backward()
+            for k, v in parts.items():
+                train_window[k] = train_window.get(k, 0.0) + v
+            train_window_n += 1
+            res.samples += batch["fbank"].shape[0]
+            micro += 1
+            if micro < settings.grad_accum:
+                continue
+            if settings.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro = 0
+            step += 1
+            if settings.log_every and step % settings.log_every == 0:
+                rate = res.samples / max(time.perf_counter() - t0, 1e-9)
+                log(f"[{task.prefix}] step {step}/{total_steps} loss {parts['loss']:.4f} lr {schedule.lr:.2e} "
+                    f"({rate:.1f} samples/s)")
+            if settings.eval_every and step % settings.eval_every == 0 and step < total_steps:
+                evaluate_and_report()
+                train_window, train_window_n = {}, 0
+            if step >= total_steps:
+                done = True
+                break
+        else:
+            epoch += 1
+            batch_in_epoch = 0
+            schedule.after_epoch(epoch)
+            if not settings.eval_every and step < total_steps:
+                evaluate_and_report()
+                train_window, train_window_n = {}, 0
+        if done:
+            break
+    res.steps, res.epochs = step, epoch
+    res.seconds = time.perf_counter() - t0
+    evaluate_and_report(final=True)
+    if res.skipped.skipped:
+        log(f"[{task.prefix}] {res.skipped.summary()}")
+    if not math.isfinite(res.best_metric):
+        log(f"[{task.prefix}] warning: no finite evaluation metric {task.metric!r} (empty validation split?)")
+    return res
