@@ -28,3 +28,26 @@ def write_tone(path: Path, seconds: float = 1.0, sr: int = 16000, freq: float = 
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), data, sr, subtype=subtype)
     return path
+
+
+@pytest.fixture(scope="session")
+def cache_env(tmp_path_factory):
+    """A private SSAMBA_CACHE for the whole session (demo corpus, feature cache)."""
+    import os
+
+    folder = tmp_path_factory.mktemp("ssamba-cache")
+    old = os.environ.get("SSAMBA_CACHE")
+    os.environ["SSAMBA_CACHE"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("SSAMBA_CACHE", None)
+    else:
+        os.environ["SSAMBA_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def small_demo(cache_env) -> Path:
+    """A small demo corpus (8 classes x 12 clips) -> its manifest path."""
+    from ssamba.data.demo import make_demo_corpus
+
+    return make_demo_corpus(cache_env / "demo-small", seed=0, clips_per_class=12, progress=False)

@@ -86,6 +86,7 @@ def _workspace(slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
 
 
 _HUGE_MIN_BYTES = 4 << 20
+_CHUNK_BYTES = 2 << 20  # target size of one time chunk of a scratch buffer (fits in L2/L3)
 
 
 def _alloc_state(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -240,27 +241,48 @@ class _Layout:
         return out.squeeze(1) if kind == "var" else out
 
     def outer(self, w: Tensor, X: Tensor, kind: str, out: Tensor) -> Tensor:
-        """out[l, b, g, n, j] = w[l, b, (g, j)] * X[.., n]."""
-        L, b, G, N, dg = out.shape
-        Xb = X if kind == "const" else X.view(L, b, G, N, 1)
-        return torch.mul(w.view(L, b, G, 1, dg), Xb, out=out)
+        """out[l, b, g, n, j] = w[l, b, (g, j)] * X[.., n]  for a time slice (out: (T, b, G, N, dg))."""
+        T, b, G, N, dg = out.shape
+        Xb = X if kind == "const" else X.view(T, b, G, N, 1)
+        return torch.mul(w.view(T, b, G, 1, dg), Xb, out=out)
 
-    def reduce_n(self, S: Tensor, X: Tensor, kind: str, tmp) -> Tensor:
-        """r[l, b, (g, j)] = sum_n S[l, b, g, n, j] * X[.., n]  -> (L', b, d)."""
-        L, b, G, N, dg = S.shape
+    def reduce_n(self, S: Tensor, X: Tensor, kind: str, tmp: Tensor, out: Tensor) -> None:
+        """out[l, b, (g, j)] = sum_n S[l, b, g, n, j] * X[.., n]; out: contiguous (T, b, d)."""
+        T, b, G, N, dg = S.shape
         if kind == "const":
-            return torch.mul(S, X, out=tmp(S.shape)).sum(3).view(L, b, G * dg)
-        M = L * b * G
-        return torch.bmm(X.reshape(M, 1, N), S.view(M, N, dg)).view(L, b, G * dg)
+            torch.sum(torch.mul(S, X, out=tmp), 3, out=out.view(T, b, G, dg))
+        else:
+            M = T * b * G
+            torch.bmm(X.reshape(M, 1, N), S.view(M, N, dg), out=out.view(M, 1, dg))
 
-    def reduce_d(self, w: Tensor, S: Tensor, kind: str, tmp) -> Tensor:
-        """Gradient of X in :meth:`outer` given dout = S: sum of w * S over channels (and l, b if const)."""
-        L, b, G, N, dg = S.shape
+    def reduce_d(self, w: Tensor, S: Tensor, kind: str, tmp: Tensor, out: Tensor) -> None:
+        """Gradient of X in :meth:`outer` given S = dL/dout: sum over a group's channels of w * S.
+
+        var / group: written to out (T, b, G, N); const: added to the accumulator out (G, N, dg).
+        """
+        T, b, G, N, dg = S.shape
         if kind == "const":
-            return torch.mul(S, w.view(L, b, G, 1, dg), out=tmp(S.shape)).sum((0, 1))
-        M = L * b * G
-        # (1, dg) @ (dg, N) against the transposed view: ~8x faster on CPU than (N, dg) @ (dg, 1)
-        return torch.bmm(w.reshape(M, 1, dg), S.view(M, N, dg).transpose(1, 2)).view(L, b, G, N)
+            out.add_(torch.mul(S, w.view(T, b, G, 1, dg), out=tmp).sum((0, 1)))
+        else:
+            M = T * b * G
+            # (1, dg) @ (dg, N) against the transposed view: ~8x faster on CPU than (N, dg) @ (dg, 1)
+            torch.bmm(w.reshape(M, 1, dg), S.view(M, N, dg).transpose(1, 2), out=out.view(M, 1, N))
+
+    def zeros_grad(self, kind: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Buffer for the gradient of B or C in internal form."""
+        if kind == "const":
+            return torch.zeros((self.G, self.N, self.dg), dtype=dtype, device=device)
+        return torch.empty((self.L, self.b, self.G, self.N), dtype=dtype, device=device)
+
+
+def _tslice(X: Tensor, kind: str, t0: int, t1: int) -> Tensor:
+    return X if kind == "const" else X[t0:t1]
+
+
+def _chunk_len(lay: _Layout, dtype: torch.dtype) -> int:
+    """Time steps per chunk so that a chunk of the (T, b, G, N, dg) scratch buffers stays in cache."""
+    step_bytes = lay.b * lay.d * lay.N * torch.empty((), dtype=dtype).element_size()
+    return max(1, min(lay.L, _CHUNK_BYTES // max(1, step_bytes)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,8 +293,10 @@ class _Layout:
 class _SelectiveScanFn(torch.autograd.Function):
     """Selective scan with a hand-written reverse-time backward (see module docstring for the math).
 
-    Kept between forward and backward: the hidden states H (one b*d*L*N buffer in the working dtype)
-    and a few (L, b, d) tensors. exp(delta * A) is recomputed in backward rather than stored.
+    Time is processed in chunks of T steps (:func:`_chunk_len`): exp(delta * A), the adjoint g and
+    other scratch live in small per-thread buffers that stay in cache, so the only b*d*L*N tensor
+    that goes through main memory is the hidden-state buffer H (written once in forward, read once in
+    backward). Kept between forward and backward: H plus a few (L, b, d) tensors.
     """
 
     @staticmethod
@@ -280,7 +304,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         b, d, L, N = _check_shapes(u, delta, A)
         lay = _Layout(b, d, L, N, B, C)
-        G, dg = lay.G, lay.dg
+        G, dg, kB, kC = lay.G, lay.dg, lay.kB, lay.kC
         wd = _work_dtype(u, delta, A, B, C, D, z, delta_bias)
         dev = u.device
 
@@ -294,20 +318,29 @@ class _SelectiveScanFn(torch.autograd.Function):
             dt = _softplus(dt)
         A_i = lay.dn_in(A, wd)  # (G, N, dg)
         A2 = A_i * _LOG2E  # exp(x) = exp2(x * log2(e)); exp2 is ~3x cheaper than exp on CPU
-        B_i = lay.bc_in(B, lay.kB, lay.GB, wd)
-        C_i = lay.bc_in(C, lay.kC, lay.GC, wd)
+        B_i = lay.bc_in(B, kB, lay.GB, wd)
+        C_i = lay.bc_in(C, kC, lay.GC, wd)
+        dt5 = dt.view(L, b, G, 1, dg)
+        dtu = dt * u_l
 
-        # H <- delta * B * u at every step; the recurrence then runs in place over it.
         H = _alloc_state(lay.state, wd, dev)
-        lay.outer(dt * u_l, B_i, lay.kB, out=H)
-        dA = _workspace("a", lay.state, wd, dev)
-        torch.exp2(torch.mul(dt.view(L, b, G, 1, dg), A2, out=dA), out=dA)
-        Hs, dAs = H.unbind(0), dA.unbind(0)
-        for t in range(1, L):
-            Hs[t].addcmul_(dAs[t], Hs[t - 1])
-        del Hs, dAs
+        Hs = H.unbind(0)
+        y = torch.empty((L, b, d), dtype=wd, device=dev)
+        T = _chunk_len(lay, wd)
+        ws_a = _workspace("a", (T,) + lay.state[1:], wd, dev)
+        for t0 in range(0, L, T):
+            t1 = min(L, t0 + T)
+            n = t1 - t0
+            dAc = ws_a[:n]
+            torch.exp2(torch.mul(dt5[t0:t1], A2, out=dAc), out=dAc)
+            lay.outer(dtu[t0:t1], _tslice(B_i, kB, t0, t1), kB, out=H[t0:t1])
+            dAs = dAc.unbind(0)
+            if t0 > 0:
+                Hs[t0].addcmul_(dAs[0], Hs[t0 - 1])
+            for k in range(1, n):  # h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t
+                Hs[t0 + k].addcmul_(dAs[k], Hs[t0 + k - 1])
+            lay.reduce_n(H[t0:t1], _tslice(C_i, kC, t0, t1), kC, tmp=dAc, out=y[t0:t1])
 
-        y = lay.reduce_n(H, C_i, lay.kC, lambda s: dA)  # (L, b, d)
         D_w = None
         if D is not None:
             D_w = D.to(wd)
@@ -334,12 +367,12 @@ class _SelectiveScanFn(torch.autograd.Function):
     def backward(ctx, dout, dlast):
         u_l, dt, dt_raw, A_i, B_i, C_i, D_w, z_l, y_ssm, H = ctx.saved_tensors
         lay = ctx.lay
+        kB, kC = lay.kB, lay.kC
         u_dt, dl_dt, A_dt, B_dt, C_dt, D_dt, z_dt, bias_dt = ctx.in_dtypes
         need = ctx.needs_input_grad
         L, b, G, N, dg = H.shape
         d = G * dg
         wd, dev = H.dtype, H.device
-        tmp = lambda shape: _workspace("t", shape, wd, dev)  # noqa: E731
 
         du = ddelta = dA_p = dB = dC = dD = dz = ddb = None
         dy = torch.zeros((L, b, d), dtype=wd, device=dev) if dout is None else _to_lbd(dout, wd)
@@ -352,55 +385,93 @@ class _SelectiveScanFn(torch.autograd.Function):
             dy.mul_(sig.mul_(z_l))  # dy <- dL/dy_ssm
         if D_w is not None and need[5]:
             dD = (dy * u_l).sum((0, 1)).to(D_dt)
-        if need[4]:
-            dC = lay.bc_out(lay.reduce_d(dy, H, lay.kC, tmp), lay.kC, lay.GC, C_dt)
 
-        du_l = None
+        need_s = need[0] or need[1] or need[7]  # s_t = sum_n g_t * B_t  (-> du, ddelta)
         need_dt = need[1] or need[7]
-        if need[0] or need_dt or need[2] or need[3]:
-            # g_t = C_t * dy_t + exp(delta_{t+1} A) * g_{t+1}, in place in Gb
-            Gb = _workspace("g", H.shape, wd, dev)
-            lay.outer(dy, C_i, lay.kC, out=Gb)
-            if dlast is not None:
-                Gb[L - 1].add_(dlast.to(wd).reshape(b, G, dg, N).permute(0, 1, 3, 2))
-            dA = _workspace("a", H.shape, wd, dev)
-            torch.exp2(torch.mul(dt.view(L, b, G, 1, dg), A_i * _LOG2E, out=dA), out=dA)
-            Gs, dAs = Gb.unbind(0), dA.unbind(0)
-            for t in range(L - 2, -1, -1):
-                Gs[t].addcmul_(dAs[t + 1], Gs[t + 1])
-            del Gs, dAs
+        need_X = need[2] or need_dt  # X_t = g_t * exp(delta_t A) * h_{t-1}  (-> dA, ddelta)
+        need_scan = need_s or need_X or need[3]
+        dC_i = lay.zeros_grad(kC, wd, dev) if need[4] else None
+        dB_i = lay.zeros_grad(kB, wd, dev) if need[3] else None
+        s = torch.empty((L, b, d), dtype=wd, device=dev) if need_s else None
+        ddtA = torch.zeros((L, b, d), dtype=wd, device=dev) if need_dt else None
+        dA_acc = torch.zeros((G, N, dg), dtype=wd, device=dev) if need[2] else None
+        dt5 = dt.view(L, b, G, 1, dg)
+        dtu = dt * u_l if need[3] else None
+        A2 = A_i * _LOG2E
 
-            ddt = None
-            if need[0] or need_dt:
-                s = lay.reduce_n(Gb, B_i, lay.kB, tmp)  # sum_n g * B  (L, b, d)
-                if need[0]:
-                    du_l = s * dt
-                if need_dt:
-                    ddt = s.mul_(u_l)
+        T = _chunk_len(lay, wd)
+        cshape = (T,) + tuple(H.shape[1:])
+        ws_a = _workspace("a", cshape, wd, dev) if need_scan else None
+        ws_g = _workspace("g", cshape, wd, dev) if need_scan else None
+        ws_t = _workspace("t", cshape, wd, dev) if "const" in (kB, kC) else None
+        carry = torch.empty(H.shape[1:], dtype=wd, device=dev) if need_scan else None
+        dlast_i = None
+        if dlast is not None and need_scan:
+            dlast_i = dlast.to(wd).reshape(b, G, dg, N).permute(0, 1, 3, 2)
+        Hs = H.unbind(0)
+
+        # reverse-time chunks; carry = exp(delta_{t1} A) * g_{t1} links a chunk to the one after it
+        for t0 in reversed(range(0, L, T)):
+            t1 = min(L, t0 + T)
+            n = t1 - t0
+            Hc = H[t0:t1]
+            tmp = None if ws_t is None else ws_t[:n]
+            if need[4]:
+                outC = dC_i if kC == "const" else dC_i[t0:t1]
+                lay.reduce_d(dy[t0:t1], Hc, kC, tmp=tmp, out=outC)
+            if not need_scan:
+                continue
+            dAc, Gc = ws_a[:n], ws_g[:n]
+            torch.exp2(torch.mul(dt5[t0:t1], A2, out=dAc), out=dAc)
+            lay.outer(dy[t0:t1], _tslice(C_i, kC, t0, t1), kC, out=Gc)  # direct term C_t * dy_t
+            if t1 == L:
+                if dlast_i is not None:
+                    Gc[n - 1].add_(dlast_i)
+            else:
+                Gc[n - 1].add_(carry)
+            Gs, dAs = Gc.unbind(0), dAc.unbind(0)
+            for k in range(n - 2, -1, -1):  # g_t += exp(delta_{t+1} A) g_{t+1}
+                Gs[k].addcmul_(dAs[k + 1], Gs[k + 1])
+            if t0 > 0:
+                torch.mul(dAs[0], Gs[0], out=carry)
+
+            Bc = _tslice(B_i, kB, t0, t1)
+            if need_s:
+                lay.reduce_n(Gc, Bc, kB, tmp=tmp, out=s[t0:t1])
             if need[3]:
-                dB = lay.bc_out(lay.reduce_d(dt * u_l, Gb, lay.kB, tmp), lay.kB, lay.GB, B_dt)
-            if (need[2] or need_dt) and L > 1:
-                # X_t = g_t * exp(delta_t A) * h_{t-1} for t >= 1 (h_{-1} = 0), in place in Gb[1:]
-                X = Gb[1:]
-                X.mul_(dA[1:]).mul_(H[: L - 1])
-                if need_dt:
-                    ddt[1:].add_(torch.mul(X, A_i, out=dA[1:]).sum(3).view(L - 1, b, d))
-                if need[2]:
-                    dA_p = lay.dn_out(X.mul_(dt[1:].view(L - 1, b, G, 1, dg)).sum((0, 1)), A_dt)
-            if need_dt:
-                if dt_raw is not None:
-                    ddt.mul_(torch.sigmoid(dt_raw))
-                if need[1]:
-                    ddelta = _grad_from_lbd(ddt, dl_dt)
-                if need[7] and ctx.has_bias:
-                    ddb = ddt.sum((0, 1)).to(bias_dt)
+                outB = dB_i if kB == "const" else dB_i[t0:t1]
+                lay.reduce_d(dtu[t0:t1], Gc, kB, tmp=tmp, out=outB)
+            r0 = 1 if t0 == 0 else 0  # h_{-1} = 0: no X term at t = 0
+            if need_X and n > r0:
+                Xc = Gc[r0:]
+                Xc.mul_(dAc[r0:]).mul_(H[t0 + r0 - 1 : t1 - 1])
+                if need_dt:  # ddelta_t += sum_n X_t * A
+                    rows = n - r0
+                    torch.sum(
+                        torch.mul(Xc, A_i, out=dAc[r0:]), 3, out=ddtA[t0 + r0 : t1].view(rows, b, G, dg)
+                    )
+                if need[2]:  # dA += sum_{t, b} X_t * delta_t
+                    dA_acc.add_(Xc.mul_(dt5[t0 + r0 : t1]).sum((0, 1)))
 
+        if need_dt:
+            ddt = ddtA.addcmul_(s, u_l)
+            if dt_raw is not None:
+                ddt.mul_(torch.sigmoid(dt_raw))
+            if need[1]:
+                ddelta = _grad_from_lbd(ddt, dl_dt)
+            if need[7] and ctx.has_bias:
+                ddb = ddt.sum((0, 1)).to(bias_dt)
         if need[0]:
+            du_l = s.mul_(dt)
             if D_w is not None:
-                du_l = dy * D_w if du_l is None else du_l.addcmul_(dy, D_w)
+                du_l.addcmul_(dy, D_w)
             du = _grad_from_lbd(du_l, u_dt)
-        if need[2] and dA_p is None:  # L == 1: A does not influence the output
-            dA_p = torch.zeros((d, N), dtype=A_dt, device=dev)
+        if need[2]:
+            dA_p = lay.dn_out(dA_acc, A_dt)
+        if need[3]:
+            dB = lay.bc_out(dB_i, kB, lay.GB, B_dt)
+        if need[4]:
+            dC = lay.bc_out(dC_i, kC, lay.GC, C_dt)
         return du, ddelta, dA_p, dB, dC, dD, dz, ddb, None, None
 
 

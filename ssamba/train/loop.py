@@ -196,7 +196,7 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
                 idx = batch["index"][:4].tolist()
                 paths = [train_loader.dataset.paths[i] for i in idx] if hasattr(train_loader.dataset, "paths") else idx
                 raise NonFiniteLossError(
-                    f"[{task.prefix}] non-finite loss {float(loss)} at step {step} (epoch {epoch}, batch "
+                    f"[{task.prefix}] non-finite loss {float(loss.detach())} at step {step} (epoch {epoch}, batch "
                     f"{batch_in_epoch - 1} of the epoch; first clips {paths}). Fix: lower the learning rate, "
                     f"enable clipping (clip_grad) or check these clips."
                 )

@@ -1,0 +1,1 @@
+"""Ablation tables and plots from MLflow runs (`python -m ablations.summarize`)."""
