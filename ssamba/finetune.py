@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--manifest", help="labelled manifest (.parquet); default: the demo corpus")
     p.add_argument("--init", default="scratch",
-                   help="pretrained weights: our checkpoint (.pt) or 'scratch' (default)")
+                   help="pretrained weights: our checkpoint (.pt), an official SSAMBA/SSAST .pth, or 'scratch' (default)")
     args = p.parse_args(argv)
     try:
         cfg = resolve_config(args, {"finetune.manifest": args.manifest} if args.manifest else None)

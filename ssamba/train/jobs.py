@@ -66,6 +66,21 @@ def finetune_model_config(cfg: ExperimentConfig, init_payload: dict | None) -> M
     return replace(base, fstride=ft.fstride, tstride=ft.tstride)
 
 
+def load_init(init: str | os.PathLike, log=print) -> dict:
+    """Pretrained weights as our checkpoint payload: our ``.pt``, or an official ``.pth`` imported strictly."""
+    payload = torch.load(init, map_location="cpu", weights_only=True) if Path(init).is_file() else None
+    if isinstance(payload, dict) and payload.get("format") == "ssamba-checkpoint":
+        return read_checkpoint(init)
+    from ssamba.model.official import import_official
+
+    model, info = import_official(init)
+    log(f"imported official {info['form']} checkpoint {init}: {model.cfg.arch} D={model.cfg.embed_dim} "
+        f"depth={model.cfg.depth} norm={model.cfg.norm}; dropped: {', '.join(info['dropped']) or 'nothing'}")
+    return {"model": to_flat(model.cfg), "geometry": {"input_fdim": model.geom.input_fdim,
+            "input_tdim": model.geom.input_tdim}, "state_dict": model.state_dict(),
+            "pretrain_heads": info["form"] == "pretraining", "num_classes": info["num_classes"]}
+
+
 def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str | os.PathLike | None = None,
                  report: Report | None = None, log=print, is_main: bool = True,
                  wrap_model: Callable | None = None) -> FitResult:
@@ -84,7 +99,7 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     loaders = make_loaders(manifest, fe, aug, cfg=cfg, train_split=ft.train_split, eval_split=ft.eval_split,
                            fold=ft.fold, batch_size=ft.batch_size, use_manifest_stats=cfg.data.stats_from_manifest,
                            log=log)
-    payload = read_checkpoint(init) if init else None
+    payload = load_init(init, log) if init else None
     mcfg = finetune_model_config(cfg, payload)
     if payload is not None and payload.get("pretrain_heads") is False and payload.get("num_classes"):
         log(f"[ft/{ft.task}] starting from a fine-tuned checkpoint: its classifier is replaced")
