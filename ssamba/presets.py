@@ -14,6 +14,41 @@ from ssamba.errors import ConfigError
 
 PRESETS = ("demo", "smoke", "paper-tiny", "paper-small", "paper-base")
 
+# Fine-tuning recipes of the official scripts (SPEC.md section 5), as ``finetune.*`` overrides.
+_ESC = {"finetune.target_length": 512, "finetune.fstride": 10, "finetune.tstride": 10, "finetune.lr": 1e-4,
+        "finetune.head_lr": 1.0, "finetune.epochs": 50, "finetune.batch_size": 48, "finetune.lr_decay_start": 6,
+        "finetune.lr_decay_step": 1, "finetune.lr_decay": 0.85, "finetune.freqm": 24, "finetune.timem": 96,
+        "finetune.mixup": 0.0, "finetune.noise": True, "finetune.loss": "ce", "finetune.metric": "acc",
+        "finetune.mean": -6.6268077, "finetune.std": 5.358466, "finetune.fold": 1}
+_SC = {"finetune.target_length": 128, "finetune.fstride": 10, "finetune.tstride": 10, "finetune.lr": 2.5e-4,
+       "finetune.head_lr": 1.0, "finetune.epochs": 30, "finetune.batch_size": 128, "finetune.lr_decay_start": 5,
+       "finetune.lr_decay_step": 1, "finetune.lr_decay": 0.85, "finetune.freqm": 48, "finetune.timem": 48,
+       "finetune.mixup": 0.6, "finetune.noise": True, "finetune.loss": "bce", "finetune.metric": "acc",
+       "finetune.mean": -6.845978, "finetune.std": 5.5654526, "finetune.fold": 0}
+TASK_RECIPES: dict[str, dict] = {
+    "audioset20k": {"finetune.target_length": 1024, "finetune.fstride": 10, "finetune.tstride": 10,
+                    "finetune.lr": 1e-4, "finetune.head_lr": 3.0, "finetune.epochs": 50, "finetune.batch_size": 24,
+                    "finetune.lr_decay_start": 15, "finetune.lr_decay_step": 10, "finetune.lr_decay": 0.75,
+                    "finetune.freqm": 48, "finetune.timem": 192, "finetune.mixup": 0.5, "finetune.noise": False,
+                    "finetune.loss": "bce", "finetune.metric": "map", "finetune.mean": -4.2677393,
+                    "finetune.std": 4.5689974, "finetune.fold": 0},
+    "esc50": _ESC,
+    "esc10": _ESC,
+    "speechcommands": _SC,
+    "urbansound8k": {"finetune.target_length": 6144, "finetune.fstride": 16, "finetune.tstride": 16,
+                     "finetune.lr": 1e-4, "finetune.head_lr": 1.0, "finetune.epochs": 50, "finetune.batch_size": 5,
+                     "finetune.lr_decay_start": 20, "finetune.lr_decay_step": 10, "finetune.lr_decay": 0.85,
+                     "finetune.freqm": 48, "finetune.timem": 192, "finetune.mixup": 0.0, "finetune.noise": False,
+                     "finetune.loss": "ce", "finetune.metric": "acc", "finetune.mean": -5.138443946838379,
+                     "finetune.std": 4.229961395263672, "finetune.fold": 0},
+    "fsdd": {**_SC, "finetune.loss": "ce", "finetune.mixup": 0.0},
+}
+
+
+def default_seeds(name: str) -> list[int]:
+    """Seeds of a preset: one for demo and smoke, three for the paper presets."""
+    return [0] if name in ("demo", "smoke") else [0, 1, 2]
+
 
 def _paper(size: str) -> ExperimentConfig:
     return ExperimentConfig(
@@ -64,4 +99,4 @@ def requires_real_data(cfg: ExperimentConfig) -> bool:
     return cfg.name.startswith("paper-")
 
 
-__all__ = ["PRESETS", "preset", "requires_real_data"]
+__all__ = ["PRESETS", "TASK_RECIPES", "default_seeds", "preset", "requires_real_data"]

@@ -19,9 +19,10 @@ Two selective scans are provided:
 * :func:`selective_scan_naive` -- a plain per-step loop under autograd. Obviously correct and slow;
   it is the specification the tests compare against.
 * :func:`selective_scan_ref` -- the fast one: a custom :class:`torch.autograd.Function` whose forward
-  stores the hidden states and whose backward is a hand-derived reverse-time scan. All elementwise
-  work is done on contiguous ``(L, b, d, N)`` buffers so every time step touches one contiguous block
-  and the per-step Python work is a single in-place ``addcmul_``.
+  stores the hidden states and whose backward is a hand-derived reverse-time scan. The state lives in
+  a contiguous ``(L, b, G, N, dg)`` buffer (channels innermost), so each time step is one contiguous
+  block updated by a single in-place ``addcmul_``, and every contraction over N or over channels is
+  a batched matrix product. Time is processed in cache-sized chunks (see ``_CHUNK_BYTES``).
 
 Math (per channel ``d`` and state ``n``; ``h_{-1} = 0``)::
 
@@ -159,7 +160,9 @@ def _bc_kind(X: Tensor, name: str, b: int, d: int, N: int, L: int) -> tuple[str,
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor) -> tuple[int, int, int, int]:
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (batch, dim, L), got {tuple(u.shape)}, {tuple(delta.shape)}")
+        raise ValueError(
+            f"u and delta must both be (batch, dim, L), got {tuple(u.shape)}, {tuple(delta.shape)}"
+        )
     b, d, L = u.shape
     if A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"A must be (dim, N)=({d}, N), got {tuple(A.shape)}")
@@ -268,8 +271,8 @@ class _Layout:
             # (1, dg) @ (dg, N) against the transposed view: ~8x faster on CPU than (N, dg) @ (dg, 1)
             torch.bmm(w.reshape(M, 1, dg), S.view(M, N, dg).transpose(1, 2), out=out.view(M, 1, N))
 
-    def zeros_grad(self, kind: str, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """Buffer for the gradient of B or C in internal form."""
+    def grad_buffer(self, kind: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """Buffer for the gradient of B or C in internal form (const: zeroed accumulator)."""
         if kind == "const":
             return torch.zeros((self.G, self.N, self.dg), dtype=dtype, device=device)
         return torch.empty((self.L, self.b, self.G, self.N), dtype=dtype, device=device)
@@ -390,8 +393,8 @@ class _SelectiveScanFn(torch.autograd.Function):
         need_dt = need[1] or need[7]
         need_X = need[2] or need_dt  # X_t = g_t * exp(delta_t A) * h_{t-1}  (-> dA, ddelta)
         need_scan = need_s or need_X or need[3]
-        dC_i = lay.zeros_grad(kC, wd, dev) if need[4] else None
-        dB_i = lay.zeros_grad(kB, wd, dev) if need[3] else None
+        dC_i = lay.grad_buffer(kC, wd, dev) if need[4] else None
+        dB_i = lay.grad_buffer(kB, wd, dev) if need[3] else None
         s = torch.empty((L, b, d), dtype=wd, device=dev) if need_s else None
         ddtA = torch.zeros((L, b, d), dtype=wd, device=dev) if need_dt else None
         dA_acc = torch.zeros((G, N, dg), dtype=wd, device=dev) if need[2] else None
@@ -503,9 +506,13 @@ def selective_scan_ref(
                     h_last (b, d, N) is in the working dtype (float32, or float64 for float64 inputs)
 
     All internal computation is in float32 (float64 if any input is float64). Gradients flow to
-    every tensor argument, including through h_last. Memory kept for backward: one (L, b, d, N)
-    state buffer; on CPU up to three more such buffers are cached per thread as scratch space
-    (see :func:`clear_workspace`).
+    every tensor argument, including through h_last. Memory kept for backward: one b*d*L*N state
+    buffer plus a few (b, d, L) tensors; on CPU three scratch buffers of one time chunk (~2 MiB each)
+    are cached per thread (see :func:`clear_workspace`).
+
+    Performance notes (CPU): torch's intra-op threads are used as configured by the caller; on a
+    2-core machine that is shared with other processes, ``torch.set_num_threads(1)`` can be much
+    faster than 2 (OpenMP threads wait for each other at every op).
     """
     out, last = _SelectiveScanFn.apply(
         u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(return_last_state)
@@ -539,8 +546,7 @@ def selective_scan_naive(
     """
     in_dtype = u.dtype
     wd = _work_dtype(u, delta, A, B, C, D, z, delta_bias)
-    b, d, L = u.shape
-    N = A.shape[1]
+    b, d, L, N = _check_shapes(u, delta, A)
     u = u.to(wd)
     delta = delta.to(wd)
     if delta_bias is not None:
@@ -567,7 +573,7 @@ def selective_scan_naive(
         dt = delta[:, :, t, None]  # (b, d, 1)
         h = torch.exp(dt * A) * h + dt * Bx[..., t] * u[:, :, t, None]
         ys.append((h * Cx[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1) if ys else u.new_zeros((b, d, 0))
+    y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.to(wd)[:, None] * u
     if z is not None:
@@ -629,28 +635,42 @@ def _make_inputs(b: int, d: int, L: int, N: int, seed: int = 0):
     return [u, delta, A, B, C, D, z, bias]
 
 
-def _bench(fn, inputs, reps: int) -> float:
+def _bench(fn, inputs, reps: int, warmup: int = 1) -> float:
     leaves = [t.clone().requires_grad_(True) for t in inputs]
     times = []
-    for i in range(reps + 1):
+    for i in range(warmup + reps):
         for t in leaves:
             t.grad = None
         t0 = time.perf_counter()
         out = fn(*leaves, delta_softplus=True)
         out.sum().backward()
-        dt = time.perf_counter() - t0
-        if i > 0:  # first run is warm-up
-            times.append(dt)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
-def main() -> None:  # pragma: no cover - benchmark entry point
-    """Print forward+backward milliseconds of naive vs ref on two Mamba-like shapes."""
+def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - benchmark entry point
+    """Print forward+backward milliseconds (median) of naive vs ref on two Mamba-like shapes.
+
+    Inputs: u, delta, z (b, d, L); A (d, N); B, C (b, N, L); D, delta_bias (d,); softplus on.
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ssamba.model.scan", description=main.__doc__)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--skip-naive-large", action="store_true", help="the naive loop takes ~40 s there")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    for b, d, L, N, reps_naive, reps_ref in ((16, 128, 65, 16, 7, 15), (8, 384, 513, 16, 3, 5)):
+    # (b, d, L, N, naive warm-up, naive runs, ref runs)
+    for b, d, L, N, nw, nr, rr in ((16, 128, 65, 16, 1, 7, 21), (8, 384, 513, 16, 0, 3, 7)):
         inputs = _make_inputs(b, d, L, N)
-        t_naive = _bench(selective_scan_naive, inputs, reps_naive)
-        t_ref = _bench(selective_scan_ref, inputs, reps_ref)
+        t_ref = _bench(selective_scan_ref, inputs, rr)
+        if L > 100 and args.skip_naive_large:
+            print(f"b={b:3d} d={d:4d} L={L:4d} N={N:3d}  fwd+bwd median  ref {t_ref:8.1f} ms")
+            continue
+        t_naive = _bench(selective_scan_naive, inputs, nr, warmup=nw)
         print(
             f"b={b:3d} d={d:4d} L={L:4d} N={N:3d}  fwd+bwd median  naive {t_naive:9.1f} ms   "
             f"ref {t_ref:8.1f} ms   speed-up x{t_naive / t_ref:.1f}"

@@ -64,7 +64,7 @@ class Loaders:
 
 def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig, *, cfg: ExperimentConfig,
                  train_split: str, eval_split: str, fold: int, batch_size: int, use_manifest_stats: bool,
-                 log=print) -> Loaders:
+                 log=print, rank: int = 0, world: int = 1) -> Loaders:
     """Train and eval loaders over the manifest; the train loader's sampler is an :class:`EpochSampler`."""
     d = cfg.data
     train_m = select(manifest, train_split, fold, "train")
@@ -83,9 +83,9 @@ def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig,
                 f"{len(report.failed)} undecodable ({report.seconds:.1f} s)")
     vocab = manifest.label_vocab
     train_ds = ClipDataset(train_m, fe, augment, train=True, cache=cache, label_vocab=vocab, strict=d.strict, seed=cfg.seed)
-    sampler = EpochSampler(len(train_ds), cfg.seed)
+    sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world=world)
     train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                       num_workers=d.num_workers, drop_last=len(train_ds) > batch_size)
+                       num_workers=d.num_workers, drop_last=len(sampler) > batch_size)
     ev = None
     if eval_m is not None and len(eval_m):
         eval_ds = ClipDataset(eval_m, fe, AugmentConfig(), train=False, cache=cache, label_vocab=vocab, strict=d.strict)

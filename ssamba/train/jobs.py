@@ -29,17 +29,19 @@ def _threads() -> None:
 
 
 def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: Report | None = None,
-                 log=print, is_main: bool = True, wrap_model: Callable | None = None) -> FitResult:
+                 log=print, rank: int = 0, world: int = 1, device=None,
+                 wrap_model: Callable | None = None) -> FitResult:
     """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``."""
     _threads()
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = device or pick_device(cfg.device)
+    is_main = rank == 0
     p = cfg.pretrain
     manifest = load_manifest(cfg.data.manifest, log=log)
     fe = replace(cfg.frontend, target_length=p.target_length)
     loaders = make_loaders(manifest, fe, cfg.augment, cfg=cfg, train_split=cfg.data.train_split,
                            eval_split=cfg.data.eval_split, fold=0, batch_size=p.batch_size,
-                           use_manifest_stats=cfg.data.stats_from_manifest, log=log)
+                           use_manifest_stats=cfg.data.stats_from_manifest, log=log, rank=rank, world=world)
     model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, fe.target_length), num_classes=0, pretrain_heads=True)
     task = PretrainTask(p, model.grid, cfg.seed)
     settings = LoopSettings(epochs=p.epochs, max_steps=p.max_steps, grad_accum=p.grad_accum, clip_grad=p.clip_grad,
@@ -82,7 +84,7 @@ def load_init(init: str | os.PathLike, log=print) -> dict:
 
 
 def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str | os.PathLike | None = None,
-                 report: Report | None = None, log=print, is_main: bool = True,
+                 report: Report | None = None, log=print, rank: int = 0, world: int = 1, device=None,
                  wrap_model: Callable | None = None) -> FitResult:
     """Fine-tune on ``cfg.finetune`` from ``init`` (our checkpoint) or from scratch (``init=None``).
 
@@ -91,14 +93,15 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     """
     _threads()
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = device or pick_device(cfg.device)
+    is_main = rank == 0
     ft = cfg.finetune
     manifest = load_manifest(ft.manifest, log=log)
     fe = replace(cfg.frontend, target_length=ft.target_length, mean=ft.mean, std=ft.std)
     aug = AugmentConfig(freqm=ft.freqm, timem=ft.timem, mixup=ft.mixup, noise=ft.noise)
     loaders = make_loaders(manifest, fe, aug, cfg=cfg, train_split=ft.train_split, eval_split=ft.eval_split,
                            fold=ft.fold, batch_size=ft.batch_size, use_manifest_stats=cfg.data.stats_from_manifest,
-                           log=log)
+                           log=log, rank=rank, world=world)
     payload = load_init(init, log) if init else None
     mcfg = finetune_model_config(cfg, payload)
     if payload is not None and payload.get("pretrain_heads") is False and payload.get("num_classes"):
@@ -117,15 +120,16 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     if wrap_model is not None:
         model = wrap_model(model)
     res = fit(model, task, loaders.train, loaders.eval, settings, device=device, out_dir=out_dir,
-              checkpoint_meta=meta, report=None, log=log, is_main=is_main)
+              checkpoint_meta=meta, report=report, log=log, is_main=is_main)
     test = _test_metrics(cfg, manifest, loaders, res, task, device, log) if is_main else {}
     final = dict(res.last_eval)
     final.update({f"{task.prefix}/best_{k.split('/')[-1]}": v for k, v in res.best_metrics.items()
                   if k.split("/")[-1] in ("acc", "map", "loss")})
     final.update(test)
+    headline = test.get(f"{task.prefix}/test_{ft.metric}", final.get(f"{task.prefix}/best_{ft.metric}"))
+    if headline is not None:
+        final[f"{task.prefix}/final"] = headline  # the task's headline number (test if any, else best validation)
     res.last_eval = final
-    if report is not None:
-        report(final, Path(out_dir) if res.best_path else None)
     return res
 
 

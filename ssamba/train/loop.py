@@ -46,25 +46,33 @@ def pick_device(name: str) -> torch.device:
 
 
 class EpochSampler(Sampler[int]):
-    """A permutation of ``range(n)`` seeded by ``(seed, epoch)``, optionally starting part-way (resume)."""
+    """A permutation of ``range(n)`` seeded by ``(seed, epoch)``, optionally starting part-way (resume).
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True):
+    With ``world > 1`` (data parallel), worker ``rank`` takes every ``world``-th index of the
+    permutation, truncated so that every worker sees the same number of samples.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+        full = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+                if self.shuffle else list(range(self.n)))
+        if self.world > 1:
+            per = self.n // self.world
+            full = full[self.rank::self.world][:per]
+        return full
 
     def __iter__(self):
         return iter(self.order()[self.start:])
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return (self.n // self.world if self.world > 1 else self.n) - self.start
 
 
 @dataclass
@@ -119,7 +127,8 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
 
     sampler = train_loader.sampler if isinstance(train_loader.sampler, EpochSampler) else None
-    per_epoch = max(1, len(train_loader.dataset) // max(1, train_loader.batch_size or 1))
+    n_train = len(sampler.order()) if sampler is not None else len(train_loader.dataset)
+    per_epoch = max(1, n_train // max(1, train_loader.batch_size or 1))
     steps_per_epoch = max(1, per_epoch // settings.grad_accum)
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps:

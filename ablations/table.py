@@ -1,0 +1,437 @@
+"""Pure summary of ablation runs: a DataFrame of MLflow runs -> one :class:`FactorTable` per factor.
+
+Input: the frame ``ssamba.tracking.Tracker.runs_frame`` returns (``run_id``, ``status``,
+``start_time``, ``params.<dotted key>``, ``tags.<key>``, ``metrics.<key>``), parents and trials of one
+or more sweeps. No I/O happens here.
+
+Conventions (stated once, used by every renderer):
+- A trial is *finished* when its MLflow status is FINISHED, its ``trial.status`` tag is ``finished``
+  (or absent) and it logged ``ft/<task>/final`` for every task of its sweep. FINISHED otherwise is
+  *incomplete*; RUNNING/SCHEDULED is *running*; FAILED/KILLED or ``trial.status=failed`` is *failed*.
+  Only finished trials enter the statistics; the others are counted per row.
+- Rows: the trials of one arm grouped by every config param except the seed and :data:`NOISE_PARAMS`,
+  so different presets or settings are never averaged together. Several groups of one arm are
+  labelled by the params that differ between them, e.g. ``400 (finetune.lr=0.001)``.
+- One run per seed: when a seed was run twice with identical settings, the latest finished run counts
+  and the older one is counted as a ``duplicate``.
+- Cells: mean ± sample std (ddof=1) over seeds, with n. Task columns are ``ft/<task>/final``; extra
+  columns ``pretrain/acc``, ``pretrain/loss`` and ``cost/device_hours`` (mean per finished trial).
+- Difference to the reference arm: per task, over seeds present in both the row and its reference row
+  (the reference arm's row with the fewest differing params), d_i = row_i - ref_i; the interval is
+  mean(d) ± t_{0.975, n-1} * sd(d) / sqrt(n). One pair gives the difference without an interval.
+- Best per column: highest mean (tasks, ``pretrain/acc``) or lowest (``pretrain/loss``), marked when at
+  least two rows have a value and they are not all equal; ties are all marked. Cost is not ranked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import pandas as pd
+
+from ssamba.errors import SSAMBAError
+
+# Params that vary between runs without changing what is measured: never used to split rows.
+NOISE_PARAMS = frozenset({
+    "seed",                # the replicate axis itself
+    "device",              # auto | cpu | cuda: where it ran
+    "data.cache_dir",      # where the feature cache lives
+    "data.num_workers",    # DataLoader processes
+    "model.scan_backend",  # reference or CUDA kernel: the same math
+})
+PRETRAIN_COLUMNS = ("pretrain/acc", "pretrain/loss")
+COST_COLUMN = "cost/device_hours"
+HIGHER_IS_BETTER = {"pretrain/acc": True, "pretrain/loss": False}  # tasks: higher (accuracy / mAP)
+STATUSES = ("finished", "failed", "running", "incomplete", "duplicate")
+MAX_LABEL_KEYS = 3
+
+
+class SummaryError(SSAMBAError, ValueError):
+    """The runs or the options asked of the summary are unusable (names the rule, value and fix)."""
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean ± sample std of one column over the seeds of one row (``std`` is None when n < 2)."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    seeds: tuple[str, ...] = ()
+    values: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Row minus its reference row over paired seeds, with a t-interval (None when n_pairs < 2)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n_pairs: int
+    vs: str  # the reference row's label
+    note: str = ""  # "reference" | "no paired seeds" | "1 pair, no CI" | "no reference row" | "ambiguous ..."
+
+
+@dataclass(frozen=True)
+class Row:
+    arm: str
+    label: str
+    settings: dict[str, str]  # the group's params (without the seed and noise params)
+    distinct: dict[str, str]  # the params that tell this row from the arm's other rows
+    counts: dict[str, int]  # status -> number of runs
+    cells: dict[str, Stat]  # column -> statistic over finished seeds
+    diffs: dict[str, Diff]  # task -> difference to the reference
+    best: tuple[str, ...]  # columns in which this row is best
+    is_reference: bool
+    run_ids: tuple[str, ...]
+    failures: tuple[tuple[str, str, str], ...]  # (run_id, seed, error) of failed trials
+
+    @property
+    def status_line(self) -> str:
+        return ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts.get(s))
+
+
+@dataclass(frozen=True)
+class FactorTable:
+    factor: str
+    reference_arm: str | None
+    arms: tuple[str, ...]  # natural order, then arms outside ``sweep.arms`` sorted
+    tasks: tuple[str, ...]
+    columns: tuple[str, ...]  # tasks, then pretraining and cost columns
+    rows: tuple[Row, ...]
+    parent_run_ids: tuple[str, ...]
+    sweep_ids: tuple[str, ...]
+    total_device_hours: float | None  # every trial that logged cost, failed and running included
+    confidence: float = 0.95
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+# ------------------------------------------------------------------------------ statistics
+def t_quantile(q: float, df: int) -> float:
+    """Student-t quantile: scipy.stats.t when installed, else a table (df <= 30) or Cornish-Fisher."""
+    if df < 1:
+        raise ValueError(f"t quantile needs df >= 1, got {df}")
+    try:
+        from scipy.stats import t
+    except ImportError:
+        return _t_quantile_fallback(q, df)
+    return float(t.ppf(q, df))
+
+
+_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
+         2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
+         2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
+         2.048407, 2.045230, 2.042272)
+
+
+def _t_quantile_fallback(q: float, df: int) -> float:
+    if abs(q - 0.975) < 1e-12 and df <= len(_T975):
+        return _T975[df - 1]
+    z = statistics.NormalDist().inv_cdf(q)
+    g1 = (z ** 3 + z) / 4
+    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
+    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
+    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
+
+
+def describe(values: dict[str, float]) -> Stat:
+    """Seed -> value  ->  mean, sample std (None below two seeds) and n."""
+    seeds = tuple(sorted(values, key=_natural_key))
+    vals = tuple(float(values[s]) for s in seeds)
+    if not vals:
+        return Stat(None, None, 0)
+    std = statistics.stdev(vals) if len(vals) > 1 else None
+    return Stat(statistics.fmean(vals), std, len(vals), seeds, vals)
+
+
+def paired_difference(row: dict[str, float], ref: dict[str, float], vs: str, confidence: float = 0.95) -> Diff:
+    """Mean of per-seed differences ``row[s] - ref[s]`` over shared seeds, with a t-interval (n-1 dof)."""
+    seeds = sorted(set(row) & set(ref), key=_natural_key)
+    d = [row[s] - ref[s] for s in seeds]
+    if not d:
+        return Diff(None, None, None, 0, vs, "no paired seeds")
+    mean = statistics.fmean(d)
+    if len(d) == 1:
+        return Diff(mean, None, None, 1, vs, "1 pair, no CI")
+    half = t_quantile(0.5 + confidence / 2, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return Diff(mean, mean - half, mean + half, len(d), vs)
+
+
+# ------------------------------------------------------------------------------ the summary
+def summarize(runs: pd.DataFrame, reference: str | dict[str, str] | None = None, *,
+              ignore_params: tuple[str, ...] = (), confidence: float = 0.95) -> list[FactorTable]:
+    """Runs of one or more sweeps -> one table per ablation factor (sorted by factor name).
+
+    ``reference``: an arm label for every factor, or ``{factor: arm}``; default each factor's parent
+    ``sweep.reference_arm``. ``ignore_params``: extra dotted keys that must not split rows.
+    """
+    if runs is None or runs.empty:
+        return []
+    runs = runs.reset_index(drop=True)
+    role = _col(runs, "tags.sweep.role")
+    arm = _col(runs, "tags.ablation.arm")
+    parents = runs[role == "parent"]
+    trials = runs[(role == "trial") | (role.isna() & arm.notna())]
+    trials = trials[_col(trials, "tags.ablation.arm").notna()]
+    factors = sorted(set(_col(trials, "tags.ablation.factor").fillna("unknown")))
+    noise = NOISE_PARAMS | {k.removeprefix("params.") for k in ignore_params}
+    refs = reference if isinstance(reference, dict) else {f: reference for f in factors} if reference else {}
+    unknown = set(refs) - set(factors) if isinstance(reference, dict) else set()
+    if unknown:
+        raise SummaryError(f"--reference names factor(s) {sorted(unknown)} but the runs hold factors {factors}. "
+                           "Fix: use FACTOR=ARM with one of those factors.")
+    tables = []
+    for factor in factors:
+        ft = trials[_col(trials, "tags.ablation.factor").fillna("unknown") == factor]
+        fp = parents[_col(parents, "tags.ablation.factor").fillna("unknown") == factor]
+        tables.append(_factor_table(factor, ft, fp, refs.get(factor), noise, confidence))
+    return tables
+
+
+def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, reference: str | None,
+                  noise: frozenset[str], confidence: float) -> FactorTable:
+    notes: list[str] = []
+    parents = parents.sort_values("start_time", kind="stable") if "start_time" in parents else parents
+    natural = _merge_lists(_json_list(v) for v in _col(parents, "tags.sweep.arms"))
+    listed_tasks = _merge_lists(_json_list(v) for v in _col(parents, "tags.sweep.tasks"))
+    seen_tasks = sorted({c.split("/")[1] for c in trials.columns
+                         if c.startswith("metrics.ft/") and c.endswith("/final") and trials[c].notna().any()})
+    tasks = tuple(listed_tasks + [t for t in seen_tasks if t not in listed_tasks])
+    sweep_tasks = {sid: _json_list(t) for sid, t in zip(_col(parents, "tags.sweep.id"), _col(parents, "tags.sweep.tasks"))
+                   if isinstance(t, str)}
+    present = set(_col(trials, "tags.ablation.arm").astype(str))
+    arms = tuple([a for a in natural if a in present] + sorted(present - set(natural), key=_natural_key))
+
+    declared = [r for r in _col(parents, "tags.sweep.reference_arm") if isinstance(r, str) and r]
+    if len(set(declared)) > 1:
+        notes.append(f"the sweeps declare different reference arms {sorted(set(declared))}; the latest, "
+                     f"{declared[-1]!r}, is used")
+    ref_arm = reference or (declared[-1] if declared else None)
+    if reference and reference not in arms:
+        raise SummaryError(f"reference arm {reference!r} is not an arm of factor {factor!r} (arms: {list(arms)}). "
+                           f"Fix: pass one of those, or --reference {factor}=ARM to set it for this factor only.")
+    if ref_arm is not None and ref_arm not in arms:
+        notes.append(f"reference arm {ref_arm!r} has no runs: no differences computed")
+
+    # one record per trial: status, seed, settings key
+    param_cols = sorted(c for c in trials.columns if c.startswith("params.") and c[len("params."):] not in noise)
+    records = []
+    for _, r in trials.iterrows():
+        settings = {c[len("params."):]: str(r[c]) for c in param_cols if _present(r[c])}
+        required = sweep_tasks.get(r.get("tags.sweep.id"), list(tasks))
+        records.append(dict(run_id=str(r["run_id"]), arm=str(r["tags.ablation.arm"]), seed=_seed(r),
+                            status=_trial_status(r, required), start=_num(r.get("start_time")) or 0.0,
+                            settings=settings, key=tuple(sorted(settings.items())), row=r))
+
+    groups: dict[tuple[str, tuple], list[dict]] = {}
+    for rec in records:
+        groups.setdefault((rec["arm"], rec["key"]), []).append(rec)
+    labels = _labels(groups)
+    columns = tasks + tuple(c for c in (*PRETRAIN_COLUMNS, COST_COLUMN) if f"metrics.{c}" in trials.columns)
+
+    # per group: the finished run of each seed (latest), its per-column values
+    built = []
+    for (arm_label, key), recs in groups.items():
+        counts = {s: 0 for s in STATUSES}
+        latest: dict[str, dict] = {}
+        for rec in sorted(recs, key=lambda x: x["start"]):
+            if rec["status"] == "finished":
+                if rec["seed"] in latest:
+                    counts["duplicate"] += 1
+                    counts["finished"] -= 1
+                latest[rec["seed"]] = rec
+            counts[rec["status"]] += 1
+        per_col = {c: {s: v for s, rec in latest.items()
+                       if _present(v := _num(rec["row"].get(_metric_col(c, tasks))))} for c in columns}
+        failures = tuple((rec["run_id"], rec["seed"], _text(rec["row"].get("tags.trial.error"))[:300])
+                         for rec in recs if rec["status"] == "failed")
+        built.append(dict(arm=arm_label, key=key, settings=dict(key), counts=counts, values=per_col,
+                          failures=failures, run_ids=tuple(rec["run_id"] for rec in recs)))
+
+    order = {a: i for i, a in enumerate(arms)}
+    built.sort(key=lambda g: (order[g["arm"]], labels[(g["arm"], g["key"])][0]))
+    ref_groups = [g for g in built if g["arm"] == ref_arm]
+
+    rows = []
+    for g in built:
+        label, distinct = labels[(g["arm"], g["key"])]
+        cells = {c: describe(g["values"][c]) for c in columns}
+        diffs = {}
+        if g["arm"] == ref_arm:
+            diffs = {t: Diff(0.0, None, None, cells[t].n, label, "reference") for t in tasks}
+        elif ref_groups:
+            match, why = _closest(g, ref_groups)
+            vs = labels[(match["arm"], match["key"])][0] if match else ref_arm
+            for t in tasks:
+                diffs[t] = (paired_difference(g["values"][t], match["values"][t], vs, confidence) if match
+                            else Diff(None, None, None, 0, vs, why))
+        rows.append(dict(arm=g["arm"], label=label, settings=g["settings"], distinct=distinct, counts=g["counts"],
+                         cells=cells, diffs=diffs, is_reference=g["arm"] == ref_arm, run_ids=g["run_ids"],
+                         failures=g["failures"]))
+
+    best = _best(rows, columns, tasks)
+    final_rows = tuple(Row(**r, best=tuple(c for c in columns if i in best[c])) for i, r in enumerate(rows))
+    costs = [v for v in (_num(x) for x in _col(trials, f"metrics.{COST_COLUMN}")) if _present(v)]
+    return FactorTable(
+        factor=factor, reference_arm=ref_arm if ref_arm in arms else None, arms=arms, tasks=tasks,
+        columns=columns, rows=final_rows,
+        parent_run_ids=tuple(str(x) for x in _col(parents, "run_id")),
+        sweep_ids=tuple(sorted({str(s) for s in _col(trials, "tags.sweep.id").dropna()})),
+        total_device_hours=sum(costs) if costs else None, confidence=confidence, notes=tuple(notes))
+
+
+def _trial_status(r: pd.Series, required_tasks: list[str]) -> str:
+    mstatus = str(r.get("status") or "").upper()
+    tstatus = r.get("tags.trial.status")
+    tstatus = str(tstatus).lower() if _present(tstatus) else None
+    if mstatus in ("FAILED", "KILLED") or tstatus == "failed":
+        return "failed"
+    if mstatus in ("RUNNING", "SCHEDULED"):
+        return "running"
+    complete = all(_present(_num(r.get(f"metrics.ft/{t}/final"))) for t in required_tasks)
+    if mstatus == "FINISHED" and tstatus in (None, "finished") and complete:
+        return "finished"
+    return "incomplete"
+
+
+def _labels(groups: dict[tuple[str, tuple], list]) -> dict[tuple[str, tuple], tuple[str, dict[str, str]]]:
+    """Label each group by its arm plus the params that differ between the groups of that arm."""
+    out = {}
+    by_arm: dict[str, list[tuple]] = {}
+    for arm, key in groups:
+        by_arm.setdefault(arm, []).append(key)
+    for arm, keys in by_arm.items():
+        dicts = [dict(k) for k in keys]
+        varying = sorted({k for d in dicts for k in d if len({e.get(k) for e in dicts}) > 1},
+                         key=lambda k: (k != "name", k))  # the preset first: it explains the rest
+        used = set()
+        for key, d in zip(keys, dicts):
+            distinct = {k: d.get(k, "<unset>") for k in varying}
+            shown = [f"{k}={v}" for k, v in list(distinct.items())[:MAX_LABEL_KEYS]]
+            if len(distinct) > MAX_LABEL_KEYS:
+                shown.append(f"+{len(distinct) - MAX_LABEL_KEYS} more")
+            label = f"{arm} ({', '.join(shown)})" if shown else arm
+            base, i = label, 2
+            while label in used:
+                label, i = f"{base} #{i}", i + 1
+            used.add(label)
+            out[(arm, key)] = (label, distinct)
+    return out
+
+
+def _closest(g: dict, candidates: list[dict]) -> tuple[dict | None, str]:
+    """The reference row whose settings differ from ``g``'s in the fewest params (ties: none)."""
+    def distance(c):
+        keys = set(g["settings"]) | set(c["settings"])
+        return sum(g["settings"].get(k) != c["settings"].get(k) for k in keys)
+    dist = [distance(c) for c in candidates]
+    best = min(dist)
+    tied = [c for c, d in zip(candidates, dist) if d == best]
+    if len(tied) > 1:
+        return None, f"ambiguous: {len(tied)} reference rows equally close"
+    return tied[0], ""
+
+
+def _best(rows: list[dict], columns: tuple[str, ...], tasks: tuple[str, ...]) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {c: set() for c in columns}
+    for c in columns:
+        if c not in tasks and c not in HIGHER_IS_BETTER:
+            continue
+        sign = 1.0 if (c in tasks or HIGHER_IS_BETTER[c]) else -1.0
+        scored = [(i, sign * r["cells"][c].mean) for i, r in enumerate(rows) if r["cells"][c].n > 0]
+        if len(scored) < 2:
+            continue
+        top = max(s for _, s in scored)
+        winners = {i for i, s in scored if s >= top - 1e-12 * max(1.0, abs(top))}
+        if len(winners) < len(scored):  # every row equal: nothing to mark
+            out[c] = winners
+    return out
+
+
+# ------------------------------------------------------------------------------ small helpers
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df.columns else pd.Series([None] * len(df), index=df.index, dtype=object)
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _text(v: Any) -> str:
+    return str(v) if _present(v) else ""
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _seed(r: pd.Series) -> str:
+    for k in ("tags.seed", "params.seed"):
+        if _present(r.get(k)):
+            return str(r[k])
+    return f"run:{r['run_id']}"  # no seed recorded: the run is its own replicate
+
+
+def _metric_col(column: str, tasks: tuple[str, ...]) -> str:
+    return f"metrics.ft/{column}/final" if column in tasks else f"metrics.{column}"
+
+
+def _json_list(v: Any) -> list[str]:
+    if not isinstance(v, str):
+        return []
+    try:
+        out = json.loads(v)
+    except json.JSONDecodeError:
+        return []
+    return [str(x) for x in out] if isinstance(out, list) else []
+
+
+def _merge_lists(lists) -> list[str]:
+    out: list[str] = []
+    for lst in lists:
+        out.extend(x for x in lst if x not in out)
+    return out
+
+
+def _natural_key(s: str) -> tuple:
+    try:
+        return (0, float(s), "")
+    except ValueError:
+        return (1, 0.0, s)
+
+
+# ------------------------------------------------------------------------------ plain-data form
+def to_dict(tables: list[FactorTable]) -> list[dict]:
+    """Tables -> JSON-ready lists and dicts (the inverse is :func:`from_dict`)."""
+    def conv(obj):
+        if isinstance(obj, (FactorTable, Row, Stat, Diff)):
+            return {f.name: conv(getattr(obj, f.name)) for f in fields(obj)}
+        if isinstance(obj, dict):
+            return {k: conv(v) for k, v in obj.items()}
+        if isinstance(obj, (tuple, list)):
+            return [conv(v) for v in obj]
+        return obj
+    return [conv(t) for t in tables]
+
+
+def from_dict(data: list[dict]) -> list[FactorTable]:
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    def row(d):
+        return Row(**{**d, "cells": {k: Stat(**{**s, "seeds": tup(s["seeds"]), "values": tup(s["values"])})
+                                      for k, s in d["cells"].items()},
+                      "diffs": {k: Diff(**x) for k, x in d["diffs"].items()},
+                      "best": tup(d["best"]), "run_ids": tup(d["run_ids"]), "failures": tup(d["failures"])})
+    return [FactorTable(**{**t, "rows": tuple(row(r) for r in t["rows"]),
+                           **{k: tup(t[k]) for k in ("arms", "tasks", "columns", "parent_run_ids", "sweep_ids", "notes")}})
+            for t in data]

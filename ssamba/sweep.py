@@ -1,0 +1,346 @@
+"""The sweep driver: a factor's arms x seeds as Ray Tune trials (+ Optuna for named hyper-parameters).
+
+A sweep script is data plus one call (``run_sweep_cli(FACTOR)``). This module parses the shared
+options, validates every trial's config before Ray starts, starts (or joins) Ray, opens the MLflow
+experiment and the sweep's parent run, runs the Tuner (or restores a killed one with ``--resume``),
+and prints the ablation table. Ray lives here, in ``ssamba/trial.py`` and ``ssamba/train/worker.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ssamba.config import apply_overrides, parse_set_args, to_flat
+from ssamba.errors import ConfigError, SSAMBAError
+from ssamba.presets import PRESETS, TASK_RECIPES, default_seeds, preset
+from ssamba.trial import build_job
+
+Overrides = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Factor:
+    """An ablation factor: its arms in natural order (label -> config overrides) and the paper's arm.
+
+    ``scale`` maps an arm's overrides to the preset at hand (e.g. mask counts given for 512 patches
+    scaled to a smaller demo grid); it receives ``(label, overrides, experiment config)``.
+    """
+
+    name: str
+    arms: dict[str, Overrides]
+    reference: str
+    description: str = ""
+    scale: Callable[[str, Overrides, Any], Overrides] | None = None
+
+
+@dataclass
+class SweepResult:
+    sweep_id: str
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    mlflow_uri: str
+    storage: Path
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_parser(factor: Factor) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"sweeps/{factor.name}.py",
+        description=f"Ablation of {factor.description or factor.name}: arms {', '.join(factor.arms)} "
+                    f"(reference {factor.reference}). With no option: the demo preset on the demo corpus, "
+                    f"a local Ray and a local MLflow store (mlflow.db here).")
+    p.add_argument("--preset", default="demo", choices=PRESETS)
+    p.add_argument("--seeds", help="number of seeds (e.g. 3) or a list (e.g. 0,1,2); default per preset")
+    p.add_argument("--tasks", nargs="+", metavar="NAME[=MANIFEST]",
+                   help=f"fine-tuning tasks; recipes: {', '.join(TASK_RECIPES)}; default: demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every trial")
+    p.add_argument("--arms", help="comma-separated subset of the arms")
+    p.add_argument("--tune", action="append", default=[], metavar="KEY=DIST:LOW:HIGH",
+                   help="hyper-parameter for Optuna, e.g. finetune.lr=loguniform:1e-5:1e-3 "
+                        "(also uniform:, int:, choice:a|b)")
+    p.add_argument("--tune-samples", type=int, default=4, help="Optuna trials per arm x seed (same budget per arm)")
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="default: all CPUs of the node / max concurrent trials, minus a little for the trial driver")
+    p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as resources allow)")
+    p.add_argument("--storage", default="sweep_results", help="sweep storage folder (shared by all nodes)")
+    p.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI or sqlite mlflow.db here)")
+    p.add_argument("--experiment", help=f"MLflow experiment (default ssamba-{factor.name})")
+    p.add_argument("--name", help="sweep name under the storage folder (default <factor>-<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue a killed sweep of the same name and storage")
+    p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial (from its last checkpoint)")
+    p.add_argument("--worker-retries", type=int, default=1, help="Ray Train worker-group restarts within a trial")
+    p.add_argument("--keep-checkpoints", choices=("all", "best", "none"), default="best",
+                   help="files kept in storage after a trial: all, best (drop resume state), none")
+    p.add_argument("--no-log-checkpoints", action="store_true", help="do not copy best checkpoints into MLflow")
+    p.add_argument("--smoke-test", action="store_true", help="= --preset smoke (a tiny trial per arm)")
+    p.add_argument("--quiet", action="store_true", help="less Ray output")
+    return p
+
+
+def _seeds(text: str | None, preset_name: str) -> list[int]:
+    if not text:
+        return default_seeds(preset_name)
+    if "," in text:
+        return [int(x) for x in text.split(",") if x.strip()]
+    n = int(text)
+    if n <= 0:
+        raise ConfigError(f"--seeds must be positive, got {n}")
+    return list(range(n))
+
+
+def _tasks(specs: list[str] | None, preset_name: str) -> dict[str, Overrides]:
+    """Task name -> overrides of ``finetune.*`` (recipe + manifest)."""
+    specs = specs or (["demo"] if preset_name in ("demo", "smoke") else [])
+    if not specs:
+        raise ConfigError(f"preset {preset_name} fine-tunes on real data: pass --tasks NAME=MANIFEST "
+                          f"(recipes: {', '.join(TASK_RECIPES)})")
+    out: dict[str, Overrides] = {}
+    for spec in specs:
+        name, _, manifest = spec.partition("=")
+        over = dict(TASK_RECIPES.get(name, {})) if preset_name.startswith("paper-") else {}
+        over["finetune.task"] = name
+        if manifest:
+            path = Path(manifest).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"task {name}: manifest {path} does not exist")
+            over["finetune.manifest"] = str(path)
+        elif name != "demo":
+            raise ConfigError(f"task {name!r} needs a manifest: --tasks {name}=PATH.parquet")
+        out[name] = over
+    return out
+
+
+def _parse_tune(specs: list[str]) -> dict[str, tuple]:
+    out = {}
+    for spec in specs:
+        key, _, dist = spec.partition("=")
+        kind, _, rest = dist.partition(":")
+        if kind in ("loguniform", "uniform", "int"):
+            lo, _, hi = rest.partition(":")
+            try:
+                out[key] = (kind, float(lo), float(hi))
+            except ValueError:
+                raise ConfigError(f"--tune {spec}: expected {kind}:LOW:HIGH") from None
+        elif kind == "choice":
+            out[key] = ("choice", rest.split("|"))
+        else:
+            raise ConfigError(f"--tune {spec}: distribution must be loguniform, uniform, int or choice")
+    return out
+
+
+class OptunaSpace:
+    """Define-by-run space: the grid cell (fixed by points_to_evaluate) plus the tuned hyper-parameters."""
+
+    def __init__(self, n_cells: int, spec: dict[str, tuple]):
+        self.n_cells, self.spec = n_cells, spec
+
+    def __call__(self, trial):
+        trial.suggest_categorical("cell", list(range(self.n_cells)))
+        for key, (kind, *args) in self.spec.items():
+            if kind == "loguniform":
+                trial.suggest_float(key, args[0], args[1], log=True)
+            elif kind == "uniform":
+                trial.suggest_float(key, args[0], args[1])
+            elif kind == "int":
+                trial.suggest_int(key, int(args[0]), int(args[1]))
+            else:
+                trial.suggest_categorical(key, args[0])
+
+
+def start_ray(num_cpus: int | None = None, quiet: bool = False) -> str:
+    """Join the cluster of a ``ray job submit`` (or ``$RAY_ADDRESS``), else start a local Ray on loopback."""
+    joining = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
+    if not joining:
+        # single-machine mode: every Ray process on 127.0.0.1 (read when ray is imported)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return "existing"
+    if joining:
+        ray.init(log_to_driver=not quiet)
+        return "cluster"
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=not quiet)
+    return "local"
+
+
+def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
+    if args.smoke_test:
+        args.preset = "smoke"
+    base = preset(args.preset)
+    overrides = parse_set_args(args.set)
+    base = apply_overrides(base, overrides)  # validates --set before anything starts
+    arms = dict(factor.arms)
+    if args.arms:
+        wanted = [a.strip() for a in args.arms.split(",")]
+        unknown = [a for a in wanted if a not in arms]
+        if unknown:
+            raise ConfigError(f"unknown arms {unknown} for {factor.name}; arms: {list(arms)}")
+        arms = {a: arms[a] for a in wanted}
+    if factor.scale is not None:
+        arms = {label: factor.scale(label, over, base) for label, over in arms.items()}
+    seeds = _seeds(args.seeds, args.preset)
+    tasks = _tasks(args.tasks, args.preset)
+    tune_spec = _parse_tune(args.tune)
+    for key in tune_spec:
+        apply_overrides(base, {key: "0" if tune_spec[key][0] != "choice" else tune_spec[key][1][0]})
+    cells = [{"arm": a, "seed": s} for a in arms for s in seeds]
+
+    name = args.name or f"{factor.name}-{args.preset}"
+    storage = Path(args.storage).expanduser().resolve()
+    sweep_dir = storage / name
+    meta_file = sweep_dir / "sweep.json"
+    if args.resume:
+        if not meta_file.is_file():
+            raise SSAMBAError(f"--resume: no sweep {name!r} in {storage} ({meta_file} missing). "
+                              f"Fix: pass the same --storage and --name (or preset) as the killed sweep.")
+        sweep_id = json.loads(meta_file.read_text())["sweep_id"]
+    else:
+        sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+
+    from ssamba.tracking import Tracker
+
+    tracker = Tracker(args.mlflow_uri)
+    experiment = args.experiment or f"ssamba-{factor.name}"
+    ctx: dict[str, Any] = {
+        "sweep_id": sweep_id, "factor": factor.name, "preset": args.preset, "overrides": overrides,
+        "arms": arms, "cells": cells, "tasks": tasks, "storage": str(sweep_dir), "mlflow_uri": tracker.uri,
+        "workers_per_trial": args.workers_per_trial, "gpus_per_trial": args.gpus_per_trial,
+        "cpus_per_worker": args.cpus_per_worker, "worker_retries": args.worker_retries,
+        "keep_checkpoints": args.keep_checkpoints, "log_checkpoints": not args.no_log_checkpoints,
+        "git_commit": git_commit(),
+    }
+    # Validate every trial's config in the driver, before Ray starts any worker.
+    for i, cell in enumerate(cells):
+        params = {"cell": i}
+        for key, (kind, *a) in tune_spec.items():
+            params[key] = a[0][0] if kind == "choice" else (int(a[0]) if kind == "int" else a[0])
+        build_job({**ctx, "cpus_per_worker": ctx["cpus_per_worker"] or 1.0}, params)
+
+    mode = start_ray(quiet=args.quiet)
+    import ray
+    from ray import tune
+
+    total_cpus = ray.cluster_resources().get("CPU", 1.0)
+    if ctx["cpus_per_worker"] is None:
+        conc = args.max_concurrent or max(1, int(total_cpus // args.workers_per_trial))
+        ctx["cpus_per_worker"] = max(0.01, round((total_cpus - 0.01 * conc) / (conc * args.workers_per_trial), 2))
+    exp_id = tracker.experiment(experiment, {"ssamba.sweep": "1", "ablation.factor": factor.name})
+    parent_tags = {"sweep.role": "parent", "ablation.factor": factor.name, "sweep.arms": json.dumps(list(arms)),
+                   "sweep.reference_arm": factor.reference, "sweep.tasks": json.dumps(list(tasks)),
+                   "sweep.preset": args.preset, "git.commit": ctx["git_commit"], "sweep.ray": mode}
+    parent_params = {"preset": args.preset, "seeds": json.dumps(seeds), "tasks": json.dumps(list(tasks)),
+                     "workers_per_trial": args.workers_per_trial, "gpus_per_trial": args.gpus_per_trial,
+                     "cpus_per_worker": ctx["cpus_per_worker"], "max_concurrent": args.max_concurrent,
+                     "tune": json.dumps({k: list(v) for k, v in tune_spec.items()}),
+                     "tune_samples": args.tune_samples if tune_spec else 0,
+                     **{f"set.{k}": v for k, v in overrides.items()}}
+    parent_id, _ = tracker.get_or_create_run(exp_id, key_tags={"sweep.id": sweep_id, "sweep.role": "parent"},
+                                             name=sweep_id, tags=parent_tags, params=parent_params)
+    ctx.update({"experiment_id": exp_id, "parent_run_id": parent_id})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        meta_file.write_text(json.dumps({"sweep_id": sweep_id, "factor": factor.name, "preset": args.preset,
+                                         "experiment": experiment, "parent_run_id": parent_id}, indent=1))
+
+    from ssamba.trial import run_trial
+
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # Train's intermediate reports lack the final metric
+    first_task = next(iter(tasks))
+    metric = f"ft/{first_task}/final"
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
+    run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
+                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                                verbose=0 if args.quiet else 1)
+    tuner_path = sweep_dir / "tune"
+    print(f"sweep {sweep_id}: {len(arms)} arms x {len(seeds)} seeds = {len(cells)} trials"
+          f"{f' x {args.tune_samples} Optuna samples' if tune_spec else ''}; {ctx['cpus_per_worker']} CPU"
+          f"{f' + {args.gpus_per_trial} GPU' if args.gpus_per_trial else ''} per worker; Ray {mode}; "
+          f"MLflow {tracker.uri} experiment {experiment!r}", flush=True)
+    try:
+        if args.resume and tune.Tuner.can_restore(str(tuner_path)):
+            tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
+        else:
+            if tune_spec:
+                from ray.tune.search.optuna import OptunaSearch
+
+                points = [{"cell": i} for i in range(len(cells)) for _ in range(args.tune_samples)]
+                search = OptunaSearch(space=OptunaSpace(len(cells), tune_spec), metric=metric, mode="max",
+                                      points_to_evaluate=points, seed=0)
+                tune_config = tune.TuneConfig(search_alg=search, num_samples=len(points),
+                                              max_concurrent_trials=args.max_concurrent or None)
+                space = None
+            else:
+                tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None)
+                space = {"cell": tune.grid_search(list(range(len(cells))))}
+            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+        grid = tuner.fit()
+        trials = []
+        for r in grid:
+            trials.append({"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None})
+        status = "FINISHED" if all(t["error"] is None for t in trials) else "FAILED"
+        tracker.set_tags(parent_id, {"sweep.status": status.lower(), "sweep.trials": str(len(trials)),
+                                     "sweep.failed": str(sum(t["error"] is not None for t in trials))})
+        tracker.finish(parent_id, status)
+    except BaseException:
+        tracker.set_tags(parent_id, {"sweep.status": "interrupted"})
+        tracker.finish(parent_id, "KILLED")
+        raise
+    return SweepResult(sweep_id, experiment, exp_id, parent_id, tracker.uri, sweep_dir, trials)
+
+
+def run_sweep_cli(factor: Factor, argv: list[str] | None = None) -> int:
+    """Entry point of a sweep script: run the sweep, then print its ablation table."""
+    args = build_parser(factor).parse_args(argv)
+    try:
+        res = run_sweep(factor, args)
+    except SSAMBAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = [t for t in res.trials if t["error"]]
+    try:
+        from ablations.summarize import summarize_sweep
+
+        print(summarize_sweep(res.mlflow_uri, res.sweep_id))
+    except ImportError:
+        print(_plain_table(res))
+    print(f"MLflow: run `mlflow ui --backend-store-uri {res.mlflow_uri}` (or plain `mlflow ui` here) and open "
+          f"experiment {res.experiment!r}; sweep id {res.sweep_id}")
+    if failed:
+        print(f"{len(failed)} trial(s) failed: " + "; ".join((t['error'] or '')[:200] for t in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _plain_table(res: SweepResult) -> str:
+    lines = ["| arm | seed | " + " | ".join(sorted({k for t in res.trials for k in t['metrics']
+                                                     if k.endswith('/final')})) + " |"]
+    for t in res.trials:
+        m = t["metrics"]
+        vals = [f"{m[k]:.4f}" for k in sorted(k for k in m if k.endswith("/final"))]
+        lines.append(f"| {m.get('arm', '?')} | {m.get('seed', '?')} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+__all__ = ["Factor", "run_sweep", "run_sweep_cli", "SweepResult", "to_flat"]

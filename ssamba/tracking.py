@@ -1,0 +1,174 @@
+"""MLflow: the only module that imports it. The sweep's run layout, written and read here.
+
+Layout (DESIGN.md "MLflow layout"):
+- one experiment per sweep script (``ssamba-<factor>`` unless ``--experiment``), tagged
+  ``ssamba.sweep=1`` and ``ablation.factor``;
+- one parent run per sweep (``sweep.role=parent``, ``sweep.id``, ``ablation.factor``, ``sweep.arms``
+  (JSON, natural order), ``sweep.reference_arm``, ``sweep.tasks`` (JSON), ``sweep.preset``, ``git.commit``);
+  a resumed sweep continues its parent run;
+- one child run per trial (``mlflow.parentRunId``, ``sweep.role=trial``, ``sweep.id``, ``ablation.factor``,
+  ``ablation.arm``, ``seed``, ``git.commit``, ``trial.key``, ``trial.status``), holding every config
+  value as a dotted param; metrics ``pretrain/...``, ``ft/<task>/...`` (``ft/<task>/final`` is the
+  task's headline number), ``cost/...``; a retried or resumed trial continues its own run.
+
+With no URI the store is ``sqlite:///<cwd>/mlflow.db`` (what ``mlflow ui`` run there shows), resolved to
+an absolute path so that Ray workers in other directories write to the same database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+DEFAULT_DB = "mlflow.db"
+SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "auth")
+
+
+def resolve_uri(uri: str | None = None, cwd: str | os.PathLike | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else the local sqlite store; relative paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
+    base = Path(cwd or os.getcwd())
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///"):]
+        if not Path(rel).is_absolute():
+            return f"sqlite:///{(base / rel).resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file:"):] if uri.startswith("file:") else uri
+        path = path.lstrip("/") if path.startswith("//") else path
+        return Path(base / path).resolve().as_uri()
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a local sqlite store: ``<db folder>/mlartifacts`` (absolute), else the server's default."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def is_secret(key: str) -> bool:
+    low = key.lower()
+    return any(w in low for w in SECRET_WORDS)
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` with the sweep layout's get-or-create semantics."""
+
+    def __init__(self, uri: str | None = None):
+        self.uri = resolve_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    # ------------------------------------------------------------------------- experiments and runs
+    def experiment(self, name: str, tags: dict[str, str] | None = None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_root(self.uri), tags=tags or {})
+        except Exception:  # a concurrent creator won the race
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def find_run(self, experiment_id: str, tags: dict[str, str]) -> str | None:
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=2)
+        return runs[0].info.run_id if runs else None
+
+    def get_or_create_run(self, experiment_id: str, *, key_tags: dict[str, str], name: str,
+                          tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> tuple[str, bool]:
+        """The run whose tags include ``key_tags`` (continued, status back to RUNNING), else a new one.
+
+        Returns ``(run_id, created)``. Params are logged once; a continued run keeps its params.
+        """
+        run_id = self.find_run(experiment_id, key_tags)
+        created = run_id is None
+        if created:
+            run = self.client.create_run(experiment_id, tags={**key_tags, **(tags or {})}, run_name=name)
+            run_id = run.info.run_id
+            if params:
+                self.log_params(run_id, params)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            if tags:
+                self.set_tags(run_id, tags)
+        return run_id, created
+
+    # ------------------------------------------------------------------------- logging
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, _param_value(v)) for k, v in params.items() if not is_secret(k)]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items() if not is_secret(k)]
+        if items:
+            self.client.log_batch(run_id, tags=items, synchronous=True)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i:i + 500], synchronous=True)
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_dict(self, run_id: str, obj: Any, name: str) -> None:
+        self.client.log_dict(run_id, obj, name)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    # ------------------------------------------------------------------------- reading
+    def sweep_experiments(self) -> list[str]:
+        """Ids of every experiment tagged as an ssamba sweep."""
+        exps = self.client.search_experiments(filter_string="tags.`ssamba.sweep` = '1'")
+        return [e.experiment_id for e in exps]
+
+    def experiment_ids(self, names: list[str]) -> list[str]:
+        out = []
+        for n in names:
+            exp = self.client.get_experiment_by_name(n)
+            if exp is None:
+                raise KeyError(f"no MLflow experiment named {n!r} in {self.uri}")
+            out.append(exp.experiment_id)
+        return out
+
+    def runs_frame(self, experiment_ids: list[str], sweep_id: str | None = None) -> pd.DataFrame:
+        """Every run of the experiments as a DataFrame: ``run_id``, ``status``, ``params.*``, ``tags.*``,
+        ``metrics.*`` (final values), ``start_time``, ``end_time``."""
+        flt = f"tags.`sweep.id` = '{sweep_id}'" if sweep_id else ""
+        rows = []
+        token = None
+        while True:
+            page = self.client.search_runs(experiment_ids, filter_string=flt, max_results=1000, page_token=token)
+            for r in page:
+                row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "status": r.info.status,
+                       "start_time": r.info.start_time, "end_time": r.info.end_time, "run_name": r.info.run_name}
+                row.update({f"params.{k}": v for k, v in r.data.params.items()})
+                row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
+                row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
+                rows.append(row)
+            token = page.token
+            if not token:
+                break
+        return pd.DataFrame(rows)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+
+def _param_value(v: Any) -> str:
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)
+    return str(v)

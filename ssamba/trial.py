@@ -1,0 +1,163 @@
+"""One Ray Tune trial: an ablation arm with one seed, run by a Ray Train ``TorchTrainer``, tracked in MLflow.
+
+The trial resolves its config (preset + sweep overrides + arm + seed + tuned values), gets or
+continues its MLflow child run (keyed by ``trial.key``, so a retried or resumed trial never
+duplicates its run), launches the workers (:func:`ssamba.train.worker.trial_worker`), then logs the
+final metrics and reports them to Tune. Ray Tune and Ray Train meet only here and in ``sweep.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ssamba.config import apply_overrides, to_flat
+from ssamba.presets import preset
+
+# Config sections that decide a pretraining (a shared pretraining is reused when these are equal).
+PRETRAIN_SECTIONS = ("frontend.", "augment.", "model.", "data.", "pretrain.")
+PRETRAIN_RUNTIME_KEYS = ("data.num_workers", "model.scan_backend")  # do not change the result
+
+
+def digest(obj: Any, n: int = 12) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def pretrain_key(flat: dict[str, Any]) -> str:
+    """Hash of everything that decides a pretraining: its config sections and the seed."""
+    items = {k: v for k, v in flat.items()
+             if k.startswith(PRETRAIN_SECTIONS) and k not in PRETRAIN_RUNTIME_KEYS}
+    items["seed"] = flat["seed"]
+    return digest(items, 16)
+
+
+def trial_overrides(ctx: dict[str, Any], params: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
+    """``(arm label, seed, overrides)`` of a trial from its Tune params."""
+    cell = ctx["cells"][int(params["cell"])]
+    arm, seed = cell["arm"], int(cell["seed"])
+    tuned = {k: v for k, v in params.items() if k != "cell"}
+    overrides = {**ctx["overrides"], **ctx["arms"][arm], "seed": seed, **tuned}
+    return arm, seed, overrides
+
+
+def build_job(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Everything a trial needs, as plain data (also used by the driver to validate before Ray starts)."""
+    arm, seed, overrides = trial_overrides(ctx, params)
+    cfg = apply_overrides(preset(ctx["preset"]), overrides)
+    flat = to_flat(cfg)
+    tuned = {k: v for k, v in params.items() if k != "cell"}
+    key = digest({"sweep": ctx["sweep_id"], "arm": arm, "seed": seed, "tuned": tuned})
+    root = Path(ctx["storage"])
+    trial_dir = root / "trials" / key
+    tasks = []
+    for name, task_over in ctx["tasks"].items():
+        tcfg = apply_overrides(cfg, task_over)
+        tasks.append({"name": name, "config": to_flat(tcfg), "dir": str(trial_dir / f"ft-{name}")})
+    pkey = pretrain_key(flat)
+    use_gpu = ctx["gpus_per_trial"] > 0
+    share = ctx["gpus_per_trial"] / ctx["workers_per_trial"] if use_gpu else ctx["cpus_per_worker"]
+    return {
+        "arm": arm, "seed": seed, "tuned": tuned, "trial_key": key, "trial_name": f"{arm}-s{seed}-{key[:6]}",
+        "config": flat, "tasks": tasks, "pretrain": {"key": pkey, "dir": str(root / "pretrain" / pkey)},
+        "result_file": str(trial_dir / "result.json"), "use_gpu": use_gpu, "device_share": share,
+        "mlflow_uri": ctx["mlflow_uri"], "log_checkpoints": ctx.get("log_checkpoints", True),
+        "keep_checkpoints": ctx.get("keep_checkpoints", "best"),
+    }
+
+
+def task_params(job: dict[str, Any]) -> dict[str, Any]:
+    """MLflow params: the trial's config, plus each task's fine-tuning values that differ from it."""
+    params = dict(job["config"])
+    for t in job["tasks"]:
+        for k, v in t["config"].items():
+            if k.startswith("finetune.") and params.get(k) != v:
+                params[f"tasks.{t['name']}.{k[len('finetune.'):]}"] = v
+    return params
+
+
+def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune function trainable (wrapped with ``tune.with_parameters(run_trial, ctx=...)``)."""
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ssamba.tracking import Tracker
+    from ssamba.train.worker import trial_worker
+
+    job = build_job(ctx, params)
+    tracker = Tracker(ctx["mlflow_uri"])
+    tags = {"mlflow.parentRunId": ctx["parent_run_id"], "sweep.role": "trial", "ablation.factor": ctx["factor"],
+            "ablation.arm": job["arm"], "seed": str(job["seed"]), "git.commit": ctx["git_commit"],
+            "trial.status": "running", "pretrain.key": job["pretrain"]["key"]}
+    run_id, created = tracker.get_or_create_run(
+        ctx["experiment_id"], key_tags={"sweep.id": ctx["sweep_id"], "trial.key": job["trial_key"]},
+        name=job["trial_name"], tags=tags, params=task_params(job))
+    if created:
+        tracker.log_dict(run_id, {"config": job["config"], "tasks": {t["name"]: t["config"] for t in job["tasks"]},
+                                  "tuned": job["tuned"]}, "config.json")
+    job["run_id"] = run_id
+    t0 = time.time()
+    try:
+        workers = ctx["workers_per_trial"]
+        per_worker = {"CPU": ctx["cpus_per_worker"]}
+        if job["use_gpu"]:
+            per_worker["GPU"] = ctx["gpus_per_trial"] / workers
+        trainer = TorchTrainer(
+            trial_worker, train_loop_config=job,
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=job["use_gpu"],
+                                                   resources_per_worker=per_worker),
+            run_config=ray.train.RunConfig(
+                name=f"{job['trial_key']}-{time.time_ns()}", storage_path=str(Path(ctx["storage"]) / "ray_train"),
+                failure_config=ray.train.FailureConfig(max_failures=ctx["worker_retries"]),
+                callbacks=[TuneReportCallback()]),
+        )
+        trainer.fit()
+        results = json.loads(Path(job["result_file"]).read_text())
+        final = _final_metrics(results, time.time() - t0)
+        pre = results.get("pretrain", {})
+        if pre.get("reused"):
+            tracker.set_tags(run_id, {"pretrain.reused": "true", "pretrain.computed_by": pre.get("trial", "")})
+        else:
+            tracker.set_tags(run_id, {"pretrain.reused": "false"})
+            best = Path(job["pretrain"]["dir"]) / "best.pt"
+            if best.is_file() and job["log_checkpoints"]:
+                tracker.log_artifact(run_id, best, "checkpoints/pretrain")
+        tracker.log_metrics(run_id, final, step=0)
+        tracker.set_tags(run_id, {"trial.status": "finished"})
+        tracker.finish(run_id, "FINISHED")
+    except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for Tune
+        tracker.set_tags(run_id, {"trial.status": "failed", "trial.error": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracker.finish(run_id, "FAILED")
+        raise
+    _apply_retention(job)
+    tune.report({**final, "arm": job["arm"], "seed": job["seed"], "mlflow_run_id": run_id})
+
+
+def _final_metrics(results: dict[str, Any], wall_s: float) -> dict[str, float]:
+    """Flatten the stage results (pretraining metrics, each task's, costs) and add totals."""
+    out: dict[str, float] = {}
+    for stage, metrics in results.items():
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+    out["cost/wall_s"] = wall_s
+    out["cost/device_hours"] = sum(v for k, v in out.items() if k.endswith("_device_hours"))
+    samples = [v for k, v in out.items() if k.endswith("_samples_per_s")]
+    out["cost/samples_per_s"] = sum(samples) / len(samples) if samples else 0.0
+    return out
+
+
+def _apply_retention(job: dict[str, Any]) -> None:
+    """``all``: keep every file; ``best``: drop the resume state (``last.pt``); ``none``: drop both
+    (the best checkpoints are still in MLflow when ``log_checkpoints`` is on)."""
+    keep = job.get("keep_checkpoints", "best")
+    names = {"all": (), "best": ("last.pt",), "none": ("last.pt", "best.pt")}[keep]
+    for t in job["tasks"]:
+        for name in names:
+            p = Path(t["dir"]) / name
+            if p.is_file():
+                p.unlink()

@@ -1,0 +1,320 @@
+"""Ablation summary: the pure table function on synthetic runs, every renderer, the plot, and the CLI
+against a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from ablations import render
+from ablations.table import SummaryError, _t_quantile_fallback, from_dict, summarize, to_dict
+
+TASKS = ["esc50", "sc"]
+
+
+def parent(sweep_id="s1", factor="masking", arms=("250", "300", "400"), reference="400", tasks=TASKS, start=0):
+    return {"run_id": f"parent-{sweep_id}", "status": "RUNNING", "start_time": start, "tags.sweep.role": "parent",
+            "tags.sweep.id": sweep_id, "tags.ablation.factor": factor, "tags.sweep.arms": json.dumps(list(arms)),
+            "tags.sweep.reference_arm": reference, "tags.sweep.tasks": json.dumps(list(tasks)),
+            "tags.sweep.preset": "demo"}
+
+
+_counter = iter(range(1, 10**6))
+
+
+def trial(arm, seed, metrics, *, status="FINISHED", tstatus="finished", factor="masking", sweep_id="s1",
+          params=None, start=None, error=None):
+    i = next(_counter)
+    row = {"run_id": f"r{i}", "status": status, "start_time": i if start is None else start,
+           "tags.sweep.role": "trial", "tags.sweep.id": sweep_id, "tags.ablation.factor": factor,
+           "tags.ablation.arm": arm, "tags.seed": str(seed), "tags.trial.status": tstatus,
+           "params.seed": str(seed), "params.name": "demo", "params.pretrain.mask_count": arm,
+           "params.finetune.lr": "0.0001", "params.data.cache_dir": f"/tmp/cache-{i}"}
+    row.update({f"params.{k}": v for k, v in (params or {}).items()})
+    for k, v in metrics.items():
+        row[f"metrics.ft/{k}/final" if k in TASKS else f"metrics.{k}"] = v
+    if error:
+        row["tags.trial.error"] = error
+    return row
+
+
+def frame(*rows):
+    return pd.DataFrame(list(rows))
+
+
+# Per (arm, seed): esc50 / sc values with a large seed effect, so pairing matters.
+VALUES = {
+    "400": {0: (0.60, 0.80), 1: (0.70, 0.85), 2: (0.80, 0.90)},
+    "300": {0: (0.62, 0.79), 1: (0.71, 0.86), 2: (0.83, 0.88)},
+    "250": {0: (0.58, 0.81), 1: (0.69, 0.87), 2: (0.77, 0.91)},
+}
+
+
+def full_sweep(extra=()):
+    rows = [parent()]
+    for arm in ("400", "250", "300"):  # not the natural order on purpose
+        for seed, (a, b) in VALUES[arm].items():
+            rows.append(trial(arm, seed, {"esc50": a, "sc": b, "pretrain/acc": 0.3 + 0.01 * seed,
+                                          "pretrain/loss": {"250": 2.0, "300": 1.5, "400": 1.8}[arm] + seed,
+                                          "cost/device_hours": 0.002}))
+    return frame(*rows, *extra)
+
+
+def by_label(table):
+    return {r.label: r for r in table.rows}
+
+
+# ------------------------------------------------------------------------------ the pure function
+def test_means_stds_n_and_natural_arm_order():
+    extra = [trial("1000", 0, {"esc50": 0.5, "sc": 0.5}), trial("500", 0, {"esc50": 0.5, "sc": 0.5})]
+    (t,) = summarize(full_sweep(extra))
+    assert t.factor == "masking" and t.reference_arm == "400" and t.tasks == ("esc50", "sc")
+    assert [r.label for r in t.rows] == ["250", "300", "400", "500", "1000"]  # sweep.arms, then sorted numerically
+    for arm, per_seed in VALUES.items():
+        row = by_label(t)[arm]
+        for j, task in enumerate(TASKS):
+            vals = [v[j] for v in per_seed.values()]
+            assert row.cells[task].n == 3
+            assert row.cells[task].mean == pytest.approx(sum(vals) / 3)
+            assert row.cells[task].std == pytest.approx(math.sqrt(sum((v - sum(vals) / 3) ** 2 for v in vals) / 2))
+        assert row.cells["pretrain/acc"].mean == pytest.approx(0.31)
+        assert row.cells["cost/device_hours"].mean == pytest.approx(0.002)
+        assert row.status_line == "3 finished"
+    assert t.total_device_hours == pytest.approx(9 * 0.002)
+
+
+def test_paired_ci_over_seeds_matches_independent_t_interval():
+    # the reference has an extra seed (3) that 300 lacks: only seeds 0-2 are paired
+    (t,) = summarize(full_sweep([trial("400", 3, {"esc50": 0.99, "sc": 0.99})]))
+    d = by_label(t)["300"].diffs["esc50"]
+    diffs = [VALUES["300"][s][0] - VALUES["400"][s][0] for s in range(3)]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = sps.t.ppf(0.975, 2) * sd / math.sqrt(3)
+    assert d.n_pairs == 3 and d.vs == "400"
+    assert d.mean == pytest.approx(mean) and d.mean > 0  # 300 beats 400 on every seed
+    assert (d.low, d.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    # pairing removes the seed effect: the paired interval is far narrower than the cells' spread
+    assert d.high - d.low < by_label(t)["400"].cells["esc50"].std
+    assert by_label(t)["400"].diffs["esc50"].note == "reference"
+    assert by_label(t)["400"].cells["esc50"].n == 4
+
+
+def test_reference_override_flips_the_sign():
+    (default,) = summarize(full_sweep())
+    (t,) = summarize(full_sweep(), reference="250")
+    assert t.reference_arm == "250" and by_label(t)["250"].is_reference
+    assert by_label(default)["250"].diffs["esc50"].mean < 0
+    assert by_label(t)["400"].diffs["esc50"].mean == pytest.approx(-by_label(default)["250"].diffs["esc50"].mean)
+    (t2,) = summarize(full_sweep(), reference={"masking": "300"})
+    assert t2.reference_arm == "300"
+    with pytest.raises(SummaryError, match=r"not an arm of factor 'masking'.*'250', '300', '400'"):
+        summarize(full_sweep(), reference="999")
+
+
+def test_grouping_splits_differing_settings_into_labelled_rows():
+    rows = [parent()]
+    for seed in range(2):
+        rows.append(trial("400", seed, {"esc50": 0.60 + seed / 100, "sc": 0.8}, params={"finetune.lr": "0.001"}))
+        rows.append(trial("400", seed, {"esc50": 0.90 + seed / 100, "sc": 0.8}, params={"finetune.lr": "0.0001"}))
+        rows.append(trial("250", seed, {"esc50": 0.65 + seed / 100, "sc": 0.8}, params={"finetune.lr": "0.001"}))
+        rows.append(trial("300", seed, {"esc50": 0.5, "sc": 0.8}, params={"name": "smoke", "model.depth": "2"}))
+        rows.append(trial("300", seed, {"esc50": 0.7, "sc": 0.8}))
+    (t,) = summarize(frame(*rows))
+    labels = [r.label for r in t.rows]
+    assert labels == ["250", "300 (name=demo, model.depth=<unset>)", "300 (name=smoke, model.depth=2)",
+                      "400 (finetune.lr=0.0001)", "400 (finetune.lr=0.001)"]
+    rows_ = by_label(t)
+    # never averaged together; the per-run cache_dir (noise) did not split anything
+    assert rows_["400 (finetune.lr=0.001)"].cells["esc50"].mean == pytest.approx(0.605)
+    assert rows_["400 (finetune.lr=0.0001)"].cells["esc50"].mean == pytest.approx(0.905)
+    assert all(r.cells["esc50"].n == 2 for r in t.rows)
+    # 250 (lr=0.001) is compared with the reference row of the same lr
+    d = rows_["250"].diffs["esc50"]
+    assert d.vs == "400 (finetune.lr=0.001)" and d.mean == pytest.approx(0.05)
+    d = rows_["300 (name=demo, model.depth=<unset>)"].diffs["esc50"]
+    assert d.vs == "400 (finetune.lr=0.0001)" and d.mean == pytest.approx(0.7 - 0.905)
+    assert rows_["300 (name=smoke, model.depth=2)"].distinct == {"name": "smoke", "model.depth": "2"}
+
+
+def test_failed_running_incomplete_are_counted_and_excluded():
+    extra = [
+        trial("300", 3, {"esc50": 0.0, "sc": 0.0}, status="FAILED", tstatus="failed", error="CUDA OOM\ntrace"),
+        trial("300", 4, {"esc50": 0.0, "sc": 0.0}, tstatus="failed", error="NaN loss"),  # FINISHED but tagged failed
+        trial("300", 5, {"esc50": 0.0}),  # finished without the sc task: incomplete
+        trial("300", 6, {"esc50": 0.0, "sc": 0.0}, status="RUNNING", tstatus="running"),
+        trial("300", 7, {"esc50": 0.0, "sc": 0.0}, status="KILLED", tstatus="running"),
+    ]
+    (t,) = summarize(full_sweep(extra))
+    row = by_label(t)["300"]
+    assert row.counts["finished"] == 3 and row.counts["failed"] == 3
+    assert row.counts["incomplete"] == 1 and row.counts["running"] == 1
+    assert row.status_line == "3 finished, 3 failed, 1 running, 1 incomplete"
+    assert row.cells["esc50"].n == 3 and row.cells["esc50"].mean == pytest.approx(statistics.fmean([0.62, 0.71, 0.83]))
+    assert sorted(err for _, _, err in row.failures) == ["", "CUDA OOM\ntrace", "NaN loss"]
+    md = render.render_markdown([t])
+    assert "3 finished, 3 failed, 1 running, 1 incomplete" in md and "CUDA OOM" in md and "trace" not in md
+
+
+def test_single_seed_gives_no_std_and_no_interval():
+    rows = [parent(), trial("400", 0, {"esc50": 0.812, "sc": 0.7}), trial("250", 0, {"esc50": 0.8, "sc": 0.7}),
+            trial("250", 1, {"esc50": 0.9, "sc": 0.7})]
+    (t,) = summarize(frame(*rows))
+    ref = by_label(t)["400"]
+    assert ref.cells["esc50"].n == 1 and ref.cells["esc50"].std is None
+    d = by_label(t)["250"].diffs["esc50"]
+    assert d.n_pairs == 1 and d.low is None and d.note == "1 pair, no CI" and d.mean == pytest.approx(-0.012)
+    md = render.render_markdown([t])
+    assert "0.812 (n=1, no std)" in md and "-0.012 (1 pair, no CI)" in md
+
+
+def test_best_arm_marked_per_column():
+    (t,) = summarize(full_sweep())
+    r = by_label(t)
+    assert "esc50" in r["300"].best and "esc50" not in r["400"].best  # 0.720 > 0.700 > 0.680
+    assert "sc" in r["250"].best and "sc" not in r["300"].best  # 0.863 > 0.850 > 0.843
+    assert "pretrain/loss" in r["300"].best  # lowest loss is best
+    assert not any("pretrain/acc" in x.best for x in t.rows)  # all equal: nothing marked
+    assert not any("cost/device_hours" in x.best for x in t.rows)
+
+
+def test_duplicate_seed_keeps_the_latest_run():
+    (t,) = summarize(full_sweep([trial("400", 0, {"esc50": 0.66, "sc": 0.80}, start=10**7)]))
+    row = by_label(t)["400"]
+    assert row.counts["duplicate"] == 1 and row.counts["finished"] == 3
+    assert row.cells["esc50"].mean == pytest.approx(statistics.fmean([0.66, 0.70, 0.80]))
+
+
+def test_several_factors_give_separate_tables():
+    rows = [parent(), parent("s2", "direction", ("bidirectional", "unidirectional"), "bidirectional"),
+            trial("400", 0, {"esc50": 0.7, "sc": 0.8}),
+            trial("unidirectional", 0, {"esc50": 0.6, "sc": 0.7}, factor="direction", sweep_id="s2"),
+            trial("bidirectional", 0, {"esc50": 0.7, "sc": 0.8}, factor="direction", sweep_id="s2")]
+    tables = summarize(frame(*rows))
+    assert [t.factor for t in tables] == ["direction", "masking"]
+    assert [r.arm for r in tables[0].rows] == ["bidirectional", "unidirectional"]
+    assert tables[0].parent_run_ids == ("parent-s2",)
+    with pytest.raises(SummaryError, match="Fix"):
+        summarize(frame(*rows), reference="400")  # not an arm of 'direction'
+
+
+def test_t_quantile_fallback_matches_scipy():
+    for df in (1, 2, 5, 29, 30, 31, 60, 200):
+        assert _t_quantile_fallback(0.975, df) == pytest.approx(sps.t.ppf(0.975, df), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------ renderers
+def test_markdown_has_numbers_bold_best_and_intervals():
+    (t,) = summarize(full_sweep())
+    md = render.render_markdown([t])
+    assert "## Ablation: masking (reference arm: 400)" in md
+    assert "**0.720 ± 0.105 (n=3)**" in md  # 300 on esc50, best
+    d = by_label(t)["300"].diffs["esc50"]
+    assert f"+0.020 [{render.fmt(d.low, True)}, {render.fmt(d.high, True)}] (n=3)" in md
+    assert md.index("| 250 |") < md.index("| 300 |") < md.index("| 400 |")
+
+
+def test_csv_parses_back():
+    (t,) = summarize(full_sweep())
+    rows = list(csv.DictReader(io.StringIO(render.render_csv([t]))))
+    assert len(rows) == len(t.rows) * len(t.columns)
+    cell = next(r for r in rows if r["row"] == "300" and r["column"] == "esc50")
+    assert float(cell["mean"]) == pytest.approx(by_label(t)["300"].cells["esc50"].mean)
+    assert float(cell["std"]) == pytest.approx(by_label(t)["300"].cells["esc50"].std)
+    assert cell["best"] == "True" and int(cell["n"]) == 3 and cell["diff_vs"] == "400"
+    assert float(cell["diff_low"]) == pytest.approx(by_label(t)["300"].diffs["esc50"].low)
+
+
+def test_latex_has_a_tabular_with_escaped_names():
+    (t,) = summarize(full_sweep())
+    tex = render.render_latex([t])
+    assert r"\begin{tabular}{" in tex and r"\end{tabular}" in tex
+    assert r"\textbf{0.720 $\pm$ 0.105 (n=3)}" in tex and r"$\Delta$ esc50" in tex
+    assert "pretrain acc" in tex and "_" not in tex.replace(r"\_", "")
+
+
+def test_json_round_trips():
+    (t,) = summarize(full_sweep([trial("300", 9, {}, status="FAILED", tstatus="failed", error="boom")]))
+    data = json.loads(render.render_json([t]))
+    assert data[0]["rows"][1]["cells"]["esc50"]["mean"] == pytest.approx(by_label(t)["300"].cells["esc50"].mean)
+    assert from_dict(data) == [t]
+    assert to_dict(from_dict(data)) == data
+
+
+def test_plot_writes_a_png(tmp_path):
+    (t,) = summarize(full_sweep())
+    paths = render.plot_all([t], tmp_path / "plots")
+    png = paths["masking"]
+    assert png.name == "ablation-masking.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+# ------------------------------------------------------------------------------ the CLI on a real store
+def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
+    from ablations.summarize import main, parse_reference
+    from ssamba.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tr = Tracker(uri)
+    exp = tr.experiment("ssamba-masking", tags={"ssamba.sweep": "1", "ablation.factor": "masking"})
+    tr.experiment("unrelated")  # not a sweep experiment: never read
+    parents = {}
+    for sid in ("s1", "s2"):
+        pid, _ = tr.get_or_create_run(exp, key_tags={"sweep.role": "parent", "sweep.id": sid}, name=f"sweep-{sid}",
+                                      tags={"ablation.factor": "masking", "sweep.arms": json.dumps(["300", "400"]),
+                                            "sweep.reference_arm": "400", "sweep.tasks": json.dumps(["esc50"]),
+                                            "sweep.preset": "demo", "git.commit": "abc"})
+        parents[sid] = pid
+    for arm, accs in (("400", (0.70, 0.80)), ("300", (0.75, 0.86))):
+        for seed, acc in enumerate(accs):
+            rid, _ = tr.get_or_create_run(
+                exp, key_tags={"trial.key": f"{arm}-{seed}"}, name=f"{arm}-s{seed}",
+                tags={"mlflow.parentRunId": parents["s1"], "sweep.role": "trial", "sweep.id": "s1",
+                      "ablation.factor": "masking", "ablation.arm": arm, "seed": seed, "git.commit": "abc",
+                      "trial.status": "finished"},
+                params={"name": "demo", "seed": seed, "pretrain.mask_count": int(arm), "finetune.lr": 1e-4})
+            tr.log_metrics(rid, {"ft/esc50/final": acc, "pretrain/acc": 0.4, "pretrain/loss": 1.0,
+                                 "cost/device_hours": 0.01})
+            tr.finish(rid)
+    rid, _ = tr.get_or_create_run(
+        exp, key_tags={"trial.key": "300-2"}, name="300-s2",
+        tags={"mlflow.parentRunId": parents["s1"], "sweep.role": "trial", "sweep.id": "s1",
+              "ablation.factor": "masking", "ablation.arm": "300", "seed": 2, "trial.status": "failed",
+              "trial.error": "ValueError: bad clip"},
+        params={"name": "demo", "seed": 2, "pretrain.mask_count": 300, "finetune.lr": 1e-4})
+    tr.finish(rid, "FAILED")
+    rid, _ = tr.get_or_create_run(  # sweep s2 holds one more run of arm 400: filtered out by --sweep-id s1
+        exp, key_tags={"trial.key": "s2-400-5"}, name="400-s5",
+        tags={"sweep.role": "trial", "sweep.id": "s2", "ablation.factor": "masking", "ablation.arm": "400",
+              "seed": 5, "trial.status": "finished"},
+        params={"name": "demo", "seed": 5, "pretrain.mask_count": 400, "finetune.lr": 1e-4})
+    tr.log_metrics(rid, {"ft/esc50/final": 0.1})
+    tr.finish(rid)
+
+    plots = tmp_path / "plots"
+    assert main(["--mlflow-uri", uri, "--sweep-id", "s1", "--plot", str(plots)]) == 0
+    out = capsys.readouterr().out
+    assert "## Ablation: masking (reference arm: 400)" in out
+    assert "**0.805 ± 0.078 (n=2)**" in out  # arm 300: (0.75 + 0.86) / 2, best
+    assert "| 400 | 2 finished | 0.750 ± 0.071 (n=2) | reference |" in out
+    assert "| 300 | 2 finished, 1 failed |" in out and "ValueError: bad clip" in out
+    assert "+0.055 [" in out  # paired over seeds 0 and 1
+    assert (plots / "ablation-masking.png").stat().st_size > 0
+    logged = {f.path for f in tr.client.list_artifacts(parents["s1"], "summary")}
+    assert logged == {"summary/ablation-masking.md", "summary/ablation-masking.png"}
+    assert not tr.client.list_artifacts(parents["s2"], "summary")  # s2 was not part of this summary
+
+    # JSON to a file, every sweep, nothing logged; then a clear error for an unknown experiment
+    out_file = tmp_path / "t.json"
+    assert main(["--mlflow-uri", uri, "--format", "json", "--out", str(out_file), "--no-log"]) == 0
+    (t,) = from_dict(json.loads(out_file.read_text()))
+    assert {r.label: r.cells["esc50"].n for r in t.rows} == {"300": 2, "400": 3}
+    assert main(["--mlflow-uri", uri, "--experiment", "nope"]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+    assert parse_reference(["masking=300", "norm=rmsnorm"]) == {"masking": "300", "norm": "rmsnorm"}
