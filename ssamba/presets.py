@@ -65,10 +65,12 @@ def _demo() -> ExperimentConfig:
     return ExperimentConfig(
         name="demo",
         model=model_preset("demo"),
-        pretrain=PretrainConfig(target_length=128, mask_count=50, lr=1e-3, batch_size=32, epochs=100,
-                                max_steps=120, warmup_steps=20, plateau_every=40, eval_batches=4),
-        finetune=FinetuneConfig(task="demo", target_length=128, fstride=16, tstride=16, lr=5e-4, batch_size=32,
-                                epochs=8, lr_decay_start=4, freqm=12, timem=24, noise=True),
+        # one forward pass per step (the official step takes two): half the CPU time
+        pretrain=PretrainConfig(target_length=128, mask_count=50, passes=1, lr=1e-3, batch_size=32, epochs=100,
+                                max_steps=120, warmup_steps=20, plateau_every=60, eval_batches=4),
+        # no SpecAugment / noise: on 336 clips they cost more accuracy than they buy (measured)
+        finetune=FinetuneConfig(task="demo", target_length=128, fstride=16, tstride=16, lr=2e-3, batch_size=32,
+                                epochs=10, lr_decay_start=6, freqm=0, timem=0, noise=False),
     )
 
 
@@ -76,7 +78,7 @@ def _smoke() -> ExperimentConfig:
     return ExperimentConfig(
         name="smoke",
         model=model_preset("test"),
-        pretrain=PretrainConfig(target_length=128, mask_count=50, lr=1e-3, batch_size=8, epochs=100,
+        pretrain=PretrainConfig(target_length=128, mask_count=50, passes=1, lr=1e-3, batch_size=8, epochs=100,
                                 max_steps=6, warmup_steps=2, plateau_every=3, eval_batches=2),
         finetune=FinetuneConfig(task="demo", target_length=128, fstride=16, tstride=16, lr=1e-3, batch_size=8,
                                 epochs=1, max_steps=6, lr_decay_start=1, freqm=12, timem=24, noise=True),

@@ -242,10 +242,20 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     import ray
     from ray import tune
 
-    total_cpus = ray.cluster_resources().get("CPU", 1.0)
+    resources = ray.cluster_resources()
+    total_cpus, total_gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
+    if args.gpus_per_trial > 0:
+        if total_gpus < args.gpus_per_trial:
+            raise SSAMBAError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {total_gpus} GPUs")
+        fit = int(total_gpus // args.gpus_per_trial)
+    else:
+        fit = int(total_cpus // args.workers_per_trial)
+    conc = args.max_concurrent or max(1, fit)
     if ctx["cpus_per_worker"] is None:
-        conc = args.max_concurrent or max(1, int(total_cpus // args.workers_per_trial))
-        ctx["cpus_per_worker"] = max(0.01, round((total_cpus - 0.01 * conc) / (conc * args.workers_per_trial), 2))
+        # the trial drivers hold 0.01 CPU each; the workers share the rest (Train inside Tune needs this)
+        share = (total_cpus - 0.01 * conc) / (conc * args.workers_per_trial)
+        ctx["cpus_per_worker"] = max(0.01, int(share * 100) / 100)
+    args.max_concurrent = conc
     exp_id = tracker.experiment(experiment, {"ssamba.sweep": "1", "ablation.factor": factor.name})
     parent_tags = {"sweep.role": "parent", "ablation.factor": factor.name, "sweep.arms": json.dumps(list(arms)),
                    "sweep.reference_arm": factor.reference, "sweep.tasks": json.dumps(list(tasks)),
@@ -276,7 +286,8 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     tuner_path = sweep_dir / "tune"
     print(f"sweep {sweep_id}: {len(arms)} arms x {len(seeds)} seeds = {len(cells)} trials"
           f"{f' x {args.tune_samples} Optuna samples' if tune_spec else ''}; {ctx['cpus_per_worker']} CPU"
-          f"{f' + {args.gpus_per_trial} GPU' if args.gpus_per_trial else ''} per worker; Ray {mode}; "
+          f"{f' + {args.gpus_per_trial} GPU' if args.gpus_per_trial else ''} per worker, {conc} trials at once; "
+          f"Ray {mode}; "
           f"MLflow {tracker.uri} experiment {experiment!r}", flush=True)
     try:
         if args.resume and tune.Tuner.can_restore(str(tuner_path)):
@@ -289,10 +300,10 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
                 search = OptunaSearch(space=OptunaSpace(len(cells), tune_spec), metric=metric, mode="max",
                                       points_to_evaluate=points, seed=0)
                 tune_config = tune.TuneConfig(search_alg=search, num_samples=len(points),
-                                              max_concurrent_trials=args.max_concurrent or None)
+                                              max_concurrent_trials=args.max_concurrent)
                 space = None
             else:
-                tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent or None)
+                tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent)
                 space = {"cell": tune.grid_search(list(range(len(cells))))}
             tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
         grid = tuner.fit()
