@@ -93,6 +93,11 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     tags = {"mlflow.parentRunId": ctx["parent_run_id"], "sweep.role": "trial", "ablation.factor": ctx["factor"],
             "ablation.arm": job["arm"], "seed": str(job["seed"]), "git.commit": ctx["git_commit"],
             "trial.status": "running", "pretrain.key": job["pretrain"]["key"]}
+    done_before = _finished_before(tracker, ctx, job)
+    if done_before is not None:  # a resumed sweep: this trial completed before the driver died
+        run_id, final = done_before
+        tune.report({**final, "arm": job["arm"], "seed": job["seed"], "mlflow_run_id": run_id})
+        return
     run_id, created = tracker.get_or_create_run(
         ctx["experiment_id"], key_tags={"sweep.id": ctx["sweep_id"], "trial.key": job["trial_key"]},
         name=job["trial_name"], tags=tags, params=task_params(job))
@@ -126,7 +131,11 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             best = Path(job["pretrain"]["dir"]) / "best.pt"
             if best.is_file() and job["log_checkpoints"]:
                 tracker.log_artifact(run_id, best, "checkpoints/pretrain")
-        tracker.log_metrics(run_id, final, step=0)
+        # the workers logged every stage's metrics; add the totals (and a reused pretraining's results)
+        extra = {k: v for k, v in final.items() if k in ("cost/wall_s", "cost/device_hours", "cost/samples_per_s")}
+        if pre.get("reused"):
+            extra.update({k: v for k, v in pre.items() if k.startswith("pretrain/") and isinstance(v, (int, float))})
+        tracker.log_metrics(run_id, extra, step=0)
         tracker.set_tags(run_id, {"trial.status": "finished"})
         tracker.finish(run_id, "FINISHED")
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for Tune
@@ -135,6 +144,20 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         raise
     _apply_retention(job)
     tune.report({**final, "arm": job["arm"], "seed": job["seed"], "mlflow_run_id": run_id})
+
+
+def _finished_before(tracker, ctx: dict[str, Any], job: dict[str, Any]) -> tuple[str, dict] | None:
+    """``(run_id, final metrics)`` when this trial already finished (its run says so and its result exists)."""
+    result = Path(job["result_file"])
+    if not result.is_file():
+        return None
+    run_id = tracker.find_run(ctx["experiment_id"], {"sweep.id": ctx["sweep_id"], "trial.key": job["trial_key"]})
+    if run_id is None:
+        return None
+    run = tracker.client.get_run(run_id)
+    if run.info.status != "FINISHED" or run.data.tags.get("trial.status") != "finished":
+        return None
+    return run_id, {k: v for k, v in run.data.metrics.items()}
 
 
 def _final_metrics(results: dict[str, Any], wall_s: float) -> dict[str, float]:

@@ -97,6 +97,9 @@ def trial_worker(job: dict[str, Any]) -> None:
                                        "reused": True}
             else:
                 results["pretrain"] = _pretrain(cfg, pdir, world, job, device, wrap, reporter(0), log, rank)
+                if tracker is not None and run_id:
+                    tracker.log_metrics(run_id, {k: v for k, v in results["pretrain"].items() if k.startswith("cost/")},
+                                        step=int(results["pretrain"].get("pretrain/step", 0)))
         if world > 1:
             import torch.distributed as dist
 
@@ -112,8 +115,10 @@ def trial_worker(job: dict[str, Any]) -> None:
         final = dict(res.last_eval)
         final.update({f"cost/ft_{task['name']}_{k}": v for k, v in cost.items()})
         results[f"ft/{task['name']}"] = final
-        if tracker is not None and run_id:
-            tracker.log_metrics(run_id, final, step=res.steps)
+        if tracker is not None and run_id:  # what the per-evaluation reports did not already log
+            tracker.log_metrics(run_id, {k: v for k, v in final.items()
+                                         if "/best_" in k or "/test_" in k or k.endswith("/final") or k.startswith("cost/")},
+                                step=res.steps)
             if res.best_path is not None and job.get("log_checkpoints", True):
                 tracker.log_artifact(run_id, res.best_path, f"checkpoints/ft_{task['name']}")
     if rank == 0:

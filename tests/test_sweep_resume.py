@@ -1,0 +1,164 @@
+"""A sweep's driver killed part-way and resumed; a sweep submitted as a Ray job to a `ray start` cluster.
+
+Both start their own Ray processes on 127.0.0.1 and stop exactly those (by process id), never
+with `ray stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+MARK = "SSAMBA_TEST_RAY"
+
+
+def _env(cache_env, ray_tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "SSAMBA_CACHE": str(cache_env),
+                "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1", MARK: str(ray_tmp),
+                "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"})  # `python` of a job
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+START = [0.0]  # when the current test's Ray processes could first appear
+RAY_NAMES = ("ray::", "/ray/", "ray.util", "raylet", "gcs_server", "dashboard")
+
+
+def _kill_ray_processes(marker: str, since: float) -> int:
+    """Kill (by pid) the Ray processes this test started, and only those: processes created after
+    ``since`` whose environment carries our marker (``RAY_TMPDIR`` / MARK), or which are Ray processes
+    (Ray renames some, e.g. ``ray::DashboardAgent``, and starts some with a trimmed environment)."""
+    killed = 0
+    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        try:
+            if p.pid == os.getpid() or p.info["create_time"] < since:
+                continue
+            env = p.environ()
+            cmd = " ".join(p.info["cmdline"] or [])
+            if marker in (env.get(MARK), env.get("RAY_TMPDIR")) or any(n in cmd for n in RAY_NAMES):
+                p.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return killed
+
+
+def _trials(uri):
+    from ssamba.tracking import Tracker
+
+    t = Tracker(uri)
+    df = t.runs_frame(t.sweep_experiments())
+    if df.empty:
+        return t, df, df
+    return t, df[df["tags.sweep.role"] == "parent"], df[df["tags.sweep.role"] == "trial"]
+
+
+@pytest.fixture
+def ray_tmp():
+    since = time.time() - 1
+    folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    START[0] = since
+    yield folder
+    _kill_ray_processes(str(folder), since)
+    time.sleep(1)
+    _kill_ray_processes(str(folder), since)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_killed_sweep_resumes_without_rerunning_or_duplicating(cache_env, tmp_path, ray_tmp):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [PY, str(ROOT / "sweeps" / "masking.py"), "--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
+           "--mlflow-uri", uri, "--max-concurrent", "1"]
+    env = _env(cache_env, ray_tmp)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = tmp_path / "store" / "masking-smoke" / "trials"
+    deadline = time.time() + 300
+    first: Path | None = None
+    while time.time() < deadline and proc.poll() is None:
+        done = sorted(results.glob("*/result.json")) if results.is_dir() else []
+        if done:
+            _, _, trials = _trials(uri)
+            if len(trials) and (trials["tags.trial.status"] == "finished").any():
+                first = done[0]
+                break
+        time.sleep(1)
+    assert first is not None, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+    proc.wait(timeout=30)
+    _kill_ray_processes(str(ray_tmp), START[0])  # and its local Ray with it
+    time.sleep(1)
+    _kill_ray_processes(str(ray_tmp), START[0])
+    t0 = time.time()
+    _, parents, trials = _trials(uri)
+    finished_before = trials[trials["tags.trial.status"] == "finished"]
+    assert 1 <= len(finished_before) < 3
+    mtime = first.stat().st_mtime_ns
+
+    out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    print(f"resume completed the sweep in {time.time() - t0:.1f} s")
+    t, parents, trials = _trials(uri)
+    assert len(parents) == 1  # the resumed sweep continues its parent run
+    assert len(trials) == 3 and set(trials["tags.ablation.arm"]) == {"250", "300", "400"}
+    assert (trials["tags.trial.status"] == "finished").all() and (trials["status"] == "FINISHED").all()
+    assert trials["tags.trial.key"].is_unique
+    assert first.stat().st_mtime_ns == mtime  # the finished trial was not rerun
+    for run_id in finished_before["run_id"]:
+        assert len(t.metric_history(run_id, "ft/demo/final")) == 1  # and not logged twice
+    assert "## Ablation: masking" in out.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
+    env = _env(cache_env, ray_tmp)
+    env["RAY_AUTH_MODE"] = "disabled"
+    ray_bin = str(Path(PY).parent / "ray")
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+                            "--dashboard-agent-listen-port", str(agent),
+                            "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
+                  "python", "sweeps/norm.py", "--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
+                  "--mlflow-uri", uri]
+        for _ in range(20):  # the dashboard agent takes a few seconds to accept jobs after `ray start`
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
+        assert "## Ablation: norm" in job.stdout
+        _, parents, trials = _trials(uri)
+        assert len(parents) == 1 and parents["tags.sweep.ray"].iloc[0] == "cluster"
+        assert len(trials) == 2 and (trials["tags.trial.status"] == "finished").all()
+    finally:
+        killed = _kill_ray_processes(str(ray_tmp), START[0])
+        time.sleep(1)
+        killed += _kill_ray_processes(str(ray_tmp), START[0])  # anything restarted while the first pass ran
+        print(f"stopped {killed} Ray processes of the test cluster")
