@@ -229,7 +229,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
         "workers_per_trial": args.workers_per_trial, "gpus_per_trial": args.gpus_per_trial,
         "cpus_per_worker": args.cpus_per_worker, "worker_retries": args.worker_retries,
         "keep_checkpoints": args.keep_checkpoints, "log_checkpoints": not args.no_log_checkpoints,
-        "git_commit": git_commit(),
+        "git_commit": git_commit(), "searching": bool(tune_spec),
     }
     # Validate every trial's config in the driver, before Ray starts any worker.
     for i, cell in enumerate(cells):

@@ -118,7 +118,8 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             run_config=ray.train.RunConfig(
                 name=f"{job['trial_key']}-{time.time_ns()}", storage_path=str(Path(ctx["storage"]) / "ray_train"),
                 failure_config=ray.train.FailureConfig(max_failures=ctx["worker_retries"]),
-                callbacks=[TuneReportCallback()]),
+                # Optuna reads the metric from every intermediate result: with a search, report only the final one
+                callbacks=[] if ctx.get("searching") else [TuneReportCallback()]),
         )
         trainer.fit()
         results = json.loads(Path(job["result_file"]).read_text())

@@ -35,24 +35,31 @@ def _env(cache_env, ray_tmp: Path) -> dict:
     return env
 
 
-START = [0.0]  # when the current test's Ray processes could first appear
-RAY_NAMES = ("ray::", "/ray/", "ray.util", "raylet", "gcs_server", "dashboard")
-
-
-def _kill_ray_processes(marker: str, since: float) -> int:
-    """Kill (by pid) the Ray processes this test started, and only those: processes created after
-    ``since`` whose environment carries our marker (``RAY_TMPDIR`` / MARK), or which are Ray processes
-    (Ray renames some, e.g. ``ray::DashboardAgent``, and starts some with a trimmed environment)."""
-    killed = 0
-    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+def _kill_ray_processes(marker: str, roots: tuple = ()) -> int:
+    """Kill (by pid) the Ray processes this test started, and only those: every process whose environment
+    carries our marker (``RAY_TMPDIR`` / MARK, inherited from the commands the test ran), the given root
+    processes, and all their descendants (Ray starts some, e.g. ``ray::DashboardAgent``, with a trimmed
+    environment, but as children of its raylet)."""
+    procs: dict[int, psutil.Process] = {}
+    for p in psutil.process_iter(["pid"]):
         try:
-            if p.pid == os.getpid() or p.info["create_time"] < since:
-                continue
             env = p.environ()
-            cmd = " ".join(p.info["cmdline"] or [])
-            if marker in (env.get(MARK), env.get("RAY_TMPDIR")) or any(n in cmd for n in RAY_NAMES):
-                p.kill()
-                killed += 1
+            if p.pid != os.getpid() and marker in (env.get(MARK), env.get("RAY_TMPDIR")):
+                procs[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    for p in list(procs.values()) + [r for r in roots if r.pid != os.getpid()]:
+        try:
+            procs[p.pid] = p
+            for c in p.children(recursive=True):
+                procs[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    killed = 0
+    for p in procs.values():
+        try:
+            p.kill()
+            killed += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return killed
@@ -70,13 +77,11 @@ def _trials(uri):
 
 @pytest.fixture
 def ray_tmp():
-    since = time.time() - 1
     folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
-    START[0] = since
     yield folder
-    _kill_ray_processes(str(folder), since)
+    _kill_ray_processes(str(folder))
     time.sleep(1)
-    _kill_ray_processes(str(folder), since)
+    _kill_ray_processes(str(folder))
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -99,11 +104,13 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(cache_env, tmp_pa
                 break
         time.sleep(1)
     assert first is not None, "no trial finished in time"
+    driver = psutil.Process(proc.pid)
+    tree = tuple(driver.children(recursive=True))  # its local Ray: gcs, raylet, agents, workers
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
     proc.wait(timeout=30)
-    _kill_ray_processes(str(ray_tmp), START[0])  # and its local Ray with it
+    _kill_ray_processes(str(ray_tmp), tree)  # and its local Ray with it
     time.sleep(1)
-    _kill_ray_processes(str(ray_tmp), START[0])
+    _kill_ray_processes(str(ray_tmp), tree)
     t0 = time.time()
     _, parents, trials = _trials(uri)
     finished_before = trials[trials["tags.trial.status"] == "finished"]
@@ -158,7 +165,7 @@ def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
         assert len(parents) == 1 and parents["tags.sweep.ray"].iloc[0] == "cluster"
         assert len(trials) == 2 and (trials["tags.trial.status"] == "finished").all()
     finally:
-        killed = _kill_ray_processes(str(ray_tmp), START[0])
+        killed = _kill_ray_processes(str(ray_tmp))
         time.sleep(1)
-        killed += _kill_ray_processes(str(ray_tmp), START[0])  # anything restarted while the first pass ran
+        killed += _kill_ray_processes(str(ray_tmp))  # anything restarted while the first pass ran
         print(f"stopped {killed} Ray processes of the test cluster")
