@@ -59,16 +59,25 @@ def save_checkpoint(path: str | os.PathLike, model: AudioModel, *, config: dict[
     return path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw payload, loaded safely (``weights_only=True``)."""
+def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a missing or unsafe file is a :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"{what} {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded safely (weights_only=True): {exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{what} {path} cannot be loaded safely (weights_only=True): {exc}") from None
+
+
+def is_ours(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw payload, loaded safely (``weights_only=True``)."""
+    payload = safe_load(path)
+    if not is_ours(payload):
         raise CheckpointError(
             f"{path} is not an ssamba checkpoint (no format={FORMAT!r}); for the authors' released .pth "
             f"files use ssamba.model.official.import_official"
@@ -167,5 +176,5 @@ def grid_of(payload: dict[str, Any]) -> tuple[int, int]:
     return ((g["input_fdim"] - p) // m["fstride"] + 1, (g["input_tdim"] - p) // m["tstride"] + 1)
 
 
-__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "load_strict", "adapt_pos_embed",
+__all__ = ["save_checkpoint", "safe_load", "is_ours", "read_checkpoint", "load_checkpoint", "load_strict", "adapt_pos_embed",
            "transfer_encoder", "grid_of", "CheckpointError"]

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ssamba.config import SSAST_HEADS, SIZES, ModelConfig
 from ssamba.model.audio_model import AudioModel, Geometry
-from ssamba.model.checkpoints import CheckpointError, load_strict
+from ssamba.model.checkpoints import CheckpointError, load_strict, safe_load
 from ssamba.model.layers import grid_shape
 
 # Fine-tuning geometries of the official recipes (SPEC.md section 5): patches -> (fstride, tstride, frames).
@@ -31,13 +30,7 @@ RECIPE_GEOMETRIES = {
 
 def load_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load an official checkpoint safely (``weights_only=True``) -> its state dict (``module.`` kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"official checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path} cannot be loaded safely (weights_only=True): {exc}") from None
+    state = safe_load(path, "official checkpoint")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

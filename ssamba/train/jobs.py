@@ -14,7 +14,7 @@ import torch
 
 from ssamba.config import AugmentConfig, ExperimentConfig, ModelConfig, from_flat, to_flat
 from ssamba.model.audio_model import AudioModel, Geometry
-from ssamba.model.checkpoints import grid_of, load_checkpoint, read_checkpoint, transfer_encoder
+from ssamba.model.checkpoints import grid_of, is_ours, load_checkpoint, read_checkpoint, safe_load, transfer_encoder
 from ssamba.train.data import load_manifest, make_loaders, select
 from ssamba.train.loop import FitResult, LoopSettings, fit, pick_device, seed_everything
 from ssamba.train.tasks import FinetuneTask, PretrainTask
@@ -70,12 +70,12 @@ def finetune_model_config(cfg: ExperimentConfig, init_payload: dict | None) -> M
 
 def load_init(init: str | os.PathLike, log=print) -> dict:
     """Pretrained weights as our checkpoint payload: our ``.pt``, or an official ``.pth`` imported strictly."""
-    payload = torch.load(init, map_location="cpu", weights_only=True) if Path(init).is_file() else None
-    if isinstance(payload, dict) and payload.get("format") == "ssamba-checkpoint":
+    payload = safe_load(init, "pretrained weights")
+    if is_ours(payload):
         return read_checkpoint(init)
     from ssamba.model.official import import_official
 
-    model, info = import_official(init)
+    model, info = import_official(payload)
     log(f"imported official {info['form']} checkpoint {init}: {model.cfg.arch} D={model.cfg.embed_dim} "
         f"depth={model.cfg.depth} norm={model.cfg.norm}; dropped: {', '.join(info['dropped']) or 'nothing'}")
     return {"model": to_flat(model.cfg), "geometry": {"input_fdim": model.geom.input_fdim,
