@@ -56,6 +56,7 @@ class Settings:
     train_batch: int = 8
     scan_backend: str = "auto"
     protocol: str = "default"  # default | paper
+    graphs: bool = False  # batch-1 latency/memory from a replayed CUDA graph
 
 
 def model_config(name: str, scan_backend: str = "auto") -> tuple[str, ModelConfig]:
@@ -259,12 +260,17 @@ class Bench:
         s, t0 = self.s, time.perf_counter()
         model = self.build(name, n, self.device, False)
         self._describe(name, model)
-        fwd = self._forward(model, s.batch, n, dtype)
+        fwd, graphed = self._forward(model, s.batch, n, dtype), None
+        if s.graphs and self.device.type == "cuda":
+            from ssamba.model.graphs import GraphedInference
+
+            graphed, x = GraphedInference(model.encode, autocast=dtype), torch.randn(s.batch, frames(n), 128, device=self.device)
+            fwd = lambda: graphed(x)  # noqa: E731
         self.timer.reset_peak()
         runs = self.timer.runs(fwd, s.warmup, s.repeats)
         entry = {"batch": s.batch, "latency_ms": _reduce(runs, s.reduce), "latency_runs_ms": runs,
                  "peak_mem_bytes": self.timer.peak()}
-        del fwd
+        del fwd, graphed  # (a graph holds its memory pool)
         if s.throughput:
             entry.update(self._throughput(model, n, dtype))
         else:
@@ -540,8 +546,32 @@ def main(argv: list[str] | None = None) -> dict:
     add("--out", default="bench_results")
     add("--resume", action="store_true", help="keep the points (and OOM stops) already in the results file")
     add("--replot", action="store_true", help="only redo table, headline and plots from the results file")
+    add("--graphs", action="store_true", help="batch-1 latency and memory from a replayed CUDA graph (every model)")
+    add("--ladder", action="store_true",
+        help="time SSAMBA-tiny bi at each speed-up step vs fused SSAST-tiny and the memory-bound floor "
+             "(default tokens 16384,22000; first --dtypes entry)")
+    add("--ladder-batch", type=int, default=64, help="throughput batch of --ladder (default 64)")
+    add("--pretrain", action="store_true",
+        help="pretraining throughput through the real data path (paper-tiny, 512 tokens, bf16) and GPU idle time")
+    add("--pretrain-manifest", default="", help="manifest for --pretrain (default: the demo corpus)")
+    add("--pretrain-batch", type=int, help="batch of --pretrain (default: the preset's)")
+    add("--num-workers", type=int, default=8, help="loader processes of --pretrain")
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.pretrain:
+        from ssamba.bench_pretrain import run_pretrain_bench
+
+        if not torch.cuda.is_available():
+            p.error("--pretrain needs a CUDA device")
+        return run_pretrain_bench(manifest=a.pretrain_manifest, batch_size=a.pretrain_batch,
+                                  num_workers=a.num_workers, out=out)
+    if a.ladder:
+        from ssamba.bench_ladder import run_ladder
+
+        if not torch.cuda.is_available():
+            p.error("--ladder needs a CUDA device")
+        return run_ladder(parse_tokens(a.tokens) if a.tokens else [16384, 22000], a.dtypes.split(",")[0].strip(),
+                          a.ladder_batch, a.repeats or 20, out, "cuda" if a.scan_backend == "auto" else a.scan_backend)
     if a.replot:
         path = out / ("results_paper.json" if a.paper_protocol else "results.json")
         res = json.loads(path.read_text())
@@ -555,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
                  tokens=tuple(parse_tokens(a.tokens) if a.tokens else (QUICK_TOKENS if a.quick else DEFAULT_TOKENS)),
                  warmup=1 if a.quick else 3, repeats=3 if a.quick else 10, max_batch=a.max_batch,
                  throughput=not a.no_throughput, train=not a.no_train, train_tokens=-(-a.train_tokens // 8) * 8,
-                 train_batch=a.train_batch, scan_backend=a.scan_backend)
+                 train_batch=a.train_batch, scan_backend=a.scan_backend, graphs=a.graphs)
     if a.paper_protocol:
         s = replace(s, dtypes=("fp32",), warmup=0, repeats=5, reduce="mean", batch=2, throughput=False,
                     train=False, protocol="paper")

@@ -422,19 +422,81 @@ def test_training_step_agrees(cuda_scan):
     assert len(noise) <= 2, noise
 
     # bf16 autocast: calibrated by what bf16 does to the reference itself (against float64)
-    ge16 = grad_errors(c16["grads"], r16["grads"])
+    # Both bf16 runs approximate the float64 gradient; the CUDA one must be about as close to it as the
+    # reference itself (comparing the two bf16 runs directly adds their independent rounding errors).
+    ge16 = grad_errors(c16["grads"], g64)
     cal16 = grad_errors(r16["grads"], g64)
-    bound16 = {n: max(5e-2, 1.5 * cal16[n]) for n in kept}
+    bound16 = {n: max(5e-2, 2 * cal16[n]) for n in kept}
     worst16 = max(kept, key=lambda n: ge16[n] / bound16[n])
     tot16, _, _ = delta_mismatch(c16["deltas"], r16["deltas"], significant)
     tot_cal, _, _ = delta_mismatch(r16["deltas"], r64["deltas"], significant)
     note(f"train step bf16 autocast: loss {c16['loss']:.5f} vs {r16['loss']:.5f} "
          f"(rel {rel(c16['loss'], r16['loss']):.1e}; bf16-vs-float64 reference {rel(r16['loss'], r64['loss']):.1e}), "
          f"after step rel {rel(c16['after'], r16['after']):.1e}; grad closest to its bound: {worst16} "
-         f"{ge16[worst16]:.1e} (bf16 reference vs float64 {cal16[worst16]:.1e}); "
+         f"{ge16[worst16]:.1e} vs float64 (bf16 reference vs float64 {cal16[worst16]:.1e}); "
          f"AdamW updates differing: {tot16}/{count} (bf16 reference vs float64: {tot_cal})")
     for k in ("loss", "nce", "mse", "after"):
         assert rel(c16[k], r16[k]) <= max(2e-2, 1.5 * rel(r16[k], r64[k])), (k, c16[k], r16[k], r64[k])
     bad = {n: (ge16[n], cal16[n]) for n in kept if ge16[n] > bound16[n]}
     assert not bad, bad
     assert tot16 <= max(1e-2 * count, 1.5 * tot_cal)
+
+
+# --------------------------------------------------------------------------------------------------
+# the fast path: fused directions, padding, fused add-norm, CUDA graphs (same kernels, same result)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokens_model(geom, **over):
+    from ssamba.model.encoder import set_speedups
+
+    torch.manual_seed(0)
+    cfg = replace(tiny_width(), drop_path=0.0, scan_backend="cuda", **over)
+    model = AudioModel(cfg, geom, num_classes=0, pretrain_heads=False).cuda().eval()
+    return model, set_speedups
+
+
+@pytest.mark.parametrize("geom", [Geometry(128, 1024), Geometry(128, 2000)], ids=["513tok", "1001tok-padded"])
+def test_fast_path_matches_per_direction_path(cuda_scan, geom):
+    """One scan for both directions + pairs without flips + padding + fused add-norm == the per-direction path."""
+    from ssamba.model.kernels import add_norm_fn
+    from ssamba.model.mixer import padded_length
+
+    model, set_speedups = _tokens_model(geom)
+    n_tok = 1 + model.num_patches
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fbank = torch.randn(2, geom.input_tdim, geom.input_fdim, generator=g, device="cuda")
+    fused_norm = add_norm_fn() is not None
+    with torch.no_grad():
+        set_speedups(model, fuse_directions=False, pad=False, fused_norm=False)
+        slow = model.encode(fbank)
+        set_speedups(model, fuse_directions=True, pad=True, fused_norm=fused_norm)
+        fast = model.encode(fbank)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fast16 = model.encode(fbank).float()
+            set_speedups(model, fuse_directions=False, pad=False, fused_norm=False)
+            slow16 = model.encode(fbank).float()
+    err, err16 = float((fast - slow).abs().max()), float((fast16 - slow16).abs().max())
+    calib = float((slow16 - slow).abs().max())
+    note(f"fast path {n_tok} tokens (padded to {padded_length(n_tok)}, fused add-norm {fused_norm}): "
+         f"fp32 max|diff| {err:.2e}; bf16 {err16:.2e} (bf16 itself {calib:.2e})")
+    assert err < 1e-4, err
+    assert err16 <= max(3e-2, 1.5 * calib), (err16, calib)
+
+
+def test_cuda_graph_replays_the_eager_forward(cuda_scan):
+    from ssamba.model.graphs import GraphedInference
+
+    model, set_speedups = _tokens_model(Geometry(128, 1024))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x1 = torch.randn(1, 1024, 128, generator=g, device="cuda")
+    x2 = torch.randn(1, 1024, 128, generator=g, device="cuda")
+    graphed = GraphedInference(model.encode, autocast="bf16")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        want1, want2 = model.encode(x1).float(), model.encode(x2).float()
+    got1 = graphed(x1).float().clone()
+    got2 = graphed(x2).float().clone()  # same graph, new input
+    assert len(graphed._graphs) == 1
+    torch.testing.assert_close(got1, want1, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(got2, want2, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(got1, got2)

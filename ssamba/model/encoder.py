@@ -11,13 +11,27 @@ import torch
 import torch.nn as nn
 
 from ssamba.config import ModelConfig
-from ssamba.model.kernels import resolve_backend
+from ssamba.model.kernels import add_norm_fn, resolve_backend
 from ssamba.model.layers import DropPath, PatchEmbed, grid_shape, make_norm, official_drop_path_rates
 from ssamba.model.mixer import Mamba
 
 
+def fused_add_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
+                   residual_in_fp32: bool, prenorm: bool = True):
+    """``norm(residual + hidden)`` (and the new residual when ``prenorm``) in one Triton kernel (mamba-ssm)."""
+    rms = isinstance(norm, nn.RMSNorm)
+    eps = norm.eps if norm.eps is not None else torch.finfo(hidden.dtype).eps
+    return add_norm_fn()(hidden, norm.weight, None if rms else norm.bias, residual=residual, eps=eps,
+                         prenorm=prenorm, residual_in_fp32=residual_in_fp32, is_rms_norm=rms)
+
+
 class Block(nn.Module):
-    """Pre-norm block, "add then norm then mixer": returns ``(mixer(norm(residual)), residual)``."""
+    """Pre-norm block, "add then norm then mixer": returns ``(mixer(norm(residual)), residual)``.
+
+    With ``fused_norm`` (default on the CUDA backend when mamba-ssm's Triton norm imports, and
+    ``model.fused_add_norm``) the add and the norm run as one kernel; drop-path in training falls
+    back to the separate ops.
+    """
 
     def __init__(self, cfg: ModelConfig, drop_path: float, backend: str):
         super().__init__()
@@ -25,13 +39,17 @@ class Block(nn.Module):
         self.mixer = Mamba(cfg, backend)
         self.drop_path = DropPath(drop_path)
         self.residual_in_fp32 = cfg.residual_in_fp32
+        self.fused_norm = cfg.fused_add_norm and backend == "cuda" and add_norm_fn() is not None
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None):
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, reverse: bool = False):
+        if self.fused_norm and (self.drop_path.p == 0 or not self.training):
+            normed, residual = fused_add_norm(self.norm, hidden, residual, self.residual_in_fp32)
+            return self.mixer(normed, reverse=reverse), residual
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         normed = self.norm(residual.to(self.norm.weight.dtype))
         if self.residual_in_fp32:
             residual = residual.float()
-        return self.mixer(normed), residual
+        return self.mixer(normed, reverse=reverse), residual
 
 
 class MambaEncoder(nn.Module):
@@ -81,13 +99,21 @@ class MambaEncoder(nn.Module):
         if self.cfg.layer_pairing:
             for i in range(0, len(self.layers), 2):
                 h_f, r_f = self.layers[i](hidden, residual)
-                h_b, r_b = self.layers[i + 1](hidden.flip(1), None if residual is None else residual.flip(1))
-                hidden, residual = h_f + h_b.flip(1), r_f + r_b.flip(1)
+                odd = self.layers[i + 1]
+                if odd.mixer.fast:  # the odd layer on the flipped sequence, without the flips
+                    h_b, r_b = odd(hidden, residual, reverse=True)
+                else:
+                    h_b, r_b = odd(hidden.flip(1), None if residual is None else residual.flip(1))
+                    h_b, r_b = h_b.flip(1), r_b.flip(1)
+                hidden, residual = h_f + h_b, r_f + r_b
         else:
             for layer in self.layers:
                 hidden, residual = layer(hidden, residual)
-        residual = residual + self.drop_path_f(hidden)
-        out = self.norm_f(residual.to(self.norm_f.weight.dtype))
+        if self.layers[-1].fused_norm and (self.drop_path_f.p == 0 or not self.training):
+            out = fused_add_norm(self.norm_f, hidden, residual, False, prenorm=False)
+        else:
+            residual = residual + self.drop_path_f(hidden)
+            out = self.norm_f(residual.to(self.norm_f.weight.dtype))
         if self.cfg.final_norm_twice:
             out = self.norm_f(out)  # official quirk (SPEC.md 3.4)
         return out
@@ -96,3 +122,21 @@ class MambaEncoder(nn.Module):
                 mask_embed: torch.Tensor | None = None) -> torch.Tensor:
         """``fbank (B, T, F)`` -> ``tokens (B, 1 + N, D)``."""
         return self.blocks(self.embed(fbank, masks, mask_embed))
+
+
+def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: bool | None = None,
+                 fused_norm: bool | None = None) -> None:
+    """Switch the encoder's speed-ups (same result; for benchmarks and tests). ``None`` leaves one as is.
+
+    ``fused_norm=True`` needs the CUDA backend and mamba-ssm's Triton norm.
+    """
+    for m in model.modules():
+        if isinstance(m, Mamba):
+            if fuse_directions is not None:
+                m.fast = fuse_directions
+            if pad is not None:
+                m.pad_to_chunk = pad
+        if isinstance(m, Block) and fused_norm is not None:
+            if fused_norm and add_norm_fn() is None:
+                raise RuntimeError("fused add-norm needs a CUDA device and mamba-ssm's Triton layer norm")
+            m.fused_norm = fused_norm

@@ -44,6 +44,22 @@ def _cuda_conv() -> Callable | None:
     return causal_conv1d_fn
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_add_norm() -> Callable | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
+    except Exception:
+        return None
+    return layer_norm_fn
+
+
+def add_norm_fn() -> Callable | None:
+    """mamba-ssm's fused residual-add + LayerNorm/RMSNorm (Triton), or ``None`` where it is unavailable."""
+    return _triton_add_norm()
+
+
 _warned = False
 
 

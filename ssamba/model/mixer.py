@@ -3,6 +3,21 @@
 Shapes: input and output ``(B, L, D)``; inside, ``x, z: (B, d_inner, L)`` with ``d_inner = expand * D``.
 Parameter names follow the official checkpoints (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``,
 ``A_log``, ``D``, their ``*_b`` backward twins, ``out_proj``). SPEC.md section 3.2.
+
+Two computations of the same function:
+
+- the *reference* path (:meth:`Mamba._forward_ref`): one conv and one scan per direction, the backward
+  direction on flipped copies of ``x`` and ``z``, the gate applied inside each scan;
+- the *fast* path (:meth:`Mamba._forward_fast`, default on the CUDA backend): both directions side by
+  side as ``2 * d_inner`` channels of **one** conv and **one** scan call (the scan's ``B``/``C`` as two
+  groups), their projections as one batched matmul each, the gate ``SiLU(z)`` applied once after the
+  directions are summed (``SiLU(z) * y_f + SiLU(z) * y_b = SiLU(z) * (y_f + y_b)``), and the length
+  padded at the end to the scan kernel's chunk size when that costs little: every op is causal in
+  its own time direction, so padding after the last step leaves the real steps unchanged.
+
+``forward(hidden, reverse=True)`` computes ``flip(mixer(flip(hidden)))`` without the two flips: for a
+bidirectional mixer it swaps which parameter set reads the sequence forwards. The encoder uses it for
+the odd layer of each official layer pair.
 """
 
 from __future__ import annotations
@@ -54,6 +69,10 @@ class Mamba(nn.Module):
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         with torch.no_grad():
             self.out_proj.weight /= math.sqrt(cfg.depth)
+        # speed switches (same result either way): see the module docstring
+        self.fast = backend == "cuda"
+        self.pad_to_chunk = True
+        self.pad_max_extra = 0.25  # pad only when it adds at most this fraction of the length
 
     @staticmethod
     def _a_log_init(di: int, n: int) -> torch.Tensor:
@@ -82,8 +101,58 @@ class Mamba(nn.Module):
             delta_bias=dt_proj.bias.float(), delta_softplus=True,
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``hidden: (B, L, D)`` -> ``(B, L, D)``."""
+    def forward(self, hidden: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """``hidden: (B, L, D)`` -> ``(B, L, D)``; with ``reverse``, ``flip(mixer(flip(hidden)))``."""
+        if self.fast:
+            return self._forward_fast(hidden, reverse)
+        if reverse:
+            return self._forward_ref(hidden.flip(1)).flip(1)
+        return self._forward_ref(hidden)
+
+    def _params(self, backward: bool) -> tuple:
+        if backward:
+            return self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+        return self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
+
+    def _forward_fast(self, hidden: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """All directions in one conv and one scan call (module docstring)."""
+        b, length, _ = hidden.shape
+        di, n, r = self.d_inner, self.d_state, self.dt_rank
+        # (parameter set, reads the sequence reversed?): the forward set reads it in the given order
+        groups = [(self._params(False), reverse)]
+        if self.bimamba:
+            groups.append((self._params(True), not reverse))
+        g = len(groups)
+        lp = padded_length(length, self.pad_max_extra) if self.pad_to_chunk else length
+        xz = self.in_proj(hidden)  # (B, L, 2 di)
+        x = xz[..., :di].transpose(1, 2)  # (B, di, L) views
+        z = xz[..., di:]
+        xs = xz.new_empty(b, g * di, lp)
+        for i, (_, rev) in enumerate(groups):
+            xs[:, i * di:(i + 1) * di, :length] = x.flip(-1) if rev else x
+        if lp > length:
+            xs[:, :, length:] = 0  # finite values after the end: gradients through them stay finite
+        convs = [p[0] for p, _ in groups]
+        w = torch.cat([c.weight.squeeze(1) for c in convs]) if g > 1 else convs[0].weight.squeeze(1)
+        bias = torch.cat([c.bias for c in convs]) if g > 1 else convs[0].bias
+        u = self._conv(xs, w, bias, activation="silu")  # (B, g di, Lp)
+        wx = torch.stack([p[1].weight for p, _ in groups])  # (g, R + 2N, di)
+        x_dbl = torch.matmul(wx, u.view(b, g, di, lp))  # (B, g, R + 2N, Lp)
+        dt, bmat, cmat = x_dbl[:, :, :r], x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]  # B, C: (B, g, N, Lp)
+        wdt = torch.stack([p[2].weight for p, _ in groups])  # (g, di, R)
+        delta = torch.matmul(wdt, dt).view(b, g * di, lp)
+        A = -torch.exp(torch.cat([p[3] for p, _ in groups]).float())
+        D = torch.cat([p[4] for p, _ in groups]).float()
+        delta_bias = torch.cat([p[2].bias for p, _ in groups]).float()
+        y = self._scan(u, delta, A, bmat, cmat, D, z=None, delta_bias=delta_bias, delta_softplus=True)
+        parts = [y[:, i * di:(i + 1) * di, :length] for i in range(g)]
+        parts = [p.flip(-1) if rev else p for p, (_, rev) in zip(parts, groups)]
+        y = parts[0] + parts[1] if g > 1 else parts[0]
+        if g > 1 and self.divide_out:
+            y = y / 2
+        return self.out_proj(y.transpose(1, 2) * F.silu(z))
+
+    def _forward_ref(self, hidden: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 d_inner, L)
         x, z = xz.chunk(2, dim=1)
         y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
@@ -94,3 +163,19 @@ class Mamba(nn.Module):
             if self.divide_out:
                 y = y / 2
         return self.out_proj(y.transpose(1, 2))
+
+
+def scan_chunk(length: int) -> int:
+    """The mamba-ssm forward scan's chunk (threads x items per thread) for a sequence ``length``."""
+    for limit in (128, 256, 512, 1024):
+        if length <= limit:
+            return limit
+    return 2048
+
+
+def padded_length(length: int, max_extra: float = 0.25) -> int:
+    """``length`` rounded up to the scan chunk (the kernels' even-length path) when that adds at most
+    ``max_extra * length`` steps; else ``length``."""
+    c = scan_chunk(length)
+    lp = -(-length // c) * c
+    return lp if lp - length <= max_extra * length else length
