@@ -500,3 +500,22 @@ def test_cuda_graph_replays_the_eager_forward(cuda_scan):
     torch.testing.assert_close(got1, want1, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(got2, want2, atol=1e-3, rtol=1e-3)
     assert not torch.allclose(got1, got2)
+
+
+@pytest.mark.parametrize("revs", [[False, True], [True, False], [False], [True]])
+def test_triton_combine_gate_matches_torch(revs):
+    from ssamba.model.kernels import combine_gate_fn
+
+    fn = combine_gate_fn()
+    if fn is None:
+        pytest.skip("Triton unavailable")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    G, B, d, L, Lp = len(revs), 2, 48, 1000, 1024
+    y = torch.randn(G, B, d, Lp, generator=g, device="cuda").to(torch.bfloat16)
+    z = torch.randn(B, d, L, generator=g, device="cuda").to(torch.bfloat16)
+    scale = 0.5 if G > 1 else 1.0
+    parts = [y[i, :, :, :L].float().flip(-1) if r else y[i, :, :, :L].float() for i, r in enumerate(revs)]
+    want = sum(parts) * scale * torch.nn.functional.silu(z.float())
+    got = fn(y, z, L, revs, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == (B, d, L)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)

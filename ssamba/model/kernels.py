@@ -60,6 +60,18 @@ def add_norm_fn() -> Callable | None:
     return _triton_add_norm()
 
 
+@functools.lru_cache(maxsize=1)
+def combine_gate_fn() -> Callable | None:
+    """The fused direction-sum + gate of the fast mixer (Triton, inference), or ``None`` without CUDA/Triton."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from ssamba.model.triton_ops import combine_gate
+    except Exception:
+        return None
+    return combine_gate
+
+
 _warned = False
 
 

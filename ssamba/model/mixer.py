@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssamba.config import ModelConfig
-from ssamba.model.kernels import conv_fn, scan_fn
+from ssamba.model.kernels import combine_gate_fn, conv_fn, scan_fn
 
 
 class Mamba(nn.Module):
@@ -115,8 +115,15 @@ class Mamba(nn.Module):
         return self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D
 
     def _forward_fast(self, hidden: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """All directions in one conv and one scan call (module docstring)."""
-        b, length, _ = hidden.shape
+        """All directions in one conv and one scan call (module docstring).
+
+        Layout: each direction reads ``hidden`` in its own time order, padded at its end, as a group
+        ``(direction, batch)`` of ``d_inner`` channels of a single-sequence scan ``(1, G * B * d_inner, Lp)``
+        (the scan's ``B``/``C`` have one group per direction and batch element, so ``A``, ``D`` and the
+        biases can differ by direction). The projections write channel-first tensors directly (no
+        transposes), and the gate is applied once to the sum of the directions.
+        """
+        b, length, d = hidden.shape
         di, n, r = self.d_inner, self.d_state, self.dt_rank
         # (parameter set, reads the sequence reversed?): the forward set reads it in the given order
         groups = [(self._params(False), reverse)]
@@ -124,33 +131,39 @@ class Mamba(nn.Module):
             groups.append((self._params(True), not reverse))
         g = len(groups)
         lp = padded_length(length, self.pad_max_extra) if self.pad_to_chunk else length
-        xz = self.in_proj(hidden)  # (B, L, 2 di)
-        x = xz[..., :di].transpose(1, 2)  # (B, di, L) views
-        z = xz[..., di:]
-        xs = xz.new_empty(b, g * di, lp)
+        hs = hidden.new_empty(g, b, lp, d)  # each direction's input in its own time order
         for i, (_, rev) in enumerate(groups):
-            xs[:, i * di:(i + 1) * di, :length] = x.flip(-1) if rev else x
+            hs[i, :, :length] = hidden.flip(1) if rev else hidden
         if lp > length:
-            xs[:, :, length:] = 0  # finite values after the end: gradients through them stay finite
-        convs = [p[0] for p, _ in groups]
-        w = torch.cat([c.weight.squeeze(1) for c in convs]) if g > 1 else convs[0].weight.squeeze(1)
-        bias = torch.cat([c.bias for c in convs]) if g > 1 else convs[0].bias
-        u = self._conv(xs, w, bias, activation="silu")  # (B, g di, Lp)
-        wx = torch.stack([p[1].weight for p, _ in groups])  # (g, R + 2N, di)
-        x_dbl = torch.matmul(wx, u.view(b, g, di, lp))  # (B, g, R + 2N, Lp)
-        dt, bmat, cmat = x_dbl[:, :, :r], x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]  # B, C: (B, g, N, Lp)
-        wdt = torch.stack([p[2].weight for p, _ in groups])  # (g, di, R)
-        delta = torch.matmul(wdt, dt).view(b, g * di, lp)
-        A = -torch.exp(torch.cat([p[3] for p, _ in groups]).float())
-        D = torch.cat([p[4] for p, _ in groups]).float()
-        delta_bias = torch.cat([p[2].bias for p, _ in groups]).float()
+            hs[:, :, length:] = 0  # finite values after the end: gradients through them stay finite
+        w_in = self.in_proj.weight
+        x = torch.matmul(w_in[:di], hs.transpose(-1, -2))  # (g, B, di, Lp), channel-first
+        z = torch.matmul(w_in[di:], hidden.transpose(1, 2))  # (B, di, L), the gate in the given order
+        rows = g * b * di
+        w = torch.cat([p[0].weight.squeeze(1).repeat(b, 1) for p, _ in groups])  # (g B di, W)
+        bias = torch.cat([p[0].bias.repeat(b) for p, _ in groups])
+        u = self._conv(x.reshape(1, rows, lp), w, bias, activation="silu")  # (1, g B di, Lp)
+        wx = torch.stack([p[1].weight for p, _ in groups]).unsqueeze(1)  # (g, 1, R + 2N, di)
+        x_dbl = torch.matmul(wx, u.view(g, b, di, lp))  # (g, B, R + 2N, Lp)
+        grouped = x_dbl.view(1, g * b, r + 2 * n, lp)
+        bmat, cmat = grouped[:, :, r:r + n], grouped[:, :, r + n:]  # (1, g B, N, Lp)
+        wdt = torch.stack([p[2].weight for p, _ in groups]).unsqueeze(1)  # (g, 1, di, R)
+        delta = torch.matmul(wdt, x_dbl[:, :, :r]).view(1, rows, lp)
+        A = torch.cat([-torch.exp(p[3].float()).repeat(b, 1) for p, _ in groups])
+        D = torch.cat([p[4].float().repeat(b) for p, _ in groups])
+        delta_bias = torch.cat([p[2].bias.float().repeat(b) for p, _ in groups])
         y = self._scan(u, delta, A, bmat, cmat, D, z=None, delta_bias=delta_bias, delta_softplus=True)
-        parts = [y[:, i * di:(i + 1) * di, :length] for i in range(g)]
-        parts = [p.flip(-1) if rev else p for p, (_, rev) in zip(parts, groups)]
-        y = parts[0] + parts[1] if g > 1 else parts[0]
-        if g > 1 and self.divide_out:
-            y = y / 2
-        return self.out_proj(y.transpose(1, 2) * F.silu(z))
+        y = y.view(g, b, di, lp)
+        scale = 0.5 if g > 1 and self.divide_out else 1.0
+        revs = [rev for _, rev in groups]
+        fused = combine_gate_fn() if y.is_cuda and not torch.is_grad_enabled() else None
+        if fused is not None:
+            out = fused(y, z, length, revs, scale)
+        else:
+            parts = [y[i, :, :, :length].flip(-1) if rev else y[i, :, :, :length] for i, rev in enumerate(revs)]
+            out = parts[0] + parts[1] if g > 1 else parts[0]
+            out = out * F.silu(z) * scale if scale != 1.0 else out * F.silu(z)
+        return torch.matmul(out.transpose(1, 2), self.out_proj.weight.t())  # (B, L, D)
 
     def _forward_ref(self, hidden: torch.Tensor) -> torch.Tensor:
         xz = self.in_proj(hidden).transpose(1, 2)  # (B, 2 d_inner, L)

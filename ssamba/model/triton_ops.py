@@ -1,0 +1,41 @@
+"""Triton kernels of the fast mixer path (inference only; the training path uses the same math in torch ops).
+
+Imported lazily (only on CUDA, through :func:`ssamba.model.kernels.combine_gate_fn`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _combine_gate_kernel(y_ptr, z_ptr, out_ptr, L, Lp, rows, dir_stride,
+                         REV0: tl.constexpr, REV1: tl.constexpr, TWO: tl.constexpr, scale,
+                         BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # one (batch, channel) row of z / out
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = t < L
+    t0 = L - 1 - t if REV0 else t
+    acc = tl.load(y_ptr + row * Lp + t0, mask=ok, other=0.0).to(tl.float32)
+    if TWO:
+        t1 = L - 1 - t if REV1 else t
+        acc += tl.load(y_ptr + dir_stride + row * Lp + t1, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + row * L + t, mask=ok, other=0.0).to(tl.float32)
+    out = acc * scale * z * tl.sigmoid(z)
+    tl.store(out_ptr + row * L + t, out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def combine_gate(y: torch.Tensor, z: torch.Tensor, length: int, revs: list[bool], scale: float) -> torch.Tensor:
+    """``out[b, c, t] = scale * SiLU(z[b, c, t]) * sum_i y[i, b, c, t_i]`` with ``t_i = L-1-t`` for a
+    reversed direction. ``y: (G, B, d, Lp)`` contiguous, ``z: (B, d, L)`` contiguous -> ``(B, d, L)`` in z's dtype."""
+    g, b, d, lp = y.shape
+    y, z = y.contiguous(), z.contiguous()
+    out = torch.empty_like(z)
+    rows = b * d
+    block = 1024
+    grid = (rows, triton.cdiv(length, block))
+    _combine_gate_kernel[grid](y, z, out, length, lp, rows, b * d * lp, REV0=bool(revs[0]),
+                               REV1=bool(revs[1]) if g > 1 else False, TWO=g > 1, scale=float(scale), BLOCK=block)
+    return out
