@@ -222,6 +222,9 @@ CONV_CASES = [
     ("w4-silu", 2, 64, 100, 4, True, "silu", False),
     ("w4-silu-L1", 2, 64, 1, 4, True, "silu", False),
     ("w4-silu-L513", 2, 64, 513, 4, True, "silu", False),
+    # lengths where causal-conv1d 1.7.0's own backward is wrong (kernels.padded_cuda_conv pads them)
+    ("w4-silu-L1025", 2, 64, 1025, 4, True, "silu", False),
+    ("w4-silu-L4100", 1, 64, 4100, 4, True, "silu", False),
     ("w3-nobias-linear", 2, 64, 100, 3, False, None, False),
     ("w2-silu", 2, 32, 77, 2, True, "silu", False),
     ("mixer-layout", 2, 64, 129, 4, True, "silu", True),  # x = in_proj(h).transpose(1, 2)[:, :d]

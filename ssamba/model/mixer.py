@@ -131,6 +131,7 @@ class Mamba(nn.Module):
             groups.append((self._params(True), not reverse))
         g = len(groups)
         lp = padded_length(length, self.pad_max_extra) if self.pad_to_chunk else length
+        lp = -(-lp // 8) * 8  # also keeps causal-conv1d off its wrong-gradient lengths (kernels.padded_cuda_conv)
         hs = hidden.new_empty(g, b, lp, d)  # each direction's input in its own time order
         for i, (_, rev) in enumerate(groups):
             hs[i, :, :length] = hidden.flip(1) if rev else hidden
