@@ -112,7 +112,7 @@ class ModelConfig:
     layer_pairing: bool = True  # official if_bidirectional: layer 2i+1 sees the flipped sequence
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    fused_add_norm: bool = False  # same math in one kernel (GPU, when mamba-ssm's Triton norm is present)
+    fused_add_norm: bool = True  # add + norm in one Triton kernel (CUDA backend, mamba-ssm present); same math
     residual_in_fp32: bool = False
     final_norm_twice: bool = True  # the official forward applies norm_f twice (checkpoint parity)
     drop_path: float = 0.1
@@ -204,8 +204,13 @@ class PretrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (scan in fp32); ignored on CPU
     plateau_every: int = 4000  # steps between evaluations; ReduceLROnPlateau steps on their masked accuracy
     eval_batches: int = 0  # 0 = the whole validation split
+    # Fault injection, a testing hook (tests/test_reliability.py): > 0 replaces the loss of that optimiser
+    # step (counted from 0) with NaN, to exercise the non-finite-loss path end to end. 0 = off.
+    fault_nan_at_step: int = 0
 
     def __post_init__(self):
+        if self.fault_nan_at_step < 0:
+            raise ConfigError(f"pretrain.fault_nan_at_step must be >= 0 (0 = off), got {self.fault_nan_at_step}")
         if self.mask_strategy not in ("cluster", "random", "frame"):
             raise ConfigError(f"pretrain.mask_strategy must be cluster, random or frame, got {self.mask_strategy!r}")
         if self.passes not in (1, 2):

@@ -22,6 +22,9 @@ class AudioError(SSAMBAError):
         self.message = message
         super().__init__(f"{path}: {message}")
 
+    def __reduce__(self):  # picklable, so that Ray carries it (path included) back to the driver
+        return (self.__class__, (self.path, self.reason, self.message))
+
 
 class ManifestError(SSAMBAError, ValueError):
     """A manifest (or a dataset layout being imported) violates the schema."""

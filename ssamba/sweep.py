@@ -94,6 +94,9 @@ def build_parser(factor: Factor) -> argparse.ArgumentParser:
     p.add_argument("--no-log-checkpoints", action="store_true", help="do not copy best checkpoints into MLflow")
     p.add_argument("--smoke-test", action="store_true", help="= --preset smoke (a tiny trial per arm)")
     p.add_argument("--quiet", action="store_true", help="less Ray output")
+    p.add_argument("--dashboard-host", default="127.0.0.1",
+                   help="interface the local Ray's dashboard binds (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 exposes it, and Ray's job API, to the network); a joined cluster keeps its own")
     return p
 
 
@@ -167,7 +170,7 @@ class OptunaSpace:
                 trial.suggest_categorical(key, args[0])
 
 
-def start_ray(num_cpus: int | None = None, quiet: bool = False) -> str:
+def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: str = "127.0.0.1") -> str:
     """Join the cluster of a ``ray job submit`` (or ``$RAY_ADDRESS``), else start a local Ray on loopback."""
     joining = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
     if not joining:
@@ -180,9 +183,57 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False) -> str:
     if joining:
         ray.init(log_to_driver=not quiet)
         return "cluster"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host,
              log_to_driver=not quiet)
     return "local"
+
+
+def reap_orphan_placement_groups() -> list[str]:
+    """Remove every placement group whose creating actor has died; return their ids.
+
+    Ray Train 2.60 hands a worker group's placement group to its clean-up actor only once the workers
+    have started, so a Train controller that dies while they start (its node lost) leaves the group
+    holding its CPUs for the rest of the sweep, and the retried trials wait for them forever (measured:
+    two 1-CPU nodes, one killed). A group whose creator is dead is never used again. Tune's own groups
+    are created by the driver (no creator actor) and are left alone.
+    """
+    import ray
+    from ray._private.state import state  # the GCS table names each group's creator; the public one does not
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData as PG
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = PG.FromString(raw)
+        creator = pg.creator_actor_id
+        if (pg.state != PG.REMOVED and not pg.is_detached and pg.creator_actor_dead and creator
+                and not ray.ActorID(creator).is_nil()):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed.append(pg.placement_group_id.hex())
+    return removed
+
+
+def _orphan_reaper(every_s: float = 5.0):
+    """A Tune callback that runs :func:`reap_orphan_placement_groups` every few seconds (and turns itself
+    off, saying so, if Ray's internals changed)."""
+    from ray import tune
+
+    class OrphanPlacementGroupReaper(tune.Callback):
+        last, enabled = 0.0, True
+
+        def on_step_begin(self, iteration, trials, **info):
+            if not self.enabled or time.monotonic() - self.last < every_s:
+                return
+            self.last = time.monotonic()
+            try:
+                for pg in reap_orphan_placement_groups():
+                    print(f"removed placement group {pg}: its Ray Train controller died (node lost?)", flush=True)
+            except Exception as exc:  # noqa: BLE001 - a private Ray API: never let it stop a sweep
+                self.enabled = False
+                print(f"warning: orphan placement-group clean-up disabled ({type(exc).__name__}: {exc})",
+                      file=sys.stderr, flush=True)
+
+    return OrphanPlacementGroupReaper()
 
 
 def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
@@ -238,7 +289,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
             params[key] = a[0][0] if kind == "choice" else (int(a[0]) if kind == "int" else a[0])
         build_job({**ctx, "cpus_per_worker": ctx["cpus_per_worker"] or 1.0}, params)
 
-    mode = start_ray(quiet=args.quiet)
+    mode = start_ray(quiet=args.quiet, dashboard_host=getattr(args, "dashboard_host", "127.0.0.1"))
     import ray
     from ray import tune
 
@@ -254,6 +305,11 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     if ctx["cpus_per_worker"] is None:
         # the trial drivers hold 0.01 CPU each; the workers share the rest (Train inside Tune needs this)
         share = (total_cpus - 0.01 * conc) / (conc * args.workers_per_trial)
+        # ... and a worker still fits on the largest node beside every trial driver: after losing a node,
+        # the retried trials' drivers pile onto the survivors, and a worker that no longer fits would
+        # leave every trial waiting on the others (measured: two 1-CPU nodes, one killed)
+        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total_cpus)
+        share = min(share, largest - 0.01 * conc)
         ctx["cpus_per_worker"] = max(0.01, int(share * 100) / 100)
     args.max_concurrent = conc
     exp_id = tracker.experiment(experiment, {"ssamba.sweep": "1", "ablation.factor": factor.name})
@@ -282,7 +338,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                verbose=0 if args.quiet else 1)
+                                callbacks=[_orphan_reaper()], verbose=0 if args.quiet else 1)
     tuner_path = sweep_dir / "tune"
     print(f"sweep {sweep_id}: {len(arms)} arms x {len(seeds)} seeds = {len(cells)} trials"
           f"{f' x {args.tune_samples} Optuna samples' if tune_spec else ''}; {ctx['cpus_per_worker']} CPU"
@@ -311,6 +367,10 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
         for r in grid:
             trials.append({"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None})
         status = "FINISHED" if all(t["error"] is None for t in trials) else "FAILED"
+        if status == "FINISHED" and args.keep_checkpoints == "none":
+            from ssamba.trial import drop_pretrainings
+
+            drop_pretrainings(sweep_dir)  # no trial left that could reuse them
         tracker.set_tags(parent_id, {"sweep.status": status.lower(), "sweep.trials": str(len(trials)),
                                      "sweep.failed": str(sum(t["error"] is not None for t in trials))})
         tracker.finish(parent_id, status)

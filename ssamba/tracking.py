@@ -13,12 +13,19 @@ Layout (DESIGN.md "MLflow layout"):
 
 With no URI the store is ``sqlite:///<cwd>/mlflow.db`` (what ``mlflow ui`` run there shows), resolved to
 an absolute path so that Ray workers in other directories write to the same database.
+
+Param and tag values are scrubbed of URI passwords and of the values of secret-named environment
+variables; no environment variable is logged. ``python -m ssamba.tracking ui`` serves a store's UI (and
+REST API) with ``mlflow server``, bound to 127.0.0.1 unless ``--host`` says otherwise.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +33,8 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+
+from ssamba.errors import ConfigError
 
 DEFAULT_DB = "mlflow.db"
 SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "auth")
@@ -56,6 +65,27 @@ def artifact_root(uri: str) -> str | None:
 def is_secret(key: str) -> bool:
     low = key.lower()
     return any(w in low for w in SECRET_WORDS)
+
+
+# Environment variables whose values never reach MLflow: *TOKEN*, *SECRET*, *PASSWORD*, *KEY*, ...
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/@:\s]*):[^/@\s]+@")
+
+
+def redact_uri(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``, wherever it occurs in ``text``."""
+    return _URI_PASSWORD.sub(r"\g<head>:***@", text)
+
+
+def scrub(text: str) -> str:
+    """``text`` with URI passwords and the values of secret-named environment variables (8 characters or
+    more, so that e.g. ``1`` or ``true`` are left alone) replaced by ``***``."""
+    text = redact_uri(text)
+    secrets = sorted({v for k, v in os.environ.items() if len(v) >= 8 and SECRET_ENV.search(k)}, key=len, reverse=True)
+    for value in secrets:
+        if value in text:
+            text = text.replace(value, "***")
+    return text
 
 
 class Tracker:
@@ -104,12 +134,12 @@ class Tracker:
 
     # ------------------------------------------------------------------------- logging
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        items = [Param(k, _param_value(v)) for k, v in params.items() if not is_secret(k)]
+        items = [Param(k, scrub(_param_value(v))) for k, v in params.items() if not is_secret(k)]
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items() if not is_secret(k)]
+        items = [RunTag(k, scrub(str(v))) for k, v in tags.items() if not is_secret(k)]
         if items:
             self.client.log_batch(run_id, tags=items, synchronous=True)
 
@@ -119,6 +149,12 @@ class Tracker:
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500], synchronous=True)
+
+    def log_metrics_once(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """:meth:`log_metrics`, leaving out every metric the run already holds at ``step`` (so a restarted
+        worker or trial that repeats its last stage does not log its results twice)."""
+        self.log_metrics(run_id, {k: v for k, v in metrics.items()
+                                  if all(s != int(step) for s, _ in self.metric_history(run_id, k))}, step=step)
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -172,3 +208,48 @@ def _param_value(v: Any) -> str:
     if isinstance(v, (list, tuple, dict)):
         return json.dumps(v)
     return str(v)
+
+
+# ----------------------------------------------------------------------------- `python -m ssamba.tracking ui`
+def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
+               extra: list[str] | None = None) -> list[str]:
+    """The ``mlflow server`` command line (UI + REST API) for a store, bound to ``host``."""
+    if "://" in uri and not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql", "file:")):
+        raise ConfigError(f"the UI needs a database store (sqlite:///..., postgresql://...), got {redact_uri(uri)}; "
+                         f"fix: pass --backend-store-uri, or open {redact_uri(uri)} in a browser if it is a server")
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+            "--port", str(port), "--workers", str(workers), *(extra or [])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ssamba.tracking",
+                                description="The sweeps' MLflow store: start its UI / tracking server.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ui = sub.add_parser("ui", help="start the MLflow UI and tracking server (mlflow server) for a store",
+                        description="Starts `mlflow server` for the store, bound to 127.0.0.1 unless --host says "
+                                    "otherwise. Anything after -- goes to mlflow server (e.g. --allowed-hosts).")
+    ui.add_argument("--backend-store-uri", help="sqlite:///..., postgresql://user@host/db; "
+                                                "default: $MLFLOW_TRACKING_URI or sqlite mlflow.db here")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every network, "
+                         "which needs your own access control in front)")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=int, default=1, help="web workers (mlflow's default of 4 takes ~2 GB)")
+    ui.add_argument("mlflow_args", nargs=argparse.REMAINDER, help="-- then more `mlflow server` options")
+    args = p.parse_args(argv)
+    extra = args.mlflow_args[1:] if args.mlflow_args[:1] == ["--"] else args.mlflow_args
+    uri = resolve_uri(args.backend_store_uri)
+    try:
+        cmd = ui_command(uri, args.host, args.port, args.workers, extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no job runner: starts in ~5 s, ~0.5 GB
+    print(f"MLflow UI for {redact_uri(uri)} on http://{args.host}:{args.port}", flush=True)
+    os.execve(cmd[0], cmd, env)  # replaces this process: its pid is the server's
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ from ssamba.presets import preset
 
 # Config sections that decide a pretraining (a shared pretraining is reused when these are equal).
 PRETRAIN_SECTIONS = ("frontend.", "augment.", "model.", "data.", "pretrain.")
-PRETRAIN_RUNTIME_KEYS = ("data.num_workers", "model.scan_backend")  # do not change the result
+PRETRAIN_RUNTIME_KEYS = ("data.num_workers", "model.scan_backend", "model.fused_add_norm")  # do not change the result
 
 
 def digest(obj: Any, n: int = 12) -> str:
@@ -136,15 +136,24 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         extra = {k: v for k, v in final.items() if k in ("cost/wall_s", "cost/device_hours", "cost/samples_per_s")}
         if pre.get("reused"):
             extra.update({k: v for k, v in pre.items() if k.startswith("pretrain/") and isinstance(v, (int, float))})
-        tracker.log_metrics(run_id, extra, step=0)
+        tracker.log_metrics_once(run_id, extra, step=0)
         tracker.set_tags(run_id, {"trial.status": "finished"})
         tracker.finish(run_id, "FINISHED")
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for Tune
-        tracker.set_tags(run_id, {"trial.status": "failed", "trial.error": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracker.set_tags(run_id, {"trial.status": "failed", "trial.error": _error_text(exc)[:4000]})
         tracker.finish(run_id, "FAILED")
         raise
     _apply_retention(job)
     tune.report({**final, "arm": job["arm"], "seed": job["seed"], "mlflow_run_id": run_id})
+
+
+def _error_text(exc: BaseException) -> str:
+    """The error to show first: the failing Ray Train worker's own exception (e.g. ``NonFiniteLossError: ...
+    at step 2 (epoch 0, batch 2 ...``), not Train's ``WorkerGroupError`` wrapper around it."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    root = failures[min(failures)] if failures else getattr(exc, "controller_failure", None) or exc
+    text = f"{type(root).__name__}: {root}"
+    return text if root is exc else f"{text}\n(reported by Ray Train as {type(exc).__name__})"
 
 
 def _finished_before(tracker, ctx: dict[str, Any], job: dict[str, Any]) -> tuple[str, dict] | None:
@@ -177,7 +186,9 @@ def _final_metrics(results: dict[str, Any], wall_s: float) -> dict[str, float]:
 
 def _apply_retention(job: dict[str, Any]) -> None:
     """``all``: keep every file; ``best``: drop the resume state (``last.pt``); ``none``: drop both
-    (the best checkpoints are still in MLflow when ``log_checkpoints`` is on)."""
+    (the best checkpoints are still in MLflow when ``log_checkpoints`` is on). A shared pretraining
+    drops its ``last.pt`` when done (unless ``all``); with ``none`` it goes at the end of the sweep
+    (:func:`drop_pretrainings`), since later trials of the sweep may reuse it."""
     keep = job.get("keep_checkpoints", "best")
     names = {"all": (), "best": ("last.pt",), "none": ("last.pt", "best.pt")}[keep]
     for t in job["tasks"]:
@@ -185,3 +196,17 @@ def _apply_retention(job: dict[str, Any]) -> None:
             p = Path(t["dir"]) / name
             if p.is_file():
                 p.unlink()
+
+
+def drop_pretrainings(sweep_dir: str | Path) -> int:
+    """Retention ``none``, once every trial of a sweep finished: delete each shared pretraining's files
+    (``DONE`` too, so that a later trial recomputes it rather than reusing a missing checkpoint); its
+    best checkpoint stays in MLflow when ``log_checkpoints`` is on. Returns the number of bytes freed."""
+    freed = 0
+    for pdir in sorted(Path(sweep_dir).glob("pretrain/*/")):
+        for name in ("DONE", "best.pt", "last.pt"):  # DONE first: never a DONE without its checkpoint
+            p = pdir / name
+            if p.is_file():
+                freed += p.stat().st_size
+                p.unlink()
+    return freed

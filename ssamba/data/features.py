@@ -4,8 +4,10 @@ Layout: ``<cache root>/<FrontendConfig.fbank_key()>/shard-<time>-<uuid>.arrow``.
 hashes every parameter that changes the fbank, so a changed setting never reads stale features.
 Each row identifies its clip by absolute path, byte size and modification time: an audio file that
 changed since is recomputed. Shards are written to a temporary name and renamed, so a killed build
-never leaves a half-written shard; concurrent builders each write their own shards (the newest
-entry of a clip wins), so no lock is needed.
+never leaves a half-written shard (only complete ``shard-*.arrow`` files are read, and an unreadable
+one is skipped); the temporary file of a killed writer is removed by a later build once it is an
+hour old. Concurrent builders each write their own shards (the newest entry of a clip wins), so no
+lock is needed.
 
 Rows hold the un-padded, un-normalised fbank ``(T, F)`` as float32 bytes; a clip that failed to
 decode is stored with its error (and retried only when the file changes).
@@ -43,6 +45,7 @@ SHARD_SCHEMA = pa.schema([
     ("error", pa.string()),
 ])
 ROWS_PER_SHARD = 1024
+STALE_TMP_S = 3600.0  # a shard's temporary file this old belongs to a killed writer
 
 
 def _file_id(path: Path) -> tuple[int, int]:
@@ -163,6 +166,7 @@ class FeatureCache:
         """
         t0 = time.perf_counter()
         cached = self.open()
+        self._remove_stale_tmp()
         paths = list(dict.fromkeys(str(p.resolve()) for p in manifest.abs_paths()))
         todo = [p for p in paths if not cached.is_fresh(p)]
         report = BuildReport(reused=len(paths) - len(todo))
@@ -196,6 +200,15 @@ class FeatureCache:
         if len(rows) >= ROWS_PER_SHARD:
             self._write_shard(rows)
             rows.clear()
+
+    def _remove_stale_tmp(self) -> None:
+        now = time.time()
+        for tmp in self.folder.glob(".shard-*.tmp"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
 
     def _write_shard(self, rows: list[dict]) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)

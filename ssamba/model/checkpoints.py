@@ -9,6 +9,7 @@ normalisation statistics the weights were trained with), ``label_vocab``, ``metr
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,13 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
+        if found:  # torch's own message goes on to suggest weights_only=False: not repeated here
+            raise CheckpointError(
+                f"{what} {path} holds a pickled Python object ({found.group(1)}); weights_only=True refuses to "
+                f"load it, since unpickling it could run arbitrary code. Fix: load only checkpoints of plain "
+                f"types and tensors (what ssamba writes); never load this file with weights_only=False unless "
+                f"you trust its source") from None
         raise CheckpointError(f"{what} {path} cannot be loaded safely (weights_only=True): {exc}") from None
 
 

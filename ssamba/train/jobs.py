@@ -16,10 +16,11 @@ from ssamba.config import AugmentConfig, ExperimentConfig, ModelConfig, from_fla
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import grid_of, is_ours, load_checkpoint, read_checkpoint, safe_load, transfer_encoder
 from ssamba.train.data import load_manifest, make_loaders, select
-from ssamba.train.loop import FitResult, LoopSettings, fit, pick_device, seed_everything
+from ssamba.train.loop import FitResult, LoopSettings, fit, pick_device, seed_everything, tap_skipped
 from ssamba.train.tasks import FinetuneTask, PretrainTask
 
 Report = Callable[[dict[str, float], Path | None], None]
+OnResume = Callable[[int], None]
 
 
 def _threads() -> None:
@@ -30,7 +31,7 @@ def _threads() -> None:
 
 def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: Report | None = None,
                  log=print, rank: int = 0, world: int = 1, device=None,
-                 wrap_model: Callable | None = None) -> FitResult:
+                 wrap_model: Callable | None = None, on_resume: OnResume | None = None) -> FitResult:
     """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``."""
     _threads()
     seed_everything(cfg.seed)
@@ -45,16 +46,16 @@ def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: R
     model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, fe.target_length), num_classes=0, pretrain_heads=True)
     task = PretrainTask(p, model.grid, cfg.seed)
     settings = LoopSettings(epochs=p.epochs, max_steps=p.max_steps, grad_accum=p.grad_accum, clip_grad=p.clip_grad,
-                            amp=p.amp, eval_every=p.plateau_every)
+                            amp=p.amp, eval_every=p.plateau_every, fault_nan_at_step=p.fault_nan_at_step)
     log(f"[pretrain] {cfg.model.arch} D={cfg.model.embed_dim} depth={cfg.model.depth} grid {model.grid}, "
         f"{sum(x.numel() for x in model.parameters()):,} parameters, {len(loaders.train.dataset)} clips, "
-        f"masks {p.mask_count} ({p.mask_strategy}), device {device}, scan {getattr(model.v, 'backend', '-')}")
+        f"masks {p.mask_count} ({p.mask_strategy}), device {device} x {world} worker(s), scan {getattr(model.v, 'backend', '-')}")
     meta = {"config": to_flat(cfg), "frontend": to_flat(loaders.frontend)}
     model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
     return fit(model, task, loaders.train, loaders.eval, settings, device=device, out_dir=out_dir,
-               checkpoint_meta=meta, report=report, log=log, is_main=is_main)
+               checkpoint_meta=meta, report=report, log=log, is_main=is_main, on_resume=on_resume)
 
 
 def finetune_model_config(cfg: ExperimentConfig, init_payload: dict | None) -> ModelConfig:
@@ -85,7 +86,7 @@ def load_init(init: str | os.PathLike, log=print) -> dict:
 
 def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str | os.PathLike | None = None,
                  report: Report | None = None, log=print, rank: int = 0, world: int = 1, device=None,
-                 wrap_model: Callable | None = None) -> FitResult:
+                 wrap_model: Callable | None = None, on_resume: OnResume | None = None) -> FitResult:
     """Fine-tune on ``cfg.finetune`` from ``init`` (our checkpoint) or from scratch (``init=None``).
 
     After training, the best checkpoint is evaluated on the test split (when the manifest has one);
@@ -120,7 +121,7 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     if wrap_model is not None:
         model = wrap_model(model)
     res = fit(model, task, loaders.train, loaders.eval, settings, device=device, out_dir=out_dir,
-              checkpoint_meta=meta, report=report, log=log, is_main=is_main)
+              checkpoint_meta=meta, report=report, log=log, is_main=is_main, on_resume=on_resume)
     test = _test_metrics(cfg, manifest, loaders, res, task, device, log) if is_main else {}
     final = dict(res.last_eval)
     final.update({f"{task.prefix}/best_{k.split('/')[-1]}": v for k, v in res.best_metrics.items()
@@ -150,7 +151,7 @@ def _test_metrics(cfg, manifest, loaders, res, task, device, log) -> dict[str, f
     best.to(device).eval()
     import contextlib
 
-    metrics = task.evaluate(best, loader, device, contextlib.nullcontext)
+    metrics = task.evaluate(best, tap_skipped(loader, res.skipped), device, contextlib.nullcontext)
     out = {f"{task.prefix}/test_{k}": v for k, v in metrics.items()}
     log(f"[{task.prefix}] test: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in out.items()))
     return out

@@ -5,6 +5,8 @@ clipping, the schedule's lr. Evaluations run every ``eval_every`` steps (0: ever
 the end; the best evaluation (task metric, maximised) is saved as ``best.pt`` in our checkpoint
 format, and ``last.pt`` holds the full training state so a restarted run resumes where it was.
 A non-finite loss raises :class:`NonFiniteLossError` naming the step, the batch and its clips.
+Clips that cannot be read are skipped and counted, in training and evaluation batches alike
+(:class:`SkipLog`, kept across a resume). Checkpoints are written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -103,20 +105,33 @@ class LoopSettings:
     amp: bool = True
     eval_every: int = 0
     log_every: int = 20
+    fault_nan_at_step: int = 0  # testing hook: > 0 makes that step's loss NaN (PretrainConfig.fault_nan_at_step)
+
+
+def tap_skipped(loader, skipped: SkipLog):
+    """Iterate ``loader``, recording the clips its batches skipped (evaluation batches count too)."""
+    for batch in loader:
+        skipped.add(batch.get("skipped", []))
+        yield batch
 
 
 def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: DataLoader | None,
         settings: LoopSettings, *, device: torch.device, out_dir: str | os.PathLike,
         checkpoint_meta: dict[str, Any] | None = None,
         report: Callable[[dict[str, float], Path | None], None] | None = None,
-        log: Callable[[str], None] = print, is_main: bool = True) -> FitResult:
+        log: Callable[[str], None] = print, is_main: bool = True,
+        on_resume: Callable[[int], None] | None = None) -> FitResult:
     """Train ``model`` on ``task``; see the module docstring. Resumes from ``out_dir/last.pt`` if present.
 
     ``report(metrics, checkpoint_dir)`` is called after every evaluation with metrics named
     ``<task.prefix>/<name>`` (and ``.../train_<name>``), and the folder holding ``best.pt``.
+    ``on_resume(step)`` is called once when the run continues from ``last.pt`` at that step.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if is_main:  # leftovers of a writer killed mid-write (the caller owns out_dir: a trial's, or under the lock)
+        for stale in out.glob("*.tmp"):
+            stale.unlink(missing_ok=True)
     meta = checkpoint_meta or {}
     model.to(device)
     optimizer = task.optimizer(model)
@@ -145,12 +160,16 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
         res.best_metric = state["best_metric"]
         res.best_path = out / "best.pt" if (out / "best.pt").is_file() else None
         res.samples = state["samples"]
+        res.skipped = SkipLog(dict(state.get("skipped", {})), int(state.get("skip_events", 0)))
         log(f"[{task.prefix}] resumed from {last} at step {step} (epoch {epoch})")
+        if on_resume is not None:
+            on_resume(step)
 
     def evaluate_and_report(final: bool = False) -> None:
         nonlocal res
         model.eval()
-        metrics = task.evaluate(model, eval_loader, device, autocast) if eval_loader is not None else {}
+        metrics = (task.evaluate(model, tap_skipped(eval_loader, res.skipped), device, autocast)
+                   if eval_loader is not None else {})
         model.train()
         named = {f"{task.prefix}/{k}": v for k, v in metrics.items()}
         named[f"{task.prefix}/lr"] = schedule.lr
@@ -173,7 +192,8 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
             torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict(), "step": step, "epoch": epoch,
                         "batch_in_epoch": batch_in_epoch, "best_metric": res.best_metric,
-                        "samples": res.samples}, out / "last.tmp")
+                        "samples": res.samples, "skipped": dict(res.skipped.skipped),
+                        "skip_events": res.skipped.events}, out / "last.tmp")
             os.replace(out / "last.tmp", last)
         shown = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in named.items() if isinstance(v, float))
         log(f"[{task.prefix}] step {step}/{total_steps} epoch {epoch}: {shown}" + (" (final)" if final else ""))
@@ -201,6 +221,8 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
             schedule.apply(step)
             with autocast():
                 loss, parts = task.loss(model, batch, step, micro)
+            if settings.fault_nan_at_step and step == settings.fault_nan_at_step:
+                loss = loss * float("nan")  # fault injection (testing hook)
             if not torch.isfinite(loss):
                 idx = batch["index"][:4].tolist()
                 paths = [train_loader.dataset.paths[i] for i in idx] if hasattr(train_loader.dataset, "paths") else idx

@@ -7,7 +7,11 @@ preparation). Each stage runs the plain jobs of :mod:`ssamba.train.jobs`, which 
 A pretraining is shared by every trial whose pretraining config is identical (same key): the
 first computes it under a file lock in the sweep's storage and marks it ``DONE`` (written last,
 atomically); the others wait on the lock, then reuse it. A killed computation leaves no ``DONE``,
-so the next trial to take the lock resumes it from its ``last.pt``.
+so the next trial to take the lock resumes it from its ``last.pt`` (:func:`shared_pretraining`).
+
+MLflow logging is idempotent per step: a restarted stage re-logs no evaluation and no final metric
+that its run already holds, and logs ``<stage>/resumed_from_step`` once per resume. The clips a stage
+skipped are listed in the run as ``skipped_clips/<stage>.json``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -42,6 +46,36 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=str))
     os.replace(tmp, path)
+
+
+def shared_pretraining(pdir: Path, compute: Callable[[], dict], *, owner: str, is_main: bool = True,
+                       agree: Callable[[bool], bool] = lambda x: x, drop_resume_state: bool = True,
+                       log=print) -> dict:
+    """The results of the pretraining stored in ``pdir``, computed at most once per key (no Ray needed).
+
+    Rank 0 (``is_main``) holds an exclusive lock on ``<pdir>.lock`` for the whole block, so two trials
+    never compute the same pretraining at once. With ``pdir/DONE`` present, its stored results are
+    returned (``reused`` True, unless ``owner``, the trial name, computed it before a restart); else
+    ``compute()`` runs (resuming from ``pdir/last.pt``), then ``DONE`` is written last, atomically, and
+    ``last.pt`` dropped (``drop_resume_state``). A ``best.pt`` without ``DONE`` is never reused.
+    ``agree`` makes every rank take rank 0's decision (a broadcast under DDP).
+    """
+    with ExitStack() as stack:
+        if is_main:
+            stack.enter_context(file_lock(pdir.parent / f"{pdir.name}.lock"))
+        done = pdir / "DONE"
+        if agree(done.is_file()):
+            stored = json.loads(done.read_text()) if is_main else {}
+            own = stored.get("trial") == owner
+            log(f"reusing pretraining {pdir.name}" + (" (computed by this trial before a restart)" if own else ""))
+            # its cost was paid by the trial that computed it: not counted again here
+            return {**{k: v for k, v in stored.items() if own or not k.startswith("cost/")}, "reused": not own}
+        out = compute()
+        if is_main:
+            write_json_atomic(done, {**out, "trial": owner})
+            if drop_resume_state and (pdir / "last.pt").is_file():
+                (pdir / "last.pt").unlink()  # only needed to resume; the pretraining is complete
+        return {**out, "reused": False}
 
 
 def stage_cost(seconds: float, world: int, per_worker: float, samples: int) -> dict[str, float]:
@@ -68,13 +102,32 @@ def trial_worker(job: dict[str, Any]) -> None:
     run_id = job.get("run_id")
     log = (lambda msg: print(f"[{job['trial_name']}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
 
-    def reporter(stage_offset: int):
+    def reporter():
+        logged: dict[str, int] = {}  # "<stage>/step" -> last step already in the run (read once per attempt)
+
         def report(metrics: dict[str, float], _ckpt_dir) -> None:
-            step = int(metrics.get(next((k for k in metrics if k.endswith("/step")), ""), 0))
+            key = next((k for k in metrics if k.endswith("/step")), "")
+            step = int(metrics.get(key, 0))
             if tracker is not None and run_id:
-                tracker.log_metrics(run_id, metrics, step=stage_offset + step)
+                if key not in logged:
+                    logged[key] = max((s for s, _ in tracker.metric_history(run_id, key)), default=-1) if key else -1
+                if step > logged[key]:  # a restarted stage does not log an evaluation twice
+                    tracker.log_metrics(run_id, metrics, step=step)
+                    logged[key] = step
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return report
+
+    def resumed(stage: str):
+        def on_resume(step: int) -> None:
+            log(f"{stage} resumed from its last checkpoint at step {step}")
+            if tracker is not None and run_id:
+                tracker.log_metrics(run_id, {f"{stage}/resumed_from_step": step}, step=step)
+        return on_resume
+
+    def list_skipped(stage: str, skipped: dict[str, str]) -> None:
+        if tracker is not None and run_id and skipped:
+            tracker.log_dict(run_id, {"stage": stage, "count": len(skipped), "clips": skipped},
+                             f"skipped_clips/{stage.replace('/', '_')}.json")
 
     results: dict[str, Any] = {}
     # ---- stage 1: pretraining (shared by key)
@@ -82,24 +135,15 @@ def trial_worker(job: dict[str, Any]) -> None:
     init = None
     if pre:
         pdir = Path(pre["dir"])
-        done = pdir / "DONE"
-        with ExitStack() as stack:
-            if rank == 0:  # rank 0 holds the lock while every rank of this trial computes
-                stack.enter_context(file_lock(pdir.parent / f"{pdir.name}.lock"))
-            reuse = done.is_file()
-            if world > 1:
-                reuse = _broadcast(reuse)
-            if reuse:
-                log(f"reusing pretraining {pdir.name}")
-                stored = json.loads(done.read_text()) if rank == 0 else {}
-                # its cost was paid by the trial that computed it: not counted again here
-                results["pretrain"] = {**{k: v for k, v in stored.items() if not k.startswith("cost/")},
-                                       "reused": True}
-            else:
-                results["pretrain"] = _pretrain(cfg, pdir, world, job, device, wrap, reporter(0), log, rank)
-                if tracker is not None and run_id:
-                    tracker.log_metrics(run_id, {k: v for k, v in results["pretrain"].items() if k.startswith("cost/")},
-                                        step=int(results["pretrain"].get("pretrain/step", 0)))
+        results["pretrain"] = shared_pretraining(
+            pdir, lambda: _pretrain(cfg, pdir, world, job, device, wrap, reporter(), resumed("pretrain"), log, rank),
+            owner=job["trial_name"], is_main=rank == 0, agree=_broadcast if world > 1 else (lambda x: x),
+            drop_resume_state=job.get("keep_checkpoints", "best") != "all", log=log)
+        pre_res = results["pretrain"]
+        if tracker is not None and run_id and not pre_res.get("reused"):
+            tracker.log_metrics_once(run_id, {k: v for k, v in pre_res.items() if k.startswith("cost/")},
+                                     step=int(pre_res.get("pretrain/step", 0)))
+        list_skipped("pretrain", pre_res.get("skipped_clips") or {})
         if world > 1:
             import torch.distributed as dist
 
@@ -109,33 +153,30 @@ def trial_worker(job: dict[str, Any]) -> None:
     for i, task in enumerate(job["tasks"]):
         tcfg = from_flat(ExperimentConfig, task["config"])
         t0 = time.perf_counter()
-        res = run_finetune(tcfg, task["dir"], init=init, report=reporter(0), log=log, rank=rank, world=world,
-                           device=device, wrap_model=wrap)
+        res = run_finetune(tcfg, task["dir"], init=init, report=reporter(), log=log, rank=rank, world=world,
+                           device=device, wrap_model=wrap, on_resume=resumed(f"ft/{task['name']}"))
         cost = stage_cost(time.perf_counter() - t0, world, job["device_share"], res.samples)
         final = dict(res.last_eval)
         final.update({f"cost/ft_{task['name']}_{k}": v for k, v in cost.items()})
         results[f"ft/{task['name']}"] = final
         if tracker is not None and run_id:  # what the per-evaluation reports did not already log
-            tracker.log_metrics(run_id, {k: v for k, v in final.items()
-                                         if "/best_" in k or "/test_" in k or k.endswith("/final") or k.startswith("cost/")},
-                                step=res.steps)
+            tracker.log_metrics_once(run_id, {k: v for k, v in final.items() if "/best_" in k or "/test_" in k
+                                              or k.endswith("/final") or k.startswith("cost/")}, step=res.steps)
+            list_skipped(f"ft/{task['name']}", dict(res.skipped.skipped))
             if res.best_path is not None and job.get("log_checkpoints", True):
                 tracker.log_artifact(run_id, res.best_path, f"checkpoints/ft_{task['name']}")
     if rank == 0:
         write_json_atomic(Path(job["result_file"]), results)
 
 
-def _pretrain(cfg, pdir: Path, world: int, job: dict, device, wrap, report, log, rank: int) -> dict:
+def _pretrain(cfg, pdir: Path, world: int, job: dict, device, wrap, report, on_resume, log, rank: int) -> dict:
     t0 = time.perf_counter()
-    res = run_pretrain(cfg, pdir, report=report, log=log, rank=rank, world=world, device=device, wrap_model=wrap)
+    res = run_pretrain(cfg, pdir, report=report, log=log, rank=rank, world=world, device=device, wrap_model=wrap,
+                       on_resume=on_resume)
     cost = stage_cost(time.perf_counter() - t0, world, job["device_share"], res.samples)
     out = dict(res.last_eval)
     out.update({f"cost/pretrain_{k}": v for k, v in cost.items()})
-    out["reused"] = False
-    if rank == 0:
-        write_json_atomic(pdir / "DONE", {**out, "config": to_flat(cfg), "trial": job["trial_name"]})
-        if job.get("keep_checkpoints", "best") != "all" and (pdir / "last.pt").is_file():
-            (pdir / "last.pt").unlink()  # only needed to resume; the pretraining is complete
+    out.update({"config": to_flat(cfg), "skipped_clips": dict(res.skipped.skipped)})
     return out
 
 
