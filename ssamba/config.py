@@ -6,7 +6,6 @@ key, the sweep search-space key, the MLflow param and the summary-table column.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import json

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _processes import MARK, kill_marked
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MARK = "SSAMBA_TEST_RAY"
 
 pytestmark = pytest.mark.reliability
 
@@ -101,40 +101,12 @@ def _env(cache_env: Path, ray_tmp: Path) -> dict:
     return env
 
 
-def _kill_marked(marker: str, roots: tuple = ()) -> int:
-    """Kill (by pid) the processes this test started: those whose environment carries ``marker``, the
-    given roots, and all their descendants. Never ``ray stop``."""
-    procs: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["pid"]):
-        try:
-            env = p.environ()
-            if p.pid != os.getpid() and marker in (env.get(MARK), env.get("RAY_TMPDIR")):
-                procs[p.pid] = p
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    for p in list(procs.values()) + [r for r in roots if r.pid != os.getpid()]:
-        try:
-            procs[p.pid] = p
-            for c in p.children(recursive=True):
-                procs[c.pid] = c
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    killed = 0
-    for p in procs.values():
-        try:
-            p.kill()
-            killed += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return killed
-
-
 @pytest.fixture
 def ray_tmp():
     folder = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     yield folder
     for _ in range(2):
-        _kill_marked(str(folder))
+        kill_marked(str(folder))
         time.sleep(1)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -391,7 +363,7 @@ def test_driver_killed_during_shared_pretraining_then_resume(small_demo, cache_e
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-pretraining
     proc.wait(timeout=30)
     for _ in range(2):
-        _kill_marked(str(ray_tmp), tree)  # and its local Ray, workers included
+        kill_marked(str(ray_tmp), tree)  # and its local Ray, workers included
         time.sleep(1)
     killed_at = time.time()
     assert not (pdir / "DONE").exists()

@@ -32,10 +32,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _processes import MARK, kill_processes, marked_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MARK = "SSAMBA_TEST_RAY"
 NODE_MARK = "SSAMBA_TEST_NODE"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
@@ -53,42 +53,6 @@ def _env(ray_tmp: Path, **extra) -> dict:
                 "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra})
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-def _marked(marker: str, roots=()) -> dict:
-    """pid -> process: every process whose environment carries ``marker`` (MARK or RAY_TMPDIR), the given
-    roots, and all their descendants (Ray starts some agents with a trimmed environment)."""
-    import psutil
-
-    procs = {}
-    for p in psutil.process_iter(["pid"]):
-        try:
-            env = p.environ()
-            if p.pid != os.getpid() and marker in (env.get(MARK), env.get("RAY_TMPDIR")):
-                procs[p.pid] = p
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    for p in list(procs.values()) + list(roots):
-        try:
-            procs[p.pid] = p
-            procs.update({c.pid: c for c in p.children(recursive=True)})
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    procs.pop(os.getpid(), None)
-    return procs
-
-
-def _kill(procs) -> int:
-    import psutil
-
-    n = 0
-    for p in list(procs):
-        try:
-            p.kill()
-            n += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return n
 
 
 def _listening(procs) -> list[tuple[int, str, str, int]]:
@@ -150,7 +114,7 @@ def ray_tmp():
     folder = Path(tempfile.mkdtemp(prefix="ri", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     yield folder
     for _ in range(2):  # a second pass for anything restarted while the first ran
-        _kill(_marked(str(folder)).values())
+        kill_processes(marked_processes(str(folder)).values())
         time.sleep(1)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -239,7 +203,7 @@ def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, lo
                             env={**env, NODE_MARK: "b"}, capture_output=True, text=True, timeout=180, preexec_fn=join)
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     cluster_s = time.time() - t0
-    raylets = [p for p in _marked(str(ray_tmp)).values() if p.name() == "raylet"]
+    raylets = [p for p in marked_processes(str(ray_tmp)).values() if p.name() == "raylet"]
     assert len(raylets) == 2 and all("--node_ip_address=127.0.0.1" in p.cmdline() for p in raylets)
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -252,7 +216,7 @@ def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, lo
     # wait until a trial trains on node b (its Ray Train worker has been running for a few seconds)
     deadline, seen_b, seen_head = time.time() + 300, None, False
     while time.time() < deadline and sweep.poll() is None:
-        procs = _marked(str(ray_tmp)).values()
+        procs = marked_processes(str(ray_tmp)).values()
         seen_head = seen_head or bool(_ray_workers(procs, node_b=False))
         if _ray_workers(procs, node_b=True):
             seen_b = seen_b or time.time()
@@ -264,7 +228,7 @@ def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, lo
     assert seen_b and seen_head and sweep.poll() is None, \
         f"the trials did not run on both nodes (head {seen_head}, node b {bool(seen_b)}): {log.read_text()[-3000:]}"
     # node b lost: its raylet and every process of that node, by pid
-    node_b = [p for p in _marked(str(ray_tmp)).values() if _node_of(p) == "b"]
+    node_b = [p for p in marked_processes(str(ray_tmp)).values() if _node_of(p) == "b"]
     lost = {p.pid: p for p in node_b}
     for p in node_b:
         try:
@@ -274,7 +238,7 @@ def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, lo
     raylet_b = [p.pid for p in node_b if p.name() == "raylet"]
     assert len(raylet_b) == 1
     t_kill = time.time()
-    killed = _kill(lost.values())
+    killed = kill_processes(lost.values())
     rc = sweep.wait(timeout=max(30.0, deadline + 200 - time.time()))
     recovery = time.time() - t_kill
     text = log.read_text()
@@ -570,7 +534,7 @@ def test_sweep_binds_loopback_and_logs_no_secrets(cache_env, tmp_path, ray_tmp):
     bound: set = set()
     try:
         while sweep.poll() is None and time.time() - t0 < 360:  # every listening socket of its Ray, while it runs
-            bound.update(_listening(_marked(str(ray_tmp), (psutil.Process(sweep.pid),)).values()))
+            bound.update(_listening(marked_processes(str(ray_tmp), (psutil.Process(sweep.pid),)).values()))
             time.sleep(1)
         out, _ = sweep.communicate(timeout=30)
     finally:

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _processes import MARK, kill_marked
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-MARK = "SSAMBA_TEST_RAY"
 
 
 def _env(cache_env, ray_tmp: Path) -> dict:
@@ -33,36 +33,6 @@ def _env(cache_env, ray_tmp: Path) -> dict:
                 "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"})  # `python` of a job
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-def _kill_ray_processes(marker: str, roots: tuple = ()) -> int:
-    """Kill (by pid) the Ray processes this test started, and only those: every process whose environment
-    carries our marker (``RAY_TMPDIR`` / MARK, inherited from the commands the test ran), the given root
-    processes, and all their descendants (Ray starts some, e.g. ``ray::DashboardAgent``, with a trimmed
-    environment, but as children of its raylet)."""
-    procs: dict[int, psutil.Process] = {}
-    for p in psutil.process_iter(["pid"]):
-        try:
-            env = p.environ()
-            if p.pid != os.getpid() and marker in (env.get(MARK), env.get("RAY_TMPDIR")):
-                procs[p.pid] = p
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    for p in list(procs.values()) + [r for r in roots if r.pid != os.getpid()]:
-        try:
-            procs[p.pid] = p
-            for c in p.children(recursive=True):
-                procs[c.pid] = c
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    killed = 0
-    for p in procs.values():
-        try:
-            p.kill()
-            killed += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            pass
-    return killed
 
 
 def _trials(uri):
@@ -79,9 +49,9 @@ def _trials(uri):
 def ray_tmp():
     folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     yield folder
-    _kill_ray_processes(str(folder))
+    kill_marked(str(folder))
     time.sleep(1)
-    _kill_ray_processes(str(folder))
+    kill_marked(str(folder))
     shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -108,9 +78,9 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(cache_env, tmp_pa
     tree = tuple(driver.children(recursive=True))  # its local Ray: gcs, raylet, agents, workers
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
     proc.wait(timeout=30)
-    _kill_ray_processes(str(ray_tmp), tree)  # and its local Ray with it
+    kill_marked(str(ray_tmp), tree)  # and its local Ray with it
     time.sleep(1)
-    _kill_ray_processes(str(ray_tmp), tree)
+    kill_marked(str(ray_tmp), tree)
     t0 = time.time()
     _, parents, trials = _trials(uri)
     finished_before = trials[trials["tags.trial.status"] == "finished"]
@@ -165,7 +135,7 @@ def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
         assert len(parents) == 1 and parents["tags.sweep.ray"].iloc[0] == "cluster"
         assert len(trials) == 2 and (trials["tags.trial.status"] == "finished").all()
     finally:
-        killed = _kill_ray_processes(str(ray_tmp))
+        killed = kill_marked(str(ray_tmp))
         time.sleep(1)
-        killed += _kill_ray_processes(str(ray_tmp))  # anything restarted while the first pass ran
+        killed += kill_marked(str(ray_tmp))  # anything restarted while the first pass ran
         print(f"stopped {killed} Ray processes of the test cluster")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
 
 from ssamba.config import FrontendConfig, apply_overrides, parse_set_args
 from ssamba.errors import SSAMBAError
