@@ -95,3 +95,31 @@ def test_cached_failure_is_skipped(tmp_path):
     assert len(rep.failed) == 1
     batch = collate([ClipDataset(m, FE, cache=cached)[i] for i in range(len(m))])
     assert batch["fbank"].shape[0] == 6 and len(batch["skipped"]) == 1
+
+
+def test_persistent_loader_processes_draw_each_epochs_augmentation(tmp_path):
+    """Loader processes that live across epochs never see ``dataset.set_epoch``: the sampler carries the
+    epoch, so 2 persistent workers give exactly the batches of an in-process loader, epoch by epoch."""
+    from ssamba.train.loop import EpochSampler
+
+    m = _toy(tmp_path, bad=False)
+    aug = AugmentConfig(freqm=8, timem=16, mixup=0.0, noise=True)
+
+    def batches(workers: int) -> list[torch.Tensor]:
+        ds = ClipDataset(m, FE, aug, train=True, seed=3)
+        sampler = EpochSampler(len(ds), seed=3, with_epoch=True)
+        loader = DataLoader(ds, batch_size=3, sampler=sampler, collate_fn=collate, num_workers=workers,
+                            persistent_workers=workers > 0)
+        out = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            ds.set_epoch(epoch)  # as the training loop does; persistent processes hold their own copy
+            out += [b["fbank"] for b in loader]
+        return out
+
+    inproc, persistent = batches(0), batches(2)
+    assert len(inproc) == len(persistent) == 4
+    for a, b in zip(inproc, persistent):
+        assert torch.equal(a, b)
+    ds = ClipDataset(m, FE, aug, train=True, seed=3)
+    assert not torch.equal(ds[(1, 0)]["fbank"], ds[(1, 1)]["fbank"])  # each epoch draws anew

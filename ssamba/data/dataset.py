@@ -83,8 +83,8 @@ class ClipDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def _rng(self, index: int, epoch: int | None = None) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
 
     def raw_fbank(self, index: int) -> torch.Tensor:
         """The clip's un-padded, un-normalised fbank ``(T, F)`` (from the cache when it has it)."""
@@ -97,17 +97,21 @@ class ClipDataset(Dataset):
                 return torch.from_numpy(self.cache.get(path).copy())
         return compute_fbank(load_waveform(path, self.frontend), self.frontend)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | BadClip:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any] | BadClip:
+        """Item ``index``; ``(index, epoch)`` draws the augmentation of that epoch (see ``EpochSampler``)."""
+        epoch = None
+        if isinstance(index, tuple):
+            index, epoch = index
         try:
-            return self._item(index)
+            return self._item(index, epoch)
         except AudioError as exc:
             if self.strict:
                 raise AudioError(exc.path, exc.reason, exc.message + " (strict mode: set strict=False to skip bad clips)") from None
             return BadClip(index, exc.path, exc.reason, exc.message)
 
-    def _item(self, index: int) -> dict[str, Any]:
+    def _item(self, index: int, epoch: int | None = None) -> dict[str, Any]:
         fe, aug = self.frontend, self.augment
-        rng = self._rng(index) if self.train else None
+        rng = self._rng(index, epoch) if self.train else None
         label = self.targets[index]
         if self.train and aug.mixup > 0 and rng.random() < aug.mixup:
             other = int(rng.integers(0, len(self)))

@@ -83,9 +83,11 @@ def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig,
                 f"{len(report.failed)} undecodable ({report.seconds:.1f} s)")
     vocab = manifest.label_vocab
     train_ds = ClipDataset(train_m, fe, augment, train=True, cache=cache, label_vocab=vocab, strict=d.strict, seed=cfg.seed)
-    sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world=world)
+    sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world=world, with_epoch=True)
+    # persistent loader processes: no re-spawn at every epoch (the sampler carries the epoch to them)
     train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                       num_workers=d.num_workers, drop_last=len(sampler) > batch_size)
+                       num_workers=d.num_workers, drop_last=len(sampler) > batch_size,
+                       persistent_workers=d.num_workers > 0)
     ev = None
     if eval_m is not None and len(eval_m):
         eval_ds = ClipDataset(eval_m, fe, AugmentConfig(), train=False, cache=cache, label_vocab=vocab, strict=d.strict)

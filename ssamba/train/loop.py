@@ -54,10 +54,14 @@ class EpochSampler(Sampler[int]):
     permutation, truncated so that every worker sees the same number of samples.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 with_epoch: bool = False):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
+        # yield ``(index, epoch)``: the dataset then draws its augmentation for that epoch even in loader
+        # processes that outlive an epoch (persistent workers never see ``dataset.set_epoch``)
+        self.with_epoch = with_epoch
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -71,7 +75,10 @@ class EpochSampler(Sampler[int]):
         return full
 
     def __iter__(self):
-        return iter(self.order()[self.start:])
+        order = self.order()[self.start:]
+        if self.with_epoch:
+            return iter([(i, self.epoch) for i in order])
+        return iter(order)
 
     def __len__(self) -> int:
         return (self.n // self.world if self.world > 1 else self.n) - self.start
