@@ -9,7 +9,10 @@ the fast path, on one card in one process, next to fused-attention SSAST-tiny (e
    sum of the directions, pairs without flips (``Mamba._forward_fast``);
 2. the length padded to the scan kernel's chunk (its even-length path);
 3. the whole forward replayed from a CUDA graph;
-4. residual add + norm in one Triton kernel (graphed; and, for comparison, eager).
+4. residual add + norm in one Triton kernel (graphed; and, for comparison, eager);
+5. the chunked inference scan (:mod:`ssamba.model.chunk_scan`): each sequence split across thread
+   blocks instead of mamba-ssm's one block per channel (graphed; without step 2's padding, which it
+   does not need; and eager).
 
 Latency is batch 1 (median), throughput is at a fixed batch (``--ladder-batch``), memory is the peak at
 batch 1. The *floor* is the time to move the bytes the unfused operations must read and write
@@ -26,13 +29,17 @@ import torch
 
 from ssamba.config import ModelConfig
 
+_OFF = dict(chunk_scan=False)
 LEVELS = [
-    ("reference path (per-direction scans, flips)", dict(fuse_directions=False, pad=False, fused_norm=False), False),
-    ("+ directions in one scan, channel-first, no flips", dict(fuse_directions=True, pad=False, fused_norm=False), False),
-    ("+ length padded to the scan chunk", dict(fuse_directions=True, pad=True, fused_norm=False), False),
-    ("+ CUDA graph", dict(fuse_directions=True, pad=True, fused_norm=False), True),
-    ("+ fused add-norm (Triton), graphed", dict(fuse_directions=True, pad=True, fused_norm=True), True),
-    ("(fused add-norm, eager)", dict(fuse_directions=True, pad=True, fused_norm=True), False),
+    ("reference path (per-direction scans, flips)", dict(fuse_directions=False, pad=False, fused_norm=False, **_OFF), False),
+    ("+ directions in one scan, channel-first, no flips", dict(fuse_directions=True, pad=False, fused_norm=False, **_OFF), False),
+    ("+ length padded to the scan chunk", dict(fuse_directions=True, pad=True, fused_norm=False, **_OFF), False),
+    ("+ CUDA graph", dict(fuse_directions=True, pad=True, fused_norm=False, **_OFF), True),
+    ("+ fused add-norm (Triton), graphed", dict(fuse_directions=True, pad=True, fused_norm=True, **_OFF), True),
+    ("(fused add-norm, eager)", dict(fuse_directions=True, pad=True, fused_norm=True, **_OFF), False),
+    ("+ chunked scan (sequence across blocks), graphed", dict(fuse_directions=True, pad=True, fused_norm=True, chunk_scan=True), True),
+    ("(chunked scan, unpadded), graphed", dict(fuse_directions=True, pad=False, fused_norm=True, chunk_scan=True), True),
+    ("(chunked scan, eager)", dict(fuse_directions=True, pad=True, fused_norm=True, chunk_scan=True), False),
 ]
 
 

@@ -125,10 +125,11 @@ class MambaEncoder(nn.Module):
 
 
 def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: bool | None = None,
-                 fused_norm: bool | None = None) -> None:
+                 fused_norm: bool | None = None, chunk_scan: bool | None = None) -> None:
     """Switch the encoder's speed-ups (same result; for benchmarks and tests). ``None`` leaves one as is.
 
-    ``fused_norm=True`` needs the CUDA backend and mamba-ssm's Triton norm.
+    ``fused_norm=True`` needs the CUDA backend and mamba-ssm's Triton norm. ``chunk_scan`` (inference on
+    CUDA, fast path only) is used where it compiles (:mod:`ssamba.model.chunk_scan`).
     """
     for m in model.modules():
         if isinstance(m, Mamba):
@@ -136,6 +137,8 @@ def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: boo
                 m.fast = fuse_directions
             if pad is not None:
                 m.pad_to_chunk = pad
+            if chunk_scan is not None:
+                m.chunk_scan = chunk_scan
         if isinstance(m, Block) and fused_norm is not None:
             if fused_norm and add_norm_fn() is None:
                 raise RuntimeError("fused add-norm needs a CUDA device and mamba-ssm's Triton layer norm")

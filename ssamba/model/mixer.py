@@ -13,7 +13,9 @@ Two computations of the same function:
   groups), their projections as one batched matmul each, the gate ``SiLU(z)`` applied once after the
   directions are summed (``SiLU(z) * y_f + SiLU(z) * y_b = SiLU(z) * (y_f + y_b)``), and the length
   padded at the end to the scan kernel's chunk size when that costs little: every op is causal in
-  its own time direction, so padding after the last step leaves the real steps unchanged.
+  its own time direction, so padding after the last step leaves the real steps unchanged;
+- at inference on CUDA the fast path's scan is the chunked scan (:mod:`ssamba.model.chunk_scan`), which
+  splits the sequence across thread blocks; with gradients it is mamba-ssm's.
 
 ``forward(hidden, reverse=True)`` computes ``flip(mixer(flip(hidden)))`` without the two flips: for a
 bidirectional mixer it swaps which parameter set reads the sequence forwards. The encoder uses it for
@@ -29,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssamba.config import ModelConfig
+from ssamba.model.chunk_scan import chunk_scan_fn
 from ssamba.model.kernels import combine_gate_fn, conv_fn, scan_fn
 
 
@@ -73,6 +76,7 @@ class Mamba(nn.Module):
         self.fast = backend == "cuda"
         self.pad_to_chunk = True
         self.pad_max_extra = 0.25  # pad only when it adds at most this fraction of the length
+        self.chunk_scan = True  # inference on CUDA: the chunked scan (chunk_scan.py) instead of mamba-ssm's
 
     @staticmethod
     def _a_log_init(di: int, n: int) -> torch.Tensor:
@@ -150,10 +154,19 @@ class Mamba(nn.Module):
         bmat, cmat = grouped[:, :, r:r + n], grouped[:, :, r + n:]  # (1, g B, N, Lp)
         wdt = torch.stack([p[2].weight for p, _ in groups]).unsqueeze(1)  # (g, 1, di, R)
         delta = torch.matmul(wdt, x_dbl[:, :, :r]).view(1, rows, lp)
-        A = torch.cat([-torch.exp(p[3].float()).repeat(b, 1) for p, _ in groups])
-        D = torch.cat([p[4].float().repeat(b) for p, _ in groups])
-        delta_bias = torch.cat([p[2].bias.float().repeat(b) for p, _ in groups])
-        y = self._scan(u, delta, A, bmat, cmat, D, z=None, delta_bias=delta_bias, delta_softplus=True)
+        # parameters per (direction, channel); a batch folded into the channels repeats them
+        A = torch.cat([-torch.exp(p[3].float()) for p, _ in groups])  # (g di, N)
+        D = torch.cat([p[4].float() for p, _ in groups])
+        delta_bias = torch.cat([p[2].bias.float() for p, _ in groups])
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, bmat, A, D, delta_bias))
+        cs = chunk_scan_fn(u.device) if self.chunk_scan and not needs_grad else None
+        if cs is not None:  # inference: indexes the parameter rows, no repeats
+            y = cs(u, delta, A, bmat, cmat, D, delta_bias, delta_softplus=True, param_repeat=b, param_period=di)
+        else:
+            def rep(t):  # (g di, ...) -> (g b di, ...)
+                return t.view(g, 1, di, *t.shape[1:]).expand(g, b, di, *t.shape[1:]).reshape(rows, *t.shape[1:])
+            y = self._scan(u, delta, rep(A), bmat, cmat, rep(D), z=None, delta_bias=rep(delta_bias),
+                           delta_softplus=True)
         y = y.view(g, b, di, lp)
         scale = 0.5 if g > 1 and self.divide_out else 1.0
         revs = [rev for _, rev in groups]

@@ -1,0 +1,335 @@
+"""A chunked selective scan for inference on CUDA: the sequence split across thread blocks.
+
+mamba-ssm's forward kernel walks each channel's whole sequence inside one thread block, so at batch 1
+a 22k-token scan of 768 channels keeps most of an H100/H200 idle (measured: 442 us per layer at batch
+1, still 340 us per sequence at batch 16). This kernel (``csrc/chunk_scan.cu``) gives each thread one
+channel with its ``N`` states in registers and cuts the sequence into chunks so that
+``batch x channels x chunks`` threads fill the card:
+
+1. every chunk but the last is scanned from a zero state, giving its end state and ``sum(dt)``;
+2. the states entering each chunk follow in order: ``h_in[k+1] = exp(A * sum_k dt) * h_in[k] + end[k]``
+   (``exp(A * sum dt)`` is the product of the chunk's per-step decays);
+3. every chunk is scanned again from its entering state, writing ``y``.
+
+With one chunk (large batches) only step 3 runs. Same math as :func:`ssamba.model.scan.selective_scan_ref`
+without ``z`` (the fast mixer applies the gate after summing the directions); forward only, so the
+mixer uses it only when no gradient is needed. :func:`chunk_scan_emulated` runs the same three passes
+in torch, so the chunk algebra is tested on CPU; the CUDA kernel is tested against the reference on a GPU
+(``tests/test_gpu.py``).
+
+The kernel is compiled with ``nvcc`` on first use, for the local GPU's architecture only (about 20 s),
+into ``$SSAMBA_KERNEL_CACHE`` (default ``~/.cache/ssamba/kernels``), under a file lock so that parallel
+Ray workers compile it once, and loaded with ``ctypes``; it launches on torch's current stream, so it is
+captured by CUDA graphs. Where it cannot be built (no ``nvcc``, no GPU) :func:`chunk_scan_fn` returns
+``None`` and the mixer keeps mamba-ssm's scan. ``SSAMBA_CHUNK_SCAN=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "chunk_scan.cu"
+TILE = 32  # time steps per shared-memory tile (TT in the .cu file); chunk lengths are multiples of it
+STATE_SIZES = (8, 16, 32)
+BLOCK_SIZES = (128, 64, 32)
+THREADS_PER_SM = 1024  # threads to aim for per multiprocessor when choosing the number of chunks
+MIN_CHUNK = 4 * TILE
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_INT_FIELDS = ("batch channels length u_sb u_sc u_sl d_sb d_sc d_sl y_sb y_sc y_sl b_sb b_sg b_sn b_sl "
+               "c_sb c_sg c_sn c_sl group_size p_rep p_div chunk_len n_chunks softplus").split()
+
+
+class _Params(ctypes.Structure):
+    """Mirror of ``struct Params`` in chunk_scan.cu (every field 8 bytes, same order)."""
+
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("u", "delta", "B", "C", "A", "D", "bias", "y", "state", "dsum")]
+                + [(name, ctypes.c_int64) for name in _INT_FIELDS])
+
+
+class KernelBuildError(RuntimeError):
+    """``nvcc`` failed or is missing; the message carries the command and the end of its output."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SSAMBA_KERNEL_CACHE") or Path.home() / ".cache" / "ssamba" / "kernels")
+
+
+def find_nvcc() -> str | None:
+    for cand in (shutil.which("nvcc"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")):
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def build_library(arch: str, nvcc: str | None = None, verbose: bool = False) -> Path:
+    """Compile chunk_scan.cu for ``arch`` (e.g. ``sm_90``) unless the cache has it; returns the .so path."""
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise KernelBuildError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): the chunked scan "
+                               "cannot be compiled; mamba-ssm's scan is used instead")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"chunk_scan-{arch}-{key}.so"
+    if out.exists():
+        return out
+    with open(out_dir / f"chunk_scan-{arch}-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same file
+        if out.exists():
+            return out
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [nvcc, "-O3", "--use_fast_math", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
+               "-cudart", "shared", "-o", str(tmp), str(SOURCE)]
+        if verbose:
+            print("[chunk_scan] " + " ".join(cmd), flush=True)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise KernelBuildError(f"{' '.join(cmd)} failed (rc {res.returncode}):\n{(res.stderr or res.stdout)[-3000:]}")
+        os.replace(tmp, out)
+    return out
+
+
+def device_arch(device: torch.device | int | None = None) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@functools.lru_cache(maxsize=None)
+def _library(arch: str) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_library(arch)))
+    lib.ssamba_chunk_scan.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.ssamba_chunk_scan.restype = ctypes.c_int
+    lib.ssamba_chunk_scan_error.argtypes = [ctypes.c_int]
+    lib.ssamba_chunk_scan_error.restype = ctypes.c_char_p
+    return lib
+
+
+_warned: set[str] = set()
+
+
+def chunk_scan_fn(device: torch.device | None = None) -> Callable | None:
+    """:func:`chunk_scan` where it can run on ``device`` (compiling it on first use), else ``None``.
+
+    ``None`` for a CPU device, without CUDA, with ``SSAMBA_CHUNK_SCAN=0``, or when the build fails (said
+    once, with nvcc's error).
+    """
+    if os.environ.get("SSAMBA_CHUNK_SCAN", "1") == "0" or not torch.cuda.is_available():
+        return None
+    if device is not None and torch.device(device).type != "cuda":
+        return None
+    arch = device_arch(device)
+    try:
+        _library(arch)
+    except Exception as exc:  # KernelBuildError, OSError from a broken .so
+        if arch not in _warned:
+            _warned.add(arch)
+            warnings.warn(f"chunked scan unavailable on {arch}, using mamba-ssm's scan: {exc}")
+        return None
+    return chunk_scan
+
+
+def plan_chunk_len(batch: int, channels: int, length: int, sm_count: int,
+                   threads_per_sm: int = THREADS_PER_SM) -> int:
+    """Chunk length (a multiple of :data:`TILE`) giving about ``sm_count * threads_per_sm`` threads.
+
+    One chunk (no extra pass) when ``batch * channels`` threads alone come near that; never chunks
+    shorter than :data:`MIN_CHUNK` steps.
+    """
+    whole = -(-length // TILE) * TILE
+    n = (sm_count * threads_per_sm) // max(1, batch * channels)
+    if n < 2:
+        return whole
+    chunk = max(MIN_CHUNK, -(-length // n))
+    return min(whole, -(-chunk // TILE) * TILE)
+
+
+def _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period):
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} and {tuple(delta.shape)}")
+    b, ch, L = u.shape
+    if A.dim() != 2:
+        raise ValueError(f"A must be (channels, N); got {tuple(A.shape)}")
+    rows, n = A.shape
+    period = rows if param_period is None else param_period
+    if rows * param_repeat != ch or rows % period:
+        raise ValueError(f"A has {rows} rows; with param_repeat={param_repeat} and param_period={period} "
+                         f"it must cover {ch} channels")
+    for name, X in (("B", B), ("C", C)):
+        if X.dim() not in (3, 4) or X.shape[0] != b or X.shape[-2:] != (n, L):
+            raise ValueError(f"{name} must be (batch, N, length) or (batch, groups, N, length) with "
+                             f"batch={b}, N={n}, length={L}; got {tuple(X.shape)}")
+    groups = B.shape[1] if B.dim() == 4 else 1
+    if (C.shape[1] if C.dim() == 4 else 1) != groups or ch % groups:
+        raise ValueError(f"B and C must have the same number of groups, dividing {ch} channels")
+    for name, X in (("D", D), ("delta_bias", delta_bias)):
+        if X is not None and X.shape != (rows,):
+            raise ValueError(f"{name} must be ({rows},); got {tuple(X.shape)}")
+    return b, ch, L, n, groups, period
+
+
+def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+               D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+               delta_softplus: bool = False, param_repeat: int = 1, param_period: int | None = None,
+               chunk_len: int | None = None, block_d: int | None = None) -> torch.Tensor:
+    """Selective scan forward on CUDA; returns ``y`` of ``u``'s shape and dtype (channel-first, contiguous).
+
+    ``u, delta: (batch, channels, L)``, any strides; ``A: (rows, N)``; ``B, C: (batch, N, L)`` or
+    ``(batch, groups, N, L)``, any strides; ``D``, ``delta_bias``: ``(rows,)``. Channel ``c`` uses
+    parameter row ``(c // (param_repeat * param_period)) * param_period + c % param_period`` (default:
+    row ``c``), so parameters repeated over a batch folded into the channels need not be copied.
+    """
+    b, ch, L, n, groups, period = _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period)
+    if u.dtype not in _DTYPES:
+        raise ValueError(f"u must be float32, bfloat16 or float16; got {u.dtype}")
+    if n not in STATE_SIZES:
+        raise ValueError(f"chunk_scan supports N in {STATE_SIZES}; got {n}")
+    dt = u.dtype
+    delta, B, C = (X if X.dtype == dt else X.to(dt) for X in (delta, B, C))
+    A = A.float().contiguous()
+    D = None if D is None else D.float().contiguous()
+    delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+    gsize = ch // groups
+    if block_d is None:
+        block_d = next((s for s in BLOCK_SIZES if gsize % s == 0), None)
+    if block_d is None or gsize % block_d:
+        raise ValueError(f"chunk_scan needs channels per group ({gsize}) divisible by one of {BLOCK_SIZES}")
+    dev = u.device
+    if chunk_len is None:
+        chunk_len = plan_chunk_len(b, ch, L, torch.cuda.get_device_properties(dev).multi_processor_count)
+    if chunk_len % TILE or chunk_len <= 0:
+        raise ValueError(f"chunk_len must be a positive multiple of {TILE}; got {chunk_len}")
+    n_chunks = max(1, -(-L // chunk_len))
+    y = torch.empty((b, ch, L), dtype=dt, device=dev)
+    state = torch.empty((b, n_chunks, ch, n) if n_chunks > 1 else (1,), dtype=torch.float32, device=dev)
+    dsum = torch.empty((b, n_chunks, ch) if n_chunks > 1 else (1,), dtype=torch.float32, device=dev)
+    B4 = B if B.dim() == 4 else B.unsqueeze(1)
+    C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    p = _Params(
+        u.data_ptr(), delta.data_ptr(), B4.data_ptr(), C4.data_ptr(), A.data_ptr(),
+        None if D is None else D.data_ptr(), None if delta_bias is None else delta_bias.data_ptr(),
+        y.data_ptr(), state.data_ptr(), dsum.data_ptr(),
+        b, ch, L, *u.stride(), *delta.stride(), *y.stride(), *B4.stride(), *C4.stride(),
+        gsize, param_repeat, period, chunk_len, n_chunks, int(delta_softplus),
+    )
+    lib = _library(device_arch(dev))
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        rc = lib.ssamba_chunk_scan(ctypes.byref(p), _DTYPES[dt], n, block_d, ctypes.c_void_p(stream))
+    if rc != 0:
+        why = {-1: "dtype", -2: "block size", -3: "state size"}.get(rc) or lib.ssamba_chunk_scan_error(rc).decode()
+        raise RuntimeError(f"chunk_scan launch failed: {why} (code {rc})")
+    return y
+
+
+def chunk_scan_emulated(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, param_repeat=1,
+                        param_period=None, chunk_len: int = TILE, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The kernel's three passes in torch (any device), in ``dtype``: for testing the chunk algebra and
+    the parameter/group indexing on CPU. Returns ``y`` in ``u``'s dtype."""
+    b, ch, L, n, groups, period = _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period)
+    c = torch.arange(ch, device=u.device)
+    prow = (c // (param_repeat * period)) * period + c % period
+    A_c = A.to(dtype)[prow]  # (ch, N)
+    dl = delta.to(dtype) + (0 if delta_bias is None else delta_bias.to(dtype)[prow][:, None])
+    dtv = torch.where(dl <= 20, torch.log1p(torch.exp(dl)), dl) if delta_softplus else dl  # (b, ch, L)
+    gidx = c // (ch // groups)
+    B_c = (B if B.dim() == 4 else B.unsqueeze(1)).to(dtype)[:, gidx]  # (b, ch, N, L)
+    C_c = (C if C.dim() == 4 else C.unsqueeze(1)).to(dtype)[:, gidx]
+    x = u.to(dtype)
+
+    def scan(h, t0, t1, out):
+        for t in range(t0, t1):
+            h = torch.exp(dtv[:, :, t, None] * A_c) * h + (dtv[:, :, t] * x[:, :, t])[..., None] * B_c[:, :, :, t]
+            if out is not None:
+                out[:, :, t] = (h * C_c[:, :, :, t]).sum(-1)
+        return h
+
+    starts = list(range(0, L, chunk_len))
+    ends, sums = [], []
+    for t0 in starts[:-1]:  # pass 1: end state of each chunk from zero, and its sum of dt
+        ends.append(scan(torch.zeros(b, ch, n, dtype=dtype, device=u.device), t0, t0 + chunk_len, None))
+        sums.append(dtv[:, :, t0:t0 + chunk_len].sum(-1))
+    h_in = [torch.zeros(b, ch, n, dtype=dtype, device=u.device)]
+    for e, s in zip(ends, sums):  # pass 2: the state entering each chunk
+        h_in.append(torch.exp(A_c * s[..., None]) * h_in[-1] + e)
+    y = torch.empty(b, ch, L, dtype=dtype, device=u.device)
+    for t0, h0 in zip(starts, h_in):  # pass 3
+        scan(h0, t0, min(L, t0 + chunk_len), y)
+    if D is not None:
+        y = y + D.to(dtype)[prow][:, None] * x
+    return y.to(u.dtype)
+
+
+def benchmark(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dtype = torch.bfloat16,
+              repeats: int = 20) -> list[dict]:
+    """Time mamba-ssm's ``selective_scan_fn`` against :func:`chunk_scan` (several chunk lengths) on
+    random inputs shaped like the fast mixer's (``(1, channels, L)``, 2 groups); prints a table."""
+    from ssamba.model.kernels import _cuda_scan
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    shapes = shapes or [(768, 22528), (768, 8192), (768, 1024), (768 * 16, 22528), (768 * 64, 22528)]
+    mamba = _cuda_scan()
+    rows = []
+    for ch, L in shapes:
+        g = torch.Generator(device=dev).manual_seed(0)
+        u = torch.randn(1, ch, L, device=dev, generator=g).to(dtype)
+        delta = (0.5 * torch.randn(1, ch, L, device=dev, generator=g)).to(dtype)
+        groups = ch // 384
+        BC = torch.randn(1, groups, 2, 16, L, device=dev, generator=g).to(dtype)
+        Bm, Cm = BC[:, :, 0], BC[:, :, 1]
+        A = -torch.rand(768, 16, device=dev, generator=g) * 8 - 0.1
+        D = torch.randn(768, device=dev, generator=g)
+        bias = torch.randn(768, device=dev, generator=g) * 0.5 - 3
+        rep = ch // 768
+        A_r, D_r, bias_r = A.repeat(rep, 1), D.repeat(rep), bias.repeat(rep)
+
+        def timed(fn):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            for _ in range(repeats):
+                fn()
+            ev[1].record()
+            torch.cuda.synchronize()
+            return ev[0].elapsed_time(ev[1]) / repeats * 1e3  # us
+
+        ref = None
+        row = {"channels": ch, "length": L, "dtype": str(dtype).split(".")[-1]}
+        if mamba is not None:
+            ref = mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True)
+            row["mamba_us"] = timed(lambda: mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True))
+        auto = plan_chunk_len(1, ch, L, sms)
+        for cl in sorted({auto, 128, 256, 512, -(-L // TILE) * TILE}):
+            fn = lambda: chunk_scan(u, delta, A, Bm, Cm, D, bias, True, param_repeat=rep, param_period=768, chunk_len=cl)  # noqa: E731
+            y = fn()
+            key = "auto" if cl == auto else str(cl)
+            row[f"chunk_{key}_us"] = timed(fn)
+            if ref is not None:
+                row[f"chunk_{key}_maxdiff"] = (y.float() - ref.float()).abs().max().item()
+        row["auto_chunk_len"] = auto
+        rows.append(row)
+        print("[scan] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+              flush=True)
+        del u, delta, BC, Bm, Cm
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
+    benchmark()
