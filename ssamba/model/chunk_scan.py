@@ -326,7 +326,7 @@ def benchmark(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dty
         rows.append(row)
         print("[scan] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
               flush=True)
-        del u, delta, BC, Bm, Cm
+        del ref, y
         torch.cuda.empty_cache()
     return rows
 
