@@ -6,6 +6,8 @@ is checked against the reference in tests/test_gpu.py."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -169,3 +171,26 @@ def test_kernel_compiles_and_caches(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert CS.build_library("sm_90") == path and path.stat().st_mtime_ns == mtime  # cached, not rebuilt
     assert not list(tmp_path.glob("*.tmp"))
+    if shutil.which("nm"):  # the ctypes entry points are exported
+        syms = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True).stdout
+        assert re.search(r" T ssamba_chunk_scan$", syms, re.M) and " T ssamba_chunk_scan_error" in syms
+
+
+def test_unbuildable_kernel_is_said_once_and_not_retried(monkeypatch):
+    monkeypatch.setattr(CS.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(CS, "device_arch", lambda device=None: "sm_test")
+    builds = []
+
+    def fail(arch, nvcc=None, verbose=False):
+        builds.append(arch)
+        raise CS.KernelBuildError("nvcc not found")
+
+    monkeypatch.setattr(CS, "build_library", fail)
+    CS._load.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="chunked scan unavailable on sm_test.*nvcc not found"):
+            assert CS.chunk_scan_fn() is None
+        assert CS.chunk_scan_fn() is None and builds == ["sm_test"]
+    finally:
+        CS._load.cache_clear()
+        CS._warned.discard("sm_test")

@@ -58,6 +58,9 @@ class _Params(ctypes.Structure):
                 + [(name, ctypes.c_int64) for name in _INT_FIELDS])
 
 
+_warned: set[str] = set()
+
+
 class KernelBuildError(RuntimeError):
     """``nvcc`` failed or is missing; the message carries the command and the end of its output."""
 
@@ -109,35 +112,43 @@ def device_arch(device: torch.device | int | None = None) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _load(arch: str) -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library for ``arch`` and ``""``, or ``None`` and why not (cached either way)."""
+    try:
+        lib = ctypes.CDLL(str(build_library(arch)))
+        lib.ssamba_chunk_scan.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_void_p]
+        lib.ssamba_chunk_scan.restype = ctypes.c_int
+        lib.ssamba_chunk_scan_error.argtypes = [ctypes.c_int]
+        lib.ssamba_chunk_scan_error.restype = ctypes.c_char_p
+    except Exception as exc:  # KernelBuildError; OSError / AttributeError from a broken .so
+        return None, f"{type(exc).__name__}: {exc}"
+    return lib, ""
+
+
 def _library(arch: str) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_library(arch)))
-    lib.ssamba_chunk_scan.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-    lib.ssamba_chunk_scan.restype = ctypes.c_int
-    lib.ssamba_chunk_scan_error.argtypes = [ctypes.c_int]
-    lib.ssamba_chunk_scan_error.restype = ctypes.c_char_p
+    lib, why = _load(arch)
+    if lib is None:
+        raise KernelBuildError(f"chunked scan unavailable on {arch}: {why}")
     return lib
-
-
-_warned: set[str] = set()
 
 
 def chunk_scan_fn(device: torch.device | None = None) -> Callable | None:
     """:func:`chunk_scan` where it can run on ``device`` (compiling it on first use), else ``None``.
 
     ``None`` for a CPU device, without CUDA, with ``SSAMBA_CHUNK_SCAN=0``, or when the build fails (said
-    once, with nvcc's error).
+    once, with nvcc's error; not retried in this process).
     """
     if os.environ.get("SSAMBA_CHUNK_SCAN", "1") == "0" or not torch.cuda.is_available():
         return None
     if device is not None and torch.device(device).type != "cuda":
         return None
     arch = device_arch(device)
-    try:
-        _library(arch)
-    except Exception as exc:  # KernelBuildError, OSError from a broken .so
+    lib, why = _load(arch)
+    if lib is None:
         if arch not in _warned:
             _warned.add(arch)
-            warnings.warn(f"chunked scan unavailable on {arch}, using mamba-ssm's scan: {exc}")
+            warnings.warn(f"chunked scan unavailable on {arch}, using mamba-ssm's scan: {why}")
         return None
     return chunk_scan
 

@@ -21,11 +21,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-namespace {
-
-constexpr int TT = 32;  // time steps per shared-memory tile
-constexpr float kLog2e = 1.4426950408889634f;
-
 // Field order and types must match _Params in chunk_scan.py (every field 8 bytes).
 struct Params {
   const void* u;
@@ -51,6 +46,12 @@ struct Params {
   int64_t n_chunks;
   int64_t softplus;
 };
+
+namespace {
+
+constexpr int TT = 32;  // time steps per shared-memory tile
+constexpr float kLog2e = 1.4426950408889634f;
+
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -277,7 +278,7 @@ int launch_n(const Params& p, int n, int block_d, cudaStream_t stream) {
 
 // dtype: 0 float32, 1 bfloat16, 2 float16 (u, delta, B, C and y alike). Returns a cudaError_t, or
 // -1/-2/-3 for an unsupported dtype / block size / state size.
-extern "C" int ssamba_chunk_scan(const Params* p, int dtype, int n_state, int block_d, void* stream) {
+extern "C" __attribute__((visibility("default"))) int ssamba_chunk_scan(const Params* p, int dtype, int n_state, int block_d, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case 0: return launch_n<float>(*p, n_state, block_d, s);
@@ -287,6 +288,6 @@ extern "C" int ssamba_chunk_scan(const Params* p, int dtype, int n_state, int bl
   return -1;
 }
 
-extern "C" const char* ssamba_chunk_scan_error(int code) {
+extern "C" __attribute__((visibility("default"))) const char* ssamba_chunk_scan_error(int code) {
   return cudaGetErrorString(static_cast<cudaError_t>(code));
 }
