@@ -533,13 +533,18 @@ CHUNK_CASES = [
     ("L1", 2, 128, 1, 16, 0, "cf", None, True, True),
     ("L77-c32", 2, 128, 77, 16, 0, "cf", 32, True, True),
     ("L1000-auto-grouped", 1, 256, 1000, 16, 2, "cf", None, True, True),
-    ("L4100-c128", 2, 128, 4100, 16, 0, "cf", 128, True, True),
-    ("L4100-one-chunk", 2, 128, 4100, 16, 0, "cf", 4128, True, True),
+    ("L4104-c128", 2, 128, 4104, 16, 0, "cf", 128, True, True),
+    ("L4104-one-chunk", 2, 128, 4104, 16, 0, "cf", 4128, True, True),
+    ("L4100-c128-unaligned", 2, 128, 4100, 16, 0, "cf", 128, True, True),
     ("token-major-c64", 2, 128, 999, 16, 0, "tm", 64, True, True),
-    ("N8-c64", 2, 64, 300, 8, 0, "cf", 64, True, True),
-    ("N32-noD-c96", 1, 96, 500, 32, 0, "cf", 96, False, False),
+    ("N8-c64", 2, 64, 304, 8, 0, "cf", 64, True, True),
+    ("N32-noD-c96", 1, 96, 504, 32, 0, "cf", 96, False, False),
     ("L22528-auto-grouped", 1, 768, 22528, 16, 2, "cf", None, True, True),
 ]
+
+
+def pipelined_layout(L, layout, dtype):
+    return layout == "cf" and (L * torch.empty((), dtype=dtype).element_size()) % 16 == 0
 
 
 def chunk_inputs(b, ch, L, N, dtype, groups, layout, seed=0):
@@ -560,22 +565,29 @@ def chunk_inputs(b, ch, L, N, dtype, groups, layout, seed=0):
     return u, delta, A, B, C, r(ch, dt=torch.float32), r(ch, scale=0.3, dt=torch.float32)
 
 
+@pytest.mark.parametrize("kernel", ["general", "pipelined"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
-def test_chunk_scan_matches_reference(cuda_scan, case, dtype):
+def test_chunk_scan_matches_reference(cuda_scan, case, dtype, kernel):
     from ssamba.model.chunk_scan import chunk_scan_fn, plan_chunk_len
 
     fn = chunk_scan_fn(torch.device("cuda"))
     assert fn is not None, "the chunked scan did not build (see the warning)"
     name, b, ch, L, N, groups, layout, chunk_len, use_d, softplus = case
     u, delta, A, B, C, D, bias = chunk_inputs(b, ch, L, N, dtype, groups, layout)
+    if not softplus:
+        delta = delta.abs()  # dt >= 0 (a negative dt grows the state without bound)
     D, bias = (D, bias) if use_d else (None, None)
-    got = fn(u, delta, A, B, C, D, bias, softplus, chunk_len=chunk_len)
+    if kernel == "pipelined" and not pipelined_layout(L, layout, dtype):
+        with pytest.raises(RuntimeError, match="16-byte aligned"):
+            fn(u, delta, A, B, C, D, bias, softplus, chunk_len=chunk_len, kernel=kernel)
+        return
+    got = fn(u, delta, A, B, C, D, bias, softplus, chunk_len=chunk_len, kernel=kernel)
     want = selective_scan_ref(u, delta, A, B, C, D, None, bias, softplus)
     assert got.shape == want.shape and got.dtype == dtype
     err = rel_err(got, want)
     cl = chunk_len or plan_chunk_len(b, ch, L, torch.cuda.get_device_properties(0).multi_processor_count)
-    note(f"chunk scan {dtype_name(dtype)} {name} (b{b} ch{ch} L{L} N{N}, chunk {cl}, {-(-L // cl)} chunks): "
+    note(f"chunk scan {kernel} {dtype_name(dtype)} {name} (b{b} ch{ch} L{L} N{N}, chunk {cl}, {-(-L // cl)} chunks): "
          f"rel {err:.2e}")
     assert err <= TOL[dtype][0], err
 
@@ -592,11 +604,13 @@ def test_chunk_scan_parameter_rows_and_groups(cuda_scan):
     def rep(t):
         return t.view(dirs, 1, di, *t.shape[1:]).expand(dirs, batch, di, *t.shape[1:]).reshape(ch, *t.shape[1:])
 
-    got = chunk_scan(u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di, chunk_len=256)
     want = selective_scan_ref(u, delta, rep(A), B, C, rep(D), None, rep(bias), True)
-    err = rel_err(got, want)
-    note(f"chunk scan fp32 parameter rows (3 batch x 2 directions, 6 groups): rel {err:.2e}")
-    assert err <= TOL[torch.float32][0]
+    for kernel in ("general", "pipelined"):
+        got = chunk_scan(u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di, chunk_len=256,
+                         kernel=kernel)
+        err = rel_err(got, want)
+        note(f"chunk scan {kernel} fp32 parameter rows (3 batch x 2 directions, 6 groups): rel {err:.2e}")
+        assert err <= TOL[torch.float32][0]
 
 
 def test_encoder_with_chunk_scan_matches_mamba_scan(cuda_scan):

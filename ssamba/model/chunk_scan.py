@@ -46,6 +46,7 @@ BLOCK_SIZES = (128, 64, 32)
 THREADS_PER_SM = 1024  # threads to aim for per multiprocessor when choosing the number of chunks
 MIN_CHUNK = 4 * TILE
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+KERNELS = {"auto": 0, "pipelined": 1, "general": 2}
 
 _INT_FIELDS = ("batch channels length u_sb u_sc u_sl d_sb d_sc d_sl y_sb y_sc y_sl b_sb b_sg b_sn b_sl "
                "c_sb c_sg c_sn c_sl group_size p_rep p_div chunk_len n_chunks softplus").split()
@@ -117,7 +118,7 @@ def _load(arch: str) -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = ctypes.CDLL(str(build_library(arch)))
         lib.ssamba_chunk_scan.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                          ctypes.c_void_p]
+                                          ctypes.c_int, ctypes.c_void_p]
         lib.ssamba_chunk_scan.restype = ctypes.c_int
         lib.ssamba_chunk_scan_error.argtypes = [ctypes.c_int]
         lib.ssamba_chunk_scan_error.restype = ctypes.c_char_p
@@ -195,15 +196,21 @@ def _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period):
 def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
                delta_softplus: bool = False, param_repeat: int = 1, param_period: int | None = None,
-               chunk_len: int | None = None, block_d: int | None = None) -> torch.Tensor:
+               chunk_len: int | None = None, block_d: int | None = None, kernel: str = "auto") -> torch.Tensor:
     """Selective scan forward on CUDA; returns ``y`` of ``u``'s shape and dtype (channel-first, contiguous).
 
     ``u, delta: (batch, channels, L)``, any strides; ``A: (rows, N)``; ``B, C: (batch, N, L)`` or
     ``(batch, groups, N, L)``, any strides; ``D``, ``delta_bias``: ``(rows,)``. Channel ``c`` uses
     parameter row ``(c // (param_repeat * param_period)) * param_period + c % param_period`` (default:
     row ``c``), so parameters repeated over a batch folded into the channels need not be copied.
+
+    ``kernel``: ``"pipelined"`` (tiles copied to shared memory asynchronously, double-buffered; needs every
+    row of ``u``, ``delta``, ``B``, ``C`` and ``y`` time-contiguous and 16-byte aligned, as in the fast
+    mixer), ``"general"`` (any strides), or ``"auto"`` (pipelined where the layout allows).
     """
     b, ch, L, n, groups, period = _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period)
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {tuple(KERNELS)}; got {kernel!r}")
     if u.dtype not in _DTYPES:
         raise ValueError(f"u must be float32, bfloat16 or float16; got {u.dtype}")
     if n not in STATE_SIZES:
@@ -239,9 +246,11 @@ def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
     lib = _library(device_arch(dev))
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
-        rc = lib.ssamba_chunk_scan(ctypes.byref(p), _DTYPES[dt], n, block_d, ctypes.c_void_p(stream))
+        rc = lib.ssamba_chunk_scan(ctypes.byref(p), _DTYPES[dt], n, block_d, KERNELS[kernel], ctypes.c_void_p(stream))
     if rc != 0:
-        why = {-1: "dtype", -2: "block size", -3: "state size"}.get(rc) or lib.ssamba_chunk_scan_error(rc).decode()
+        why = {-1: "dtype", -2: "block size", -3: "state size",
+               -4: "the pipelined kernel needs time-contiguous, 16-byte aligned rows"}.get(rc)
+        why = why or lib.ssamba_chunk_scan_error(rc).decode()
         raise RuntimeError(f"chunk_scan launch failed: {why} (code {rc})")
     return y
 
@@ -326,13 +335,15 @@ def benchmark(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dty
             ref = mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True)
             row["mamba_us"] = timed(lambda: mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True))
         auto = plan_chunk_len(1, ch, L, sms)
-        for cl in sorted({auto, 128, 256, 512, -(-L // TILE) * TILE}):
-            fn = lambda: chunk_scan(u, delta, A, Bm, Cm, D, bias, True, param_repeat=rep, param_period=768, chunk_len=cl)  # noqa: E731
-            y = fn()
-            key = "auto" if cl == auto else str(cl)
-            row[f"chunk_{key}_us"] = timed(fn)
-            if ref is not None:
-                row[f"chunk_{key}_maxdiff"] = (y.float() - ref.float()).abs().max().item()
+        for kernel in ("general", "pipelined"):
+            for cl in sorted({auto, 128, 256, 512, 1024, -(-L // TILE) * TILE}):
+                fn = lambda: chunk_scan(u, delta, A, Bm, Cm, D, bias, True, param_repeat=rep,  # noqa: E731
+                                        param_period=768, chunk_len=cl, kernel=kernel)
+                y = fn()
+                key = f"{kernel[0]}{cl}" + ("*" if cl == auto else "")
+                row[f"{key}_us"] = timed(fn)
+                if ref is not None:
+                    row[f"{key}_maxdiff"] = (y.float() - ref.float()).abs().max().item()
         row["auto_chunk_len"] = auto
         rows.append(row)
         print("[scan] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
