@@ -68,6 +68,20 @@ def test_groups_and_parameter_rows_without_repeats():
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_parameter_sets_and_a_log():
+    """A, D, delta_bias as pairs of per-direction tensors, A given as A_log: same as the concatenated rows."""
+    dirs, batch, di = 2, 2, 4
+    ch = dirs * batch * di
+    u, delta, A, B, C, D, bias = inputs(b=1, ch=ch, L=64, groups=dirs * batch, rows=dirs * di, seed=5)
+    want = CS.chunk_scan_emulated(u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di)
+    a_log = torch.log(-A)
+    got = CS.chunk_scan_emulated(u, delta, (a_log[:di], a_log[di:]), B, C, (D[:di], D[di:]), (bias[:di], bias[di:]),
+                                 True, param_repeat=batch, param_period=di, a_log=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="D must be given per set exactly when A is"):
+        CS.chunk_scan_emulated(u, delta, (a_log[:di], a_log[di:]), B, C, D, None, param_repeat=batch, param_period=di)
+
+
 def test_bad_shapes_name_the_argument():
     u, delta, A, B, C, D, bias = inputs()
     with pytest.raises(ValueError, match="A has 12 rows"):
@@ -81,16 +95,17 @@ def test_bad_shapes_name_the_argument():
 
 
 def test_chunk_plan():
-    # batch 1, 768 channels on 132 SMs: many chunks, each a multiple of the tile and not too short
-    c = CS.plan_chunk_len(1, 768, 22528, 132)
-    assert c % CS.TILE == 0 and CS.MIN_CHUNK <= c < 22528
-    assert 22528 / c >= 132 * CS.THREADS_PER_SM / 768 / 2
-    # enough threads from the batch alone: one chunk covering the (tile-rounded) sequence
-    many = 2 * 132 * CS.THREADS_PER_SM // 768
-    assert CS.plan_chunk_len(many, 768, 22001, 132) == 22016
-    # short sequences: never below the minimum chunk, nor beyond the sequence
-    assert CS.plan_chunk_len(1, 32, 200, 132) == CS.MIN_CHUNK
-    assert CS.plan_chunk_len(1, 32, 40, 132) == 64
+    sms = 132
+    # batch 1, 768 channels: chunks of the minimum length (the measured best on an H200)
+    assert CS.plan_chunk_len(1, 768, 22528, sms) == CS.MIN_CHUNK
+    # 16 x 768 channels: a few chunks, each a multiple of the tile
+    c = CS.plan_chunk_len(16, 768, 22528, sms)
+    assert c % CS.TILE == 0 and CS.MIN_CHUNK < c < 22528 and 16 * 768 * (-(-22528 // c)) >= sms * CS.THREADS_PER_SM
+    # enough channel threads alone: one chunk covering the (tile-rounded) sequence
+    assert CS.plan_chunk_len(64, 768, 22001, sms) == 22016
+    # short sequences: never beyond the sequence
+    assert CS.plan_chunk_len(1, 32, 200, sms) == 224
+    assert CS.plan_chunk_len(1, 32, 1000, sms) == CS.MIN_CHUNK
 
 
 def mixer(bimamba=True):

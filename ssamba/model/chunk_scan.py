@@ -43,19 +43,21 @@ SOURCE = Path(__file__).with_name("csrc") / "chunk_scan.cu"
 TILE = 32  # time steps per shared-memory tile (TT in the .cu file); chunk lengths are multiples of it
 STATE_SIZES = (8, 16, 32)
 BLOCK_SIZES = (128, 64, 32)
-THREADS_PER_SM = 1024  # threads to aim for per multiprocessor when choosing the number of chunks
-MIN_CHUNK = 4 * TILE
+THREADS_PER_SM = 2048  # threads to aim for per multiprocessor when choosing the number of chunks
+ONE_PASS_THREADS_PER_SM = 256  # from this many channel threads per multiprocessor: one chunk, one pass
+MIN_CHUNK = 8 * TILE
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KERNELS = {"auto": 0, "pipelined": 1, "general": 2}
 
 _INT_FIELDS = ("batch channels length u_sb u_sc u_sl d_sb d_sc d_sl y_sb y_sc y_sl b_sb b_sg b_sn b_sl "
-               "c_sb c_sg c_sn c_sl group_size p_rep p_div chunk_len n_chunks softplus").split()
+               "c_sb c_sg c_sn c_sl group_size p_rep p_div chunk_len n_chunks softplus a_log").split()
 
 
 class _Params(ctypes.Structure):
     """Mirror of ``struct Params`` in chunk_scan.cu (every field 8 bytes, same order)."""
 
-    _fields_ = ([(name, ctypes.c_void_p) for name in ("u", "delta", "B", "C", "A", "D", "bias", "y", "state", "dsum")]
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("u", "delta", "B", "C", "A", "D", "bias", "A1", "D1", "bias1",
+                                                       "y", "state", "dsum")]
                 + [(name, ctypes.c_int64) for name in _INT_FIELDS])
 
 
@@ -154,30 +156,45 @@ def chunk_scan_fn(device: torch.device | None = None) -> Callable | None:
     return chunk_scan
 
 
-def plan_chunk_len(batch: int, channels: int, length: int, sm_count: int,
-                   threads_per_sm: int = THREADS_PER_SM) -> int:
-    """Chunk length (a multiple of :data:`TILE`) giving about ``sm_count * threads_per_sm`` threads.
+def plan_chunk_len(batch: int, channels: int, length: int, sm_count: int) -> int:
+    """Chunk length (a multiple of :data:`TILE`): one chunk (a single pass) when ``batch * channels``
+    threads reach :data:`ONE_PASS_THREADS_PER_SM` per multiprocessor, else chunks of at least
+    :data:`MIN_CHUNK` steps, enough of them for :data:`THREADS_PER_SM` threads per multiprocessor.
 
-    One chunk (no extra pass) when ``batch * channels`` threads alone come near that; never chunks
-    shorter than :data:`MIN_CHUNK` steps.
+    Measured on an H200 (132 SMs, bf16, 22528 steps, pipelined kernel; ``python -m
+    ssamba.model.chunk_scan``): 768 channels, best at chunks of 256 (250 us; one chunk 4.6 ms); 12288
+    channels, chunks of 512-1024 (3.3 ms; one chunk 4.7 ms); 49152 channels, one chunk (8.0 ms; two
+    chunks 11.2 ms).
     """
     whole = -(-length // TILE) * TILE
-    n = (sm_count * threads_per_sm) // max(1, batch * channels)
-    if n < 2:
+    threads = batch * channels
+    if threads >= sm_count * ONE_PASS_THREADS_PER_SM:
         return whole
+    n = -(-(sm_count * THREADS_PER_SM) // threads)
     chunk = max(MIN_CHUNK, -(-length // n))
     return min(whole, -(-chunk // TILE) * TILE)
+
+
+def _sets(X) -> tuple:
+    """A parameter given as one tensor or as a pair of per-set tensors -> (set 0 or all, set 1 or None)."""
+    if isinstance(X, (tuple, list)):
+        if len(X) != 2:
+            raise ValueError(f"a parameter given per set must be a pair of tensors; got {len(X)}")
+        return X[0], X[1]
+    return X, None
 
 
 def _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period):
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} and {tuple(delta.shape)}")
     b, ch, L = u.shape
-    if A.dim() != 2:
-        raise ValueError(f"A must be (channels, N); got {tuple(A.shape)}")
-    rows, n = A.shape
-    period = rows if param_period is None else param_period
-    if rows * param_repeat != ch or rows % period:
+    A0, A1 = _sets(A)
+    if A0.dim() != 2 or (A1 is not None and A1.shape != A0.shape):
+        raise ValueError(f"A must be (rows, N), or a pair of equal (rows, N) tensors; got "
+                         f"{tuple(A0.shape)}" + ("" if A1 is None else f" and {tuple(A1.shape)}"))
+    rows, n = A0.shape[0] * (1 if A1 is None else 2), A0.shape[1]
+    period = (rows if A1 is None else A0.shape[0]) if param_period is None else param_period
+    if rows * param_repeat != ch or rows % period or (A1 is not None and period != A0.shape[0]):
         raise ValueError(f"A has {rows} rows; with param_repeat={param_repeat} and param_period={period} "
                          f"it must cover {ch} channels")
     for name, X in (("B", B), ("C", C)):
@@ -188,21 +205,31 @@ def _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period):
     if (C.shape[1] if C.dim() == 4 else 1) != groups or ch % groups:
         raise ValueError(f"B and C must have the same number of groups, dividing {ch} channels")
     for name, X in (("D", D), ("delta_bias", delta_bias)):
-        if X is not None and X.shape != (rows,):
-            raise ValueError(f"{name} must be ({rows},); got {tuple(X.shape)}")
+        X0, X1 = _sets(X)
+        if X0 is None:
+            continue
+        if (X1 is None) != (A1 is None):
+            raise ValueError(f"{name} must be given per set exactly when A is")
+        want = (rows,) if A1 is None else (period,)
+        if X0.shape != want or (X1 is not None and X1.shape != want):
+            raise ValueError(f"{name} must be {want} per set; got {tuple(X0.shape)}")
     return b, ch, L, n, groups, period
 
 
 def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
                delta_softplus: bool = False, param_repeat: int = 1, param_period: int | None = None,
-               chunk_len: int | None = None, block_d: int | None = None, kernel: str = "auto") -> torch.Tensor:
+               chunk_len: int | None = None, block_d: int | None = None, kernel: str = "auto",
+               a_log: bool = False) -> torch.Tensor:
     """Selective scan forward on CUDA; returns ``y`` of ``u``'s shape and dtype (channel-first, contiguous).
 
     ``u, delta: (batch, channels, L)``, any strides; ``A: (rows, N)``; ``B, C: (batch, N, L)`` or
     ``(batch, groups, N, L)``, any strides; ``D``, ``delta_bias``: ``(rows,)``. Channel ``c`` uses
     parameter row ``(c // (param_repeat * param_period)) * param_period + c % param_period`` (default:
     row ``c``), so parameters repeated over a batch folded into the channels need not be copied.
+    ``A``, ``D`` and ``delta_bias`` may also be pairs ``(set 0, set 1)`` of ``param_period`` rows each
+    (e.g. a bidirectional mixer's two parameter sets, without concatenating them); with ``a_log`` the
+    ``A`` tensors hold ``log(-A)`` (the ``A_log`` parameters) and ``A = -exp(A_log)`` is taken in the kernel.
 
     ``kernel``: ``"pipelined"`` (tiles copied to shared memory asynchronously, double-buffered; needs every
     row of ``u``, ``delta``, ``B``, ``C`` and ``y`` time-contiguous and 16-byte aligned, as in the fast
@@ -217,9 +244,11 @@ def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
         raise ValueError(f"chunk_scan supports N in {STATE_SIZES}; got {n}")
     dt = u.dtype
     delta, B, C = (X if X.dtype == dt else X.to(dt) for X in (delta, B, C))
-    A = A.float().contiguous()
-    D = None if D is None else D.float().contiguous()
-    delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+
+    def f32(X):
+        return None if X is None else X.float().contiguous()
+
+    (A0, A1), (D0, D1), (bias0, bias1) = ((f32(x) for x in _sets(X)) for X in (A, D, delta_bias))
     gsize = ch // groups
     if block_d is None:
         block_d = next((s for s in BLOCK_SIZES if gsize % s == 0), None)
@@ -236,12 +265,12 @@ def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
     dsum = torch.empty((b, n_chunks, ch) if n_chunks > 1 else (1,), dtype=torch.float32, device=dev)
     B4 = B if B.dim() == 4 else B.unsqueeze(1)
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
+    ptr = lambda X: None if X is None else X.data_ptr()  # noqa: E731
     p = _Params(
-        u.data_ptr(), delta.data_ptr(), B4.data_ptr(), C4.data_ptr(), A.data_ptr(),
-        None if D is None else D.data_ptr(), None if delta_bias is None else delta_bias.data_ptr(),
-        y.data_ptr(), state.data_ptr(), dsum.data_ptr(),
+        u.data_ptr(), delta.data_ptr(), B4.data_ptr(), C4.data_ptr(), ptr(A0), ptr(D0), ptr(bias0),
+        ptr(A1), ptr(D1), ptr(bias1), y.data_ptr(), state.data_ptr(), dsum.data_ptr(),
         b, ch, L, *u.stride(), *delta.stride(), *y.stride(), *B4.stride(), *C4.stride(),
-        gsize, param_repeat, period, chunk_len, n_chunks, int(delta_softplus),
+        gsize, param_repeat, period, chunk_len, n_chunks, int(delta_softplus), int(a_log),
     )
     lib = _library(device_arch(dev))
     with torch.cuda.device(dev):
@@ -256,10 +285,15 @@ def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
 
 
 def chunk_scan_emulated(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, param_repeat=1,
-                        param_period=None, chunk_len: int = TILE, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                        param_period=None, chunk_len: int = TILE, dtype: torch.dtype = torch.float64,
+                        a_log: bool = False, **_kernel_options) -> torch.Tensor:
     """The kernel's three passes in torch (any device), in ``dtype``: for testing the chunk algebra and
-    the parameter/group indexing on CPU. Returns ``y`` in ``u``'s dtype."""
+    the parameter/set/group indexing on CPU. Returns ``y`` in ``u``'s dtype."""
     b, ch, L, n, groups, period = _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period)
+    A, D, delta_bias = (None if X is None or _sets(X)[0] is None else
+                        torch.cat([x.to(dtype) for x in _sets(X) if x is not None]) for X in (A, D, delta_bias))
+    if a_log:
+        A = -torch.exp(A)
     c = torch.arange(ch, device=u.device)
     prow = (c // (param_repeat * period)) * period + c % period
     A_c = A.to(dtype)[prow]  # (ch, N)
@@ -293,8 +327,8 @@ def chunk_scan_emulated(u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
     return y.to(u.dtype)
 
 
-def benchmark(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dtype = torch.bfloat16,
-              repeats: int = 20) -> list[dict]:
+def benchmark(shapes: list[tuple[int, int]] | None = None, dtype: torch.dtype = torch.bfloat16,
+              repeats: int = 20, kernels: tuple[str, ...] = ("pipelined",)) -> list[dict]:
     """Time mamba-ssm's ``selective_scan_fn`` against :func:`chunk_scan` (several chunk lengths) on
     random inputs shaped like the fast mixer's (``(1, channels, L)``, 2 groups); prints a table."""
     from ssamba.model.kernels import _cuda_scan
@@ -335,7 +369,7 @@ def benchmark(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dty
             ref = mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True)
             row["mamba_us"] = timed(lambda: mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True))
         auto = plan_chunk_len(1, ch, L, sms)
-        for kernel in ("general", "pipelined"):
+        for kernel in kernels:
             for cl in sorted({auto, 128, 256, 512, 1024, -(-L // TILE) * TILE}):
                 fn = lambda: chunk_scan(u, delta, A, Bm, Cm, D, bias, True, param_repeat=rep,  # noqa: E731
                                         param_period=768, chunk_len=cl, kernel=kernel)
@@ -354,4 +388,6 @@ def benchmark(shapes: list[tuple[int, int, int]] | None = None, dtype: torch.dty
 
 
 if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
-    benchmark()
+    import sys
+
+    benchmark(kernels=("general", "pipelined") if "--general" in sys.argv else ("pipelined",))

@@ -145,8 +145,15 @@ class Mamba(nn.Module):
         x = torch.matmul(w_in[:di], hs.transpose(-1, -2))  # (g, B, di, Lp), channel-first
         z = torch.matmul(w_in[di:], hidden.transpose(1, 2))  # (B, di, L), the gate in the given order
         rows = g * b * di
-        w = torch.cat([p[0].weight.squeeze(1).repeat(b, 1) for p, _ in groups])  # (g B di, W)
-        bias = torch.cat([p[0].bias.repeat(b) for p, _ in groups])
+
+        def rep(t):  # per (direction, channel) (g di, ...) -> per (direction, batch, channel) (g b di, ...)
+            return t if b == 1 else t.view(g, 1, di, *t.shape[1:]).expand(g, b, di, *t.shape[1:]).reshape(rows, *t.shape[1:])
+
+        def per_direction(ts):
+            return ts[0] if len(ts) == 1 else torch.cat(ts)
+
+        w = rep(per_direction([p[0].weight.squeeze(1) for p, _ in groups]))  # (g B di, W)
+        bias = rep(per_direction([p[0].bias for p, _ in groups]))
         u = self._conv(x.reshape(1, rows, lp), w, bias, activation="silu")  # (1, g B di, Lp)
         wx = torch.stack([p[1].weight for p, _ in groups]).unsqueeze(1)  # (g, 1, R + 2N, di)
         x_dbl = torch.matmul(wx, u.view(g, b, di, lp))  # (g, B, R + 2N, Lp)
@@ -154,19 +161,21 @@ class Mamba(nn.Module):
         bmat, cmat = grouped[:, :, r:r + n], grouped[:, :, r + n:]  # (1, g B, N, Lp)
         wdt = torch.stack([p[2].weight for p, _ in groups]).unsqueeze(1)  # (g, 1, di, R)
         delta = torch.matmul(wdt, x_dbl[:, :, :r]).view(1, rows, lp)
-        # parameters per (direction, channel); a batch folded into the channels repeats them
-        A = torch.cat([-torch.exp(p[3].float()) for p, _ in groups])  # (g di, N)
-        D = torch.cat([p[4].float() for p, _ in groups])
-        delta_bias = torch.cat([p[2].bias.float() for p, _ in groups])
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, bmat, A, D, delta_bias))
+        # parameters per (direction, channel); the batch folded into the channels repeats them
+        A_logs = [p[3] for p, _ in groups]
+        Ds = [p[4] for p, _ in groups]
+        biases = [p[2].bias for p, _ in groups]
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, bmat, *A_logs, *Ds, *biases))
         cs = chunk_scan_fn(u.device) if self.chunk_scan and not needs_grad else None
-        if cs is not None:  # inference: indexes the parameter rows, no repeats
-            y = cs(u, delta, A, bmat, cmat, D, delta_bias, delta_softplus=True, param_repeat=b, param_period=di)
+        if cs is not None:  # inference: the kernel reads each direction's parameters where they are
+            def sets(ts):
+                return ts[0] if g == 1 else tuple(ts)
+            y = cs(u, delta, sets(A_logs), bmat, cmat, sets(Ds), sets(biases), delta_softplus=True,
+                   param_repeat=b, param_period=di, a_log=True)
         else:
-            def rep(t):  # (g di, ...) -> (g b di, ...)
-                return t.view(g, 1, di, *t.shape[1:]).expand(g, b, di, *t.shape[1:]).reshape(rows, *t.shape[1:])
-            y = self._scan(u, delta, rep(A), bmat, cmat, rep(D), z=None, delta_bias=rep(delta_bias),
-                           delta_softplus=True)
+            A = rep(per_direction([-torch.exp(a.float()) for a in A_logs]))
+            y = self._scan(u, delta, A, bmat, cmat, rep(per_direction([d.float() for d in Ds])), z=None,
+                           delta_bias=rep(per_direction([x.float() for x in biases])), delta_softplus=True)
         y = y.view(g, b, di, lp)
         scale = 0.5 if g > 1 and self.divide_out else 1.0
         revs = [rev for _, rev in groups]

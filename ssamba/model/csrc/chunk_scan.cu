@@ -32,6 +32,9 @@ struct Params {
   const float* A;     // (param rows, N), negative
   const float* D;     // (param rows,) or null
   const float* bias;  // (param rows,) or null
+  const float* A1;     // optional second parameter set (e.g. the backward direction): rows of set 1
+  const float* D1;     // are read from A1/D1/bias1 instead of A/D/bias rows p_div..2 p_div-1
+  const float* bias1;
   void* y;
   float* state;  // (batch, n_chunks, channels, N): end states, then (after carry) entering states
   float* dsum;   // (batch, n_chunks, channels): sum of dt over each chunk
@@ -42,11 +45,12 @@ struct Params {
   int64_t b_sb, b_sg, b_sn, b_sl;
   int64_t c_sb, c_sg, c_sn, c_sl;
   int64_t group_size;  // channels per B/C group
-  int64_t p_rep;       // parameter row of channel c: (c / (p_rep * p_div)) * p_div + c % p_div
+  int64_t p_rep;       // parameter row of channel c: set (c / (p_rep * p_div)), row c % p_div in the set
   int64_t p_div;
   int64_t chunk_len;   // a multiple of TT
   int64_t n_chunks;
   int64_t softplus;
+  int64_t a_log;  // A holds log(-A) (the A_log parameter): A = -exp(A_log)
 };
 
 namespace {
@@ -63,8 +67,29 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half(v); }
 
-__device__ __forceinline__ int64_t param_row(const Params& p, int64_t c) {
-  return (c / (p.p_rep * p.p_div)) * p.p_div + c % p.p_div;
+// Parameters of channel c: set k = c / (p_rep * p_div), row i = c % p_div of the set; a set is rows
+// k * p_div + i of A/D/bias, except set 1 when A1 is given (then row i of A1/D1/bias1).
+struct ChannelParams {
+  const float* a;  // N values (A or A_log)
+  float d, bias;
+};
+__device__ __forceinline__ ChannelParams channel_params(const Params& p, int64_t c, int n_state) {
+  const int64_t set = c / (p.p_rep * p.p_div), i = c % p.p_div;
+  ChannelParams cp;
+  if (set == 1 && p.A1 != nullptr) {
+    cp.a = p.A1 + i * n_state;
+    cp.d = p.D1 ? p.D1[i] : 0.f;
+    cp.bias = p.bias1 ? p.bias1[i] : 0.f;
+  } else {
+    const int64_t row = set * p.p_div + i;
+    cp.a = p.A + row * n_state;
+    cp.d = p.D ? p.D[row] : 0.f;
+    cp.bias = p.bias ? p.bias[row] : 0.f;
+  }
+  return cp;
+}
+__device__ __forceinline__ float a_log2(const Params& p, float a) {  // A * log2(e)
+  return (p.a_log ? -expf(a) : a) * kLog2e;
 }
 
 // Tile of BD channels x TT steps from global (element (c, t) at base[c * sc + t * sl]) into s[t][c]
@@ -133,14 +158,14 @@ __global__ void __launch_bounds__(BD) scan_kernel(Params p) {
   const int64_t bi = blockIdx.z;
   const int64_t c = c0 + threadIdx.x;
   const int64_t g = c0 / p.group_size;
-  const int64_t prow = param_row(p, c);
+  const ChannelParams cp = channel_params(p, c, N);
   const bool softplus = p.softplus != 0;
 
   float a2[N], h[N];
 #pragma unroll
-  for (int n = 0; n < N; ++n) a2[n] = p.A[prow * N + n] * kLog2e;
-  const float dskip = p.D ? p.D[prow] : 0.f;
-  const float bias = p.bias ? p.bias[prow] : 0.f;
+  for (int n = 0; n < N; ++n) a2[n] = a_log2(p, cp.a[n]);
+  const float dskip = cp.d;
+  const float bias = cp.bias;
   if (kOut && p.n_chunks > 1) {
     const float* st = p.state + ((bi * p.n_chunks + chunk) * p.channels + c) * N;
 #pragma unroll
@@ -310,14 +335,14 @@ __global__ void __launch_bounds__(BD) scan_kernel_async(Params p) {
   const int64_t bi = blockIdx.z;
   const int64_t c = c0 + threadIdx.x;
   const int64_t g = c0 / p.group_size;
-  const int64_t prow = param_row(p, c);
+  const ChannelParams cp = channel_params(p, c, N);
   const bool softplus = p.softplus != 0;
 
   float a2[N], h[N];
 #pragma unroll
-  for (int n = 0; n < N; ++n) a2[n] = p.A[prow * N + n] * kLog2e;
-  const float dskip = p.D ? p.D[prow] : 0.f;
-  const float bias = p.bias ? p.bias[prow] : 0.f;
+  for (int n = 0; n < N; ++n) a2[n] = a_log2(p, cp.a[n]);
+  const float dskip = cp.d;
+  const float bias = cp.bias;
   if (kOut && p.n_chunks > 1) {
     const float* st = p.state + ((bi * p.n_chunks + chunk) * p.channels + c) * N;
 #pragma unroll
@@ -462,7 +487,7 @@ __global__ void carry_kernel(Params p) {
   const int n = (int)(i % N);
   const int64_t c = (i / N) % p.channels;
   const int64_t bi = i / (N * p.channels);
-  const float a2 = p.A[param_row(p, c) * N + n] * kLog2e;
+  const float a2 = a_log2(p, channel_params(p, c, N).a[n]);
   const int64_t nc = p.n_chunks;
   float h = 0.f;
   for (int64_t k0 = 0; k0 < nc; k0 += kUnroll) {
