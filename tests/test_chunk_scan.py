@@ -96,16 +96,22 @@ def test_bad_shapes_name_the_argument():
 
 def test_chunk_plan():
     sms = 132
-    # batch 1, 768 channels: chunks of the minimum length (the measured best on an H200)
-    assert CS.plan_chunk_len(1, 768, 22528, sms) == CS.MIN_CHUNK
+    # batch 1, 768 channels, 22528 steps: chunks of 256 (the measured best on an H200)
+    assert CS.plan_chunk_len(1, 768, 22528, sms) == 256
+    # shorter: never below the minimum chunk
+    assert CS.plan_chunk_len(1, 768, 8192, sms) == CS.MIN_CHUNK
     # 16 x 768 channels: a few chunks, each a multiple of the tile
     c = CS.plan_chunk_len(16, 768, 22528, sms)
-    assert c % CS.TILE == 0 and CS.MIN_CHUNK < c < 22528 and 16 * 768 * (-(-22528 // c)) >= sms * CS.THREADS_PER_SM
+    assert c % CS.TILE == 0 and 256 < c < 22528 and 16 * 768 * (-(-22528 // c)) >= sms * CS.THREADS_PER_SM
     # enough channel threads alone: one chunk covering the (tile-rounded) sequence
     assert CS.plan_chunk_len(64, 768, 22001, sms) == 22016
-    # short sequences: never beyond the sequence
-    assert CS.plan_chunk_len(1, 32, 200, sms) == 224
-    assert CS.plan_chunk_len(1, 32, 1000, sms) == CS.MIN_CHUNK
+    assert CS.plan_chunk_len(1, 32, 100, sms) == 128
+
+
+def test_small_scans_stay_on_mamba_ssm():
+    sms = 132
+    assert CS.worthwhile(768, 22528, sms) and CS.worthwhile(768, 8192, sms) and CS.worthwhile(64 * 768, 512, sms)
+    assert not CS.worthwhile(768, 1024, sms) and not CS.worthwhile(2 * 384, 513, sms)
 
 
 def mixer(bimamba=True):
@@ -128,7 +134,7 @@ def test_fast_mixer_uses_chunked_scan_at_inference_only(monkeypatch, bimamba, re
         calls.append(1)
         return CS.chunk_scan_emulated(*a, chunk_len=32, **kw)
 
-    monkeypatch.setattr(mixer_mod, "chunk_scan_fn", lambda device=None: emulated)
+    monkeypatch.setattr(mixer_mod, "chunk_scan_fn", lambda device=None, threads=None, length=None: emulated)
     m = mixer(bimamba)
     x = torch.randn(3, 77, m.in_proj.in_features)
     m.fast = False

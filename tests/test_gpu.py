@@ -613,17 +613,28 @@ def test_chunk_scan_parameter_rows_and_groups(cuda_scan):
         assert err <= TOL[torch.float32][0]
 
 
-def test_encoder_with_chunk_scan_matches_mamba_scan(cuda_scan):
+def test_encoder_with_chunk_scan_matches_mamba_scan(cuda_scan, monkeypatch):
+    import ssamba.model.chunk_scan as CS
+
+    monkeypatch.setattr(CS, "MIN_THREADS_PER_SM", 0)  # 513 tokens is below where the mixer would use it
+    calls = []
+    real = CS.chunk_scan
+    monkeypatch.setattr(CS, "chunk_scan", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     model, set_speedups = _tokens_model(Geometry(128, 1024))
     g = torch.Generator(device="cuda").manual_seed(2)
     fbank = torch.randn(2, 1024, 128, generator=g, device="cuda")
-    out = {}
+    out, used = {}, {}
     with torch.no_grad():
         for on in (False, True):
             set_speedups(model, fuse_directions=True, pad=True, chunk_scan=on)
+            n0 = len(calls)
             out[on] = model.encode(fbank)
+            n1 = len(calls)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out[on, "bf16"] = model.encode(fbank).float()
+            used[on] = (n1 - n0, len(calls) - n1)
+    note(f"encoder chunked-scan calls (fp32, bf16): off {used[False]}, on {used[True]}")
+    assert used[False] == (0, 0) and min(used[True]) > 0, used
     err, err16 = float((out[True] - out[False]).abs().max()), float((out[True, "bf16"] - out[False, "bf16"]).abs().max())
     calib = float((out[False, "bf16"] - out[False]).abs().max())
     note(f"encoder 513 tokens, chunked scan vs mamba-ssm scan: fp32 max|diff| {err:.2e}; bf16 {err16:.2e} "

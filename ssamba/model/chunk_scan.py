@@ -43,9 +43,12 @@ SOURCE = Path(__file__).with_name("csrc") / "chunk_scan.cu"
 TILE = 32  # time steps per shared-memory tile (TT in the .cu file); chunk lengths are multiples of it
 STATE_SIZES = (8, 16, 32)
 BLOCK_SIZES = (128, 64, 32)
-THREADS_PER_SM = 2048  # threads to aim for per multiprocessor when choosing the number of chunks
+THREADS_PER_SM = 512  # threads to aim for per multiprocessor when choosing the number of chunks
 ONE_PASS_THREADS_PER_SM = 256  # from this many channel threads per multiprocessor: one chunk, one pass
-MIN_CHUNK = 8 * TILE
+MIN_CHUNK = 4 * TILE
+# below this many (channel, chunk) threads per multiprocessor mamba-ssm's scan is faster (e.g. 768 channels
+# x 1024 steps on an H200: 39 us against 88 us); see chunk_scan_fn
+MIN_THREADS_PER_SM = 256
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KERNELS = {"auto": 0, "pipelined": 1, "general": 2}
 
@@ -136,15 +139,31 @@ def _library(arch: str) -> ctypes.CDLL:
     return lib
 
 
-def chunk_scan_fn(device: torch.device | None = None) -> Callable | None:
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def worthwhile(threads: int, length: int, sm_count: int) -> bool:
+    """Whether ``threads`` channels (batch x channels) of ``length`` steps give the chunked scan enough
+    (channel, chunk) pairs to beat mamba-ssm's kernel (:data:`MIN_THREADS_PER_SM` per multiprocessor)."""
+    return threads * -(-length // MIN_CHUNK) >= sm_count * MIN_THREADS_PER_SM
+
+
+def chunk_scan_fn(device: torch.device | None = None, threads: int | None = None,
+                  length: int | None = None) -> Callable | None:
     """:func:`chunk_scan` where it can run on ``device`` (compiling it on first use), else ``None``.
 
-    ``None`` for a CPU device, without CUDA, with ``SSAMBA_CHUNK_SCAN=0``, or when the build fails (said
-    once, with nvcc's error; not retried in this process).
+    ``None`` for a CPU device, without CUDA, with ``SSAMBA_CHUNK_SCAN=0``, when the build fails (said
+    once, with nvcc's error; not retried in this process), or, given ``threads`` (batch x channels) and
+    ``length``, when the scan is too small for it to pay (:func:`worthwhile`).
     """
     if os.environ.get("SSAMBA_CHUNK_SCAN", "1") == "0" or not torch.cuda.is_available():
         return None
     if device is not None and torch.device(device).type != "cuda":
+        return None
+    index = None if device is None else torch.device(device).index
+    if threads is not None and length is not None and not worthwhile(threads, length, _sm_count(index)):
         return None
     arch = device_arch(device)
     lib, why = _load(arch)
@@ -161,10 +180,10 @@ def plan_chunk_len(batch: int, channels: int, length: int, sm_count: int) -> int
     threads reach :data:`ONE_PASS_THREADS_PER_SM` per multiprocessor, else chunks of at least
     :data:`MIN_CHUNK` steps, enough of them for :data:`THREADS_PER_SM` threads per multiprocessor.
 
-    Measured on an H200 (132 SMs, bf16, 22528 steps, pipelined kernel; ``python -m
-    ssamba.model.chunk_scan``): 768 channels, best at chunks of 256 (250 us; one chunk 4.6 ms); 12288
-    channels, chunks of 512-1024 (3.3 ms; one chunk 4.7 ms); 49152 channels, one chunk (8.0 ms; two
-    chunks 11.2 ms).
+    Measured on an H200 (132 SMs, bf16, pipelined kernel; ``python -m ssamba.model.chunk_scan``), 22528
+    steps: 768 channels, best at chunks of 256 (254 us; 128: 262 us; one chunk 4.6 ms); 12288 channels,
+    chunks of 512-1024 (3.3 ms; one chunk 4.7 ms); 49152 channels, one chunk (8.0 ms; two chunks 11.2 ms).
+    8192 steps, 768 channels: chunks of 128 (110 us; 256: 146 us).
     """
     whole = -(-length // TILE) * TILE
     threads = batch * channels

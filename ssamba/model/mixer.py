@@ -166,7 +166,7 @@ class Mamba(nn.Module):
         Ds = [p[4] for p, _ in groups]
         biases = [p[2].bias for p, _ in groups]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, bmat, *A_logs, *Ds, *biases))
-        cs = chunk_scan_fn(u.device) if self.chunk_scan and not needs_grad else None
+        cs = chunk_scan_fn(u.device, rows, lp) if self.chunk_scan and not needs_grad else None
         if cs is not None:  # inference: the kernel reads each direction's parameters where they are
             def sets(ts):
                 return ts[0] if g == 1 else tuple(ts)
