@@ -505,8 +505,9 @@ def test_cuda_graph_replays_the_eager_forward(cuda_scan):
     assert not torch.allclose(got1, got2)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "rows-1024-apart"])
 @pytest.mark.parametrize("revs", [[False, True], [True, False], [False], [True]])
-def test_triton_combine_gate_matches_torch(revs):
+def test_triton_combine_gate_matches_torch(revs, strided):
     from ssamba.model.kernels import combine_gate_fn
 
     fn = combine_gate_fn()
@@ -515,12 +516,13 @@ def test_triton_combine_gate_matches_torch(revs):
     g = torch.Generator(device="cuda").manual_seed(0)
     G, B, d, L, Lp = len(revs), 2, 48, 1000, 1024
     y = torch.randn(G, B, d, Lp, generator=g, device="cuda").to(torch.bfloat16)
-    z = torch.randn(B, d, L, generator=g, device="cuda").to(torch.bfloat16)
+    z = torch.randn(B, d, Lp if strided else L, generator=g, device="cuda").to(torch.bfloat16)[..., :L]
     scale = 0.5 if G > 1 else 1.0
     parts = [y[i, :, :, :L].float().flip(-1) if r else y[i, :, :, :L].float() for i, r in enumerate(revs)]
     want = sum(parts) * scale * torch.nn.functional.silu(z.float())
-    got = fn(y, z, L, revs, scale)
+    got = fn(y, z, L, revs, scale, out_stride=Lp if strided else None)
     assert got.dtype == torch.bfloat16 and got.shape == (B, d, L)
+    assert got.stride() == ((d * Lp, Lp, 1) if strided else (d * L, L, 1))
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=1e-2)
 
 

@@ -143,7 +143,13 @@ class Mamba(nn.Module):
             hs[:, :, length:] = 0  # finite values after the end: gradients through them stay finite
         w_in = self.in_proj.weight
         x = torch.matmul(w_in[:di], hs.transpose(-1, -2))  # (g, B, di, Lp), channel-first
-        z = torch.matmul(w_in[di:], hidden.transpose(1, 2))  # (B, di, L), the gate in the given order
+        # the gate in the given order, from the padded copy that reads it so (rows lp apart: 16-byte aligned
+        # operands keep cuBLAS on its fast kernels, e.g. at 22,001 tokens)
+        given = next((i for i, (_, rev) in enumerate(groups) if not rev), None)
+        if given is not None:
+            z = torch.matmul(w_in[di:], hs[given].transpose(-1, -2))[..., :length]  # (B, di, L), rows lp apart
+        else:
+            z = torch.matmul(w_in[di:], hidden.transpose(1, 2))  # (B, di, L)
         rows = g * b * di
 
         def rep(t):  # per (direction, channel) (g di, ...) -> per (direction, batch, channel) (g b di, ...)
@@ -181,7 +187,7 @@ class Mamba(nn.Module):
         revs = [rev for _, rev in groups]
         fused = combine_gate_fn() if y.is_cuda and not torch.is_grad_enabled() else None
         if fused is not None:
-            out = fused(y, z, length, revs, scale)
+            out = fused(y, z, length, revs, scale, out_stride=lp)
         else:
             parts = [y[i, :, :, :length].flip(-1) if rev else y[i, :, :, :length] for i, rev in enumerate(revs)]
             out = parts[0] + parts[1] if g > 1 else parts[0]
