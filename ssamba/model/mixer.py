@@ -187,14 +187,11 @@ class Mamba(nn.Module):
         revs = [rev for _, rev in groups]
         fused = combine_gate_fn() if y.is_cuda and not torch.is_grad_enabled() else None
         if fused is not None:
-            out = fused(y, z, length, revs, scale, out_stride=lp)  # (B, di, L), rows lp apart
-            # project all lp rows of its buffer (16-byte aligned, even count: cuBLAS's fast kernels; at
-            # 22,001 tokens the L rows took a 66 us sm75-generation kernel per layer on an H200), keep L
-            full = out.as_strided((b, di, lp), (di * lp, lp, 1), out.storage_offset())
-            return torch.matmul(full.transpose(1, 2), self.out_proj.weight.t())[:, :length]  # (B, L, D)
-        parts = [y[i, :, :, :length].flip(-1) if rev else y[i, :, :, :length] for i, rev in enumerate(revs)]
-        out = parts[0] + parts[1] if g > 1 else parts[0]
-        out = out * F.silu(z) * scale if scale != 1.0 else out * F.silu(z)
+            out = fused(y, z, length, revs, scale, out_stride=lp)
+        else:
+            parts = [y[i, :, :, :length].flip(-1) if rev else y[i, :, :, :length] for i, rev in enumerate(revs)]
+            out = parts[0] + parts[1] if g > 1 else parts[0]
+            out = out * F.silu(z) * scale if scale != 1.0 else out * F.silu(z)
         return torch.matmul(out.transpose(1, 2), self.out_proj.weight.t())  # (B, L, D)
 
     def _forward_ref(self, hidden: torch.Tensor) -> torch.Tensor:
