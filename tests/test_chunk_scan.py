@@ -185,12 +185,14 @@ def ctypes_size():
 
 
 @pytest.mark.skipif(CS.find_nvcc() is None, reason="nvcc not installed")
-def test_kernel_compiles_and_caches(tmp_path, monkeypatch):
+def test_kernel_compiles_and_caches(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SSAMBA_KERNEL_CACHE", str(tmp_path))
     path = CS.build_library("sm_90")
+    assert "compiling the chunked scan for sm_90" in capsys.readouterr().err  # said before the wait
     assert path.exists() and path.stat().st_size > 10_000
     mtime = path.stat().st_mtime_ns
     assert CS.build_library("sm_90") == path and path.stat().st_mtime_ns == mtime  # cached, not rebuilt
+    assert capsys.readouterr().err == ""
     assert not list(tmp_path.glob("*.tmp"))
     if shutil.which("nm"):  # the ctypes entry points are exported
         syms = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True).stdout

@@ -17,7 +17,7 @@ mixer uses it only when no gradient is needed. :func:`chunk_scan_emulated` runs 
 in torch, so the chunk algebra is tested on CPU; the CUDA kernel is tested against the reference on a GPU
 (``tests/test_gpu.py``).
 
-The kernel is compiled with ``nvcc`` on first use, for the local GPU's architecture only (about 20 s),
+The kernel is compiled with ``nvcc`` on first use, for the local GPU's architecture only (20-70 s on an H200 machine),
 into ``$SSAMBA_KERNEL_CACHE`` (default ``~/.cache/ssamba/kernels``), under a file lock so that parallel
 Ray workers compile it once, and loaded with ``ctypes``; it launches on torch's current stream, so it is
 captured by CUDA graphs. Where it cannot be built (no ``nvcc``, no GPU) :func:`chunk_scan_fn` returns
@@ -33,6 +33,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -102,8 +103,8 @@ def build_library(arch: str, nvcc: str | None = None, verbose: bool = False) -> 
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cmd = [nvcc, "-O3", "--use_fast_math", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
                "-cudart", "shared", "-o", str(tmp), str(SOURCE)]
-        if verbose:
-            print("[chunk_scan] " + " ".join(cmd), flush=True)
+        print(f"[chunk_scan] compiling the chunked scan for {arch} into {out_dir} (about a minute, once per "
+              "machine and source version)" + (": " + " ".join(cmd) if verbose else ""), file=sys.stderr, flush=True)
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -407,6 +408,4 @@ def benchmark(shapes: list[tuple[int, int]] | None = None, dtype: torch.dtype = 
 
 
 if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
-    import sys
-
     benchmark(kernels=("general", "pipelined") if "--general" in sys.argv else ("pipelined",))
