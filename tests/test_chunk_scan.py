@@ -217,3 +217,21 @@ def test_unbuildable_kernel_is_said_once_and_not_retried(monkeypatch):
     finally:
         CS._load.cache_clear()
         CS._warned.discard("sm_test")
+
+
+def test_device_facts_are_looked_up_once_per_device(monkeypatch):
+    """Architecture and SM count are asked at every scan call: cached per device index, not for 'current'."""
+    asked = []
+    props = type("Props", (), {"multi_processor_count": 132})()
+    monkeypatch.setattr(CS, "device_arch", lambda device=None: asked.append(("arch", device)) or "sm_90")
+    monkeypatch.setattr(CS.torch.cuda, "get_device_properties", lambda device=None: asked.append(("props", device)) or props)
+    CS._device_facts.cache_clear()
+    try:
+        for _ in range(3):
+            assert CS._facts(torch.device("cuda", 0)) == ("sm_90", 132)
+        assert asked == [("arch", 0), ("props", 0)]
+        CS._facts(torch.device("cuda"))  # the current device: asked again each time
+        CS._facts(torch.device("cuda"))
+        assert len(asked) == 6
+    finally:
+        CS._device_facts.cache_clear()

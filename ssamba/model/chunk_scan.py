@@ -141,8 +141,16 @@ def _library(arch: str) -> ctypes.CDLL:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int | None) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _device_facts(index: int) -> tuple[str, int]:
+    """(architecture, multiprocessor count) of CUDA device ``index``, cached: asked at every scan call."""
+    return device_arch(index), torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _facts(device: torch.device | None) -> tuple[str, int]:
+    index = None if device is None else torch.device(device).index
+    if index is None:  # "the current device", which can change: not cached
+        return device_arch(device), torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_facts(index)
 
 
 def worthwhile(threads: int, length: int, sm_count: int) -> bool:
@@ -163,10 +171,12 @@ def chunk_scan_fn(device: torch.device | None = None, threads: int | None = None
         return None
     if device is not None and torch.device(device).type != "cuda":
         return None
-    index = None if device is None else torch.device(device).index
-    if threads is not None and length is not None and not worthwhile(threads, length, _sm_count(index)):
-        return None
-    arch = device_arch(device)
+    if threads is not None and length is not None:
+        arch, sms = _facts(device)
+        if not worthwhile(threads, length, sms):
+            return None
+    else:
+        arch = device_arch(device)
     lib, why = _load(arch)
     if lib is None:
         if arch not in _warned:
@@ -275,8 +285,9 @@ def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
     if block_d is None or gsize % block_d:
         raise ValueError(f"chunk_scan needs channels per group ({gsize}) divisible by one of {BLOCK_SIZES}")
     dev = u.device
+    arch, sms = _facts(dev)
     if chunk_len is None:
-        chunk_len = plan_chunk_len(b, ch, L, torch.cuda.get_device_properties(dev).multi_processor_count)
+        chunk_len = plan_chunk_len(b, ch, L, sms)
     if chunk_len % TILE or chunk_len <= 0:
         raise ValueError(f"chunk_len must be a positive multiple of {TILE}; got {chunk_len}")
     n_chunks = max(1, -(-L // chunk_len))
@@ -292,7 +303,7 @@ def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
         b, ch, L, *u.stride(), *delta.stride(), *y.stride(), *B4.stride(), *C4.stride(),
         gsize, param_repeat, period, chunk_len, n_chunks, int(delta_softplus), int(a_log),
     )
-    lib = _library(device_arch(dev))
+    lib = _library(arch)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         rc = lib.ssamba_chunk_scan(ctypes.byref(p), _DTYPES[dt], n, block_d, KERNELS[kernel], ctypes.c_void_p(stream))
