@@ -515,10 +515,10 @@ def test_triton_combine_gate_matches_torch(revs, strided):
         pytest.skip("Triton unavailable")
     g = torch.Generator(device="cuda").manual_seed(0)
     G, B, d, L, Lp = len(revs), 2, 48, 1000, 1024
-    y = torch.randn(G, B, d, Lp, generator=g, device="cuda").to(torch.bfloat16)
+    y = torch.randn(B, G, d, Lp, generator=g, device="cuda").to(torch.bfloat16)
     z = torch.randn(B, d, Lp if strided else L, generator=g, device="cuda").to(torch.bfloat16)[..., :L]
     scale = 0.5 if G > 1 else 1.0
-    parts = [y[i, :, :, :L].float().flip(-1) if r else y[i, :, :, :L].float() for i, r in enumerate(revs)]
+    parts = [y[:, i, :, :L].float().flip(-1) if r else y[:, i, :, :L].float() for i, r in enumerate(revs)]
     want = sum(parts) * scale * torch.nn.functional.silu(z.float())
     got = fn(y, z, L, revs, scale, out_stride=Lp if strided else None)
     assert got.dtype == torch.bfloat16 and got.shape == (B, d, L)

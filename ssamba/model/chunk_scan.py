@@ -83,27 +83,28 @@ def find_nvcc() -> str | None:
     return None
 
 
-def build_library(arch: str, nvcc: str | None = None, verbose: bool = False) -> Path:
-    """Compile chunk_scan.cu for ``arch`` (e.g. ``sm_90``) unless the cache has it; returns the .so path."""
+def build_library(arch: str, nvcc: str | None = None, verbose: bool = False, source: Path = SOURCE) -> Path:
+    """Compile ``source`` (default chunk_scan.cu) for ``arch`` (e.g. ``sm_90``) unless the cache has it;
+    returns the .so path."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
-        raise KernelBuildError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): the chunked scan "
+        raise KernelBuildError(f"nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): {source.name} "
                                "cannot be compiled; mamba-ssm's scan is used instead")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"chunk_scan-{arch}-{key}.so"
+    out = out_dir / f"{source.stem}-{arch}-{key}.so"
     if out.exists():
         return out
-    with open(out_dir / f"chunk_scan-{arch}-{key}.lock", "w") as lock:
+    with open(out_dir / f"{source.stem}-{arch}-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same file
         if out.exists():
             return out
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         cmd = [nvcc, "-O3", "--use_fast_math", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
-               "-cudart", "shared", "-o", str(tmp), str(SOURCE)]
-        print(f"[chunk_scan] compiling the chunked scan for {arch} into {out_dir} (about a minute, once per "
+               "-cudart", "shared", "-o", str(tmp), str(source)]
+        print(f"[{source.stem}] compiling {source.name} for {arch} into {out_dir} (about a minute, once per "
               "machine and source version)" + (": " + " ".join(cmd) if verbose else ""), file=sys.stderr, flush=True)
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:

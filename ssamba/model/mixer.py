@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from ssamba.config import ModelConfig
 from ssamba.model.chunk_scan import chunk_scan_fn
 from ssamba.model.kernels import combine_gate_fn, conv_fn, scan_fn
+from ssamba.model.train_scan import supported as train_supported
+from ssamba.model.train_scan import train_scan_fn
 
 
 class Mamba(nn.Module):
@@ -77,6 +79,7 @@ class Mamba(nn.Module):
         self.pad_to_chunk = True
         self.pad_max_extra = 0.25  # pad only when it adds at most this fraction of the length
         self.chunk_scan = True  # inference on CUDA: the chunked scan (chunk_scan.py) instead of mamba-ssm's
+        self.train_scan = True  # training on CUDA: the checkpointed scan (train_scan.py) instead of mamba-ssm's
 
     @staticmethod
     def _a_log_init(di: int, n: int) -> torch.Tensor:
@@ -121,11 +124,13 @@ class Mamba(nn.Module):
     def _forward_fast(self, hidden: torch.Tensor, reverse: bool) -> torch.Tensor:
         """All directions in one conv and one scan call (module docstring).
 
-        Layout: each direction reads ``hidden`` in its own time order, padded at its end, as a group
-        ``(direction, batch)`` of ``d_inner`` channels of a single-sequence scan ``(1, G * B * d_inner, Lp)``
-        (the scan's ``B``/``C`` have one group per direction and batch element, so ``A``, ``D`` and the
-        biases can differ by direction). The projections write channel-first tensors directly (no
-        transposes), and the gate is applied once to the sum of the directions.
+        Layout: each direction reads ``hidden`` in its own time order, padded at its end; the directions
+        sit side by side as channels of each batch element, ``(B, G * d_inner, Lp)``, so that the conv and
+        the scan see ``B`` sequences of ``G * d_inner`` channels (their launch grids put the batch on the
+        unbounded axis and ``G * d_inner <= 3072`` channels on the 65,535-limited one, :func:`launch_rows`),
+        the scan's ``B``/``C`` have one group per direction, and each direction's parameters are read
+        where they are (no batch-repeated copies). The projections write channel-first tensors directly
+        (no transposes), and the gate is applied once to the sum of the directions.
         """
         b, length, d = hidden.shape
         di, n, r = self.d_inner, self.d_state, self.dt_rank
@@ -136,60 +141,60 @@ class Mamba(nn.Module):
         g = len(groups)
         lp = padded_length(length, self.pad_max_extra) if self.pad_to_chunk else length
         lp = -(-lp // 8) * 8  # also keeps causal-conv1d off its wrong-gradient lengths (kernels.padded_cuda_conv)
-        hs = hidden.new_empty(g, b, lp, d)  # each direction's input in its own time order
+        hs = hidden.new_empty(b, g, lp, d)  # each direction's input in its own time order
         for i, (_, rev) in enumerate(groups):
-            hs[i, :, :length] = hidden.flip(1) if rev else hidden
+            hs[:, i, :length] = hidden.flip(1) if rev else hidden
         if lp > length:
             hs[:, :, length:] = 0  # finite values after the end: gradients through them stay finite
         w_in = self.in_proj.weight
-        x = torch.matmul(w_in[:di], hs.transpose(-1, -2))  # (g, B, di, Lp), channel-first
+        x = torch.matmul(w_in[:di], hs.transpose(-1, -2))  # (B, g, di, Lp), channel-first
         # the gate in the given order, from the padded copy that reads it so (rows lp apart: 16-byte aligned
         # operands keep cuBLAS on its fast kernels, e.g. at 22,001 tokens)
         given = next((i for i, (_, rev) in enumerate(groups) if not rev), None)
         if given is not None:
-            z = torch.matmul(w_in[di:], hs[given].transpose(-1, -2))[..., :length]  # (B, di, L), rows lp apart
+            z = torch.matmul(w_in[di:], hs[:, given].transpose(-1, -2))[..., :length]  # (B, di, L), rows lp apart
         else:
             z = torch.matmul(w_in[di:], hidden.transpose(1, 2))  # (B, di, L)
-        rows = g * b * di
+        ch = g * di
 
-        def rep(t):  # per (direction, channel) (g di, ...) -> per (direction, batch, channel) (g b di, ...)
-            return t if b == 1 else t.view(g, 1, di, *t.shape[1:]).expand(g, b, di, *t.shape[1:]).reshape(rows, *t.shape[1:])
-
-        def per_direction(ts):
+        def per_direction(ts):  # per (direction, channel): (g di, ...)
             return ts[0] if len(ts) == 1 else torch.cat(ts)
 
-        w = rep(per_direction([p[0].weight.squeeze(1) for p, _ in groups]))  # (g B di, W)
-        bias = rep(per_direction([p[0].bias for p, _ in groups]))
-        u = self._conv(x.reshape(1, rows, lp), w, bias, activation="silu")  # (1, g B di, Lp)
-        wx = torch.stack([p[1].weight for p, _ in groups]).unsqueeze(1)  # (g, 1, R + 2N, di)
-        x_dbl = torch.matmul(wx, u.view(g, b, di, lp))  # (g, B, R + 2N, Lp)
-        grouped = x_dbl.view(1, g * b, r + 2 * n, lp)
-        bmat, cmat = grouped[:, :, r:r + n], grouped[:, :, r + n:]  # (1, g B, N, Lp)
-        wdt = torch.stack([p[2].weight for p, _ in groups]).unsqueeze(1)  # (g, 1, di, R)
-        delta = torch.matmul(wdt, x_dbl[:, :, :r]).view(1, rows, lp)
-        # parameters per (direction, channel); the batch folded into the channels repeats them
+        w = per_direction([p[0].weight.squeeze(1) for p, _ in groups])  # (g di, W)
+        bias = per_direction([p[0].bias for p, _ in groups])
+        u = self._conv(x.view(b, ch, lp), w, bias, activation="silu")  # (B, g di, Lp)
+        wx = torch.stack([p[1].weight for p, _ in groups])  # (g, R + 2N, di)
+        x_dbl = torch.matmul(wx, u.view(b, g, di, lp))  # (B, g, R + 2N, Lp)
+        bmat, cmat = x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]  # (B, g, N, Lp): one group per direction
+        wdt = torch.stack([p[2].weight for p, _ in groups])  # (g, di, R)
+        delta = torch.matmul(wdt, x_dbl[:, :, :r]).view(b, ch, lp)
         A_logs = [p[3] for p, _ in groups]
         Ds = [p[4] for p, _ in groups]
         biases = [p[2].bias for p, _ in groups]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, bmat, *A_logs, *Ds, *biases))
-        cs = chunk_scan_fn(u.device, rows, lp) if self.chunk_scan and not needs_grad else None
+        cs = chunk_scan_fn(u.device, b * ch, lp) if self.chunk_scan and not needs_grad else None
+        ts = train_scan_fn(u.device) if self.train_scan and cs is None else None
+        if ts is not None and train_supported(ch, g, di, n, b):
+            ts = None
         if cs is not None:  # inference: the kernel reads each direction's parameters where they are
             def sets(ts):
                 return ts[0] if g == 1 else tuple(ts)
             y = cs(u, delta, sets(A_logs), bmat, cmat, sets(Ds), sets(biases), delta_softplus=True,
-                   param_repeat=b, param_period=di, a_log=True)
+                   param_period=di, a_log=True)
+        elif ts is not None:  # one thread per channel, checkpointed states: forward and backward
+            y = ts(u, delta, tuple(A_logs), bmat, cmat, tuple(Ds), tuple(biases), delta_softplus=True, period=di)
         else:
-            A = rep(per_direction([-torch.exp(a.float()) for a in A_logs]))
-            y = self._scan(u, delta, A, bmat, cmat, rep(per_direction([d.float() for d in Ds])), z=None,
-                           delta_bias=rep(per_direction([x.float() for x in biases])), delta_softplus=True)
-        y = y.view(g, b, di, lp)
+            A = per_direction([-torch.exp(a.float()) for a in A_logs])
+            y = self._scan(u, delta, A, bmat, cmat, per_direction([d.float() for d in Ds]), z=None,
+                           delta_bias=per_direction([x.float() for x in biases]), delta_softplus=True)
+        y = y.view(b, g, di, lp)
         scale = 0.5 if g > 1 and self.divide_out else 1.0
         revs = [rev for _, rev in groups]
         fused = combine_gate_fn() if y.is_cuda and not torch.is_grad_enabled() else None
         if fused is not None:
             out = fused(y, z, length, revs, scale, out_stride=lp)
         else:
-            parts = [y[i, :, :, :length].flip(-1) if rev else y[i, :, :, :length] for i, rev in enumerate(revs)]
+            parts = [y[:, i, :, :length].flip(-1) if rev else y[:, i, :, :length] for i, rev in enumerate(revs)]
             out = parts[0] + parts[1] if g > 1 else parts[0]
             out = out * F.silu(z) * scale if scale != 1.0 else out * F.silu(z)
         return torch.matmul(out.transpose(1, 2), self.out_proj.weight.t())  # (B, L, D)

@@ -1,0 +1,194 @@
+"""The training scan's algebra (checkpoints, recompute, reverse adjoint) and its shape rules, on CPU.
+
+The CUDA kernel itself is checked against the reference on a GPU (tests/test_gpu.py); here its
+torch emulation is checked against autograd through the reference scan in float64.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from ssamba.model import train_scan as TS
+from ssamba.model.scan import selective_scan_ref
+
+
+def _inputs(b, ch, L, groups, sets, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    period = ch // sets
+    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale)  # noqa: E731
+    u, delta = r(b, ch, L), r(b, ch, L, scale=0.5)
+    B, C = r(b, groups, 16, L), r(b, groups, 16, L)
+    A_log = [torch.log(torch.rand(period, 16, generator=g, dtype=torch.float64) * 4 + 0.1) for _ in range(sets)]
+    D = [r(period) for _ in range(sets)]
+    bias = [r(period, scale=0.5) - 2 for _ in range(sets)]
+    return u, delta, B, C, A_log, D, bias
+
+
+def _reference(u, delta, B, C, A_log, D, bias, softplus, dy):
+    leaves = [t.clone().requires_grad_() for t in (u, delta, B, C, *A_log, *D, *bias)]
+    n = len(A_log)
+    uu, dd, BB, CC = leaves[:4]
+    Al, Dl, bl = leaves[4:4 + n], leaves[4 + n:4 + 2 * n], leaves[4 + 2 * n:]
+    A = -torch.exp(torch.cat(Al))
+    y = selective_scan_ref(uu, dd, A, BB, CC, torch.cat(Dl), delta_bias=torch.cat(bl), delta_softplus=softplus)
+    y.backward(dy)
+    return y.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("b,ch,L,groups,sets,tile,softplus", [
+    (2, 8, 37, 2, 2, 16, True),   # two directions, a partial last tile
+    (1, 6, 16, 1, 1, 16, True),   # exactly one tile
+    (3, 4, 50, 2, 1, 8, False),   # groups within one set, no softplus
+    (2, 8, 5, 4, 2, 16, True),    # shorter than a tile
+])
+def test_emulated_forward_and_backward_match_autograd(b, ch, L, groups, sets, tile, softplus):
+    u, delta, B, C, A_log, D, bias = _inputs(b, ch, L, groups, sets)
+    if not softplus:  # dt = delta + bias itself: keep it positive
+        delta, bias = delta.abs() * 0.2, [x.abs() * 0.1 for x in bias]
+    dy = torch.randn(b, ch, L, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    pair = (lambda xs: tuple(xs)) if sets == 2 else (lambda xs: xs[0])
+    y, grads = TS.train_scan_emulated(u, delta, pair(A_log), B, C, pair(D), pair(bias), softplus,
+                                      period=ch // sets, dy=dy, tile=tile)
+    y_ref, g_ref = _reference(u, delta, B, C, A_log, D, bias, softplus, dy)
+    worst = (y - y_ref).abs().max().item()
+    assert worst < 1e-10, worst
+    got = [grads["u"], grads["delta"], grads["B"], grads["C"]]
+    for key in ("A_log", "D", "delta_bias"):
+        got += list(grads[key]) if sets == 2 else [grads[key]]
+    names = ["u", "delta", "B", "C"] + [f"{k}{i}" for k in ("A_log", "D", "bias") for i in range(sets)]
+    for name, a, r in zip(names, got, g_ref):
+        err = ((a - r).norm() / r.norm()).item()
+        print(f"{name}: rel err {err:.2e}")
+        assert err < 1e-10, (name, err)
+
+
+def test_large_dt_and_long_sequence_stay_finite_and_exact():
+    u, delta, B, C, A_log, D, bias = _inputs(1, 4, 70, 1, 1, seed=3)
+    delta = delta * 30  # softplus' linear branch (v > 20) and strong decay
+    dy = torch.randn(1, 4, 70, dtype=torch.float64)
+    y, grads = TS.train_scan_emulated(u, delta, A_log[0], B, C, D[0], bias[0], True, dy=dy)
+    y_ref, g_ref = _reference(u, delta, B, C, A_log, D, bias, True, dy)
+    assert torch.isfinite(y).all() and ((y - y_ref).norm() / y_ref.norm()) < 1e-10
+    assert ((grads["delta"] - g_ref[1]).norm() / g_ref[1].norm()) < 1e-10
+
+
+@pytest.mark.parametrize("args,why", [
+    ((768, 2, 384, 16, 32), ""),
+    ((3072, 2, 1536, 16, 128), ""),
+    ((384, 1, 384, 16, 65535), ""),
+    ((768, 2, 384, 8, 32), "d_state must be 16"),
+    ((768, 5, 384, 16, 32), "5 B/C groups do not divide 768"),
+    ((96 * 2, 4, 96, 16, 8), r"channels per group \(48\) must be a multiple of 32"),
+    ((80, 1, 80, 16, 8), r"channels \(80\) must be a multiple of 32"),
+    ((1152, 3, 384, 16, 8), "one or two parameter sets"),
+    ((768, 2, 384, 16, 65536), "batch 65536 is over 65535"),
+])
+def test_launch_shape_rules(args, why):
+    got = TS.supported(*args)
+    assert (got == "") if not why else re.search(why, got), got
+
+
+def test_public_function_checks_shapes_before_launching():
+    u = torch.zeros(2, 64, 10)
+    B = torch.zeros(2, 2, 16, 10)
+    A = torch.zeros(32, 16)
+    with pytest.raises(ValueError, match="u and delta must both be"):
+        TS.train_scan(u, u[:, :, :5], (A, A), B, B)
+    with pytest.raises(ValueError, match="B must be"):
+        TS.train_scan(u, u, (A, A), B[:, :, :8], B)
+    with pytest.raises(ValueError, match="channels per group"):
+        TS.train_scan(torch.zeros(2, 64, 10), torch.zeros(2, 64, 10), (A, A), torch.zeros(2, 4, 16, 10),
+                      torch.zeros(2, 4, 16, 10), period=32)
+    with pytest.raises(ValueError, match="need 2 parameter sets"):
+        TS.train_scan(u, u, A, B, B, period=32)
+
+
+def test_unavailable_without_cuda_or_when_disabled(monkeypatch):
+    assert TS.train_scan_fn(torch.device("cpu")) is None
+    monkeypatch.setenv("SSAMBA_TRAIN_SCAN", "0")
+    assert TS.train_scan_fn() is None
+
+
+def test_params_struct_mirrors_the_kernel():
+    """Field order of _Params matches struct Params in train_scan.cu (ctypes passes it by pointer)."""
+    src = TS.SOURCE.read_text()
+    body = re.search(r"struct Params \{(.*?)\};", src, re.S).group(1)
+    body = re.sub(r"//[^\n]*", "", body)
+    names = [n for decl in body.split(";") if decl.strip()
+             for n in re.findall(r"\*?\s*(\w+)\s*(?:,|$)", decl.strip().split(None, 1)[1].replace("*", " "))]
+    assert names == [f[0] for f in TS._Params._fields_]
+    assert re.search(rf"constexpr int TT = {TS.TILE};", src) and re.search(rf"constexpr int BD = {TS.BLOCK};", src)
+
+
+@pytest.mark.skipif(TS.build_library.__module__ and __import__("shutil").which("nvcc") is None,
+                    reason="nvcc not installed")
+def test_kernel_compiles_without_spills(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAMBA_KERNEL_CACHE", str(tmp_path))
+    path = TS.build_library("sm_90", source=TS.SOURCE)
+    assert path.exists() and path.name.startswith("train_scan-sm_90-")
+
+
+class _Emulated(torch.autograd.Function):
+    """train_scan's contract computed by the emulation (forward and backward), for the mixer test."""
+
+    @staticmethod
+    def forward(ctx, u, delta, B, C, A0, A1, D0, D1, b0, b1, period):
+        ctx.save_for_backward(u, delta, B, C, A0, A1, D0, D1, b0, b1)
+        ctx.period = period
+        y, _ = TS.train_scan_emulated(u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=period)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, B, C, A0, A1, D0, D1, b0, b1 = ctx.saved_tensors
+        _, g = TS.train_scan_emulated(u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=ctx.period,
+                                      dy=dy, tile=8)
+        cast = lambda t, like: t.to(like.dtype)  # noqa: E731
+        return (cast(g["u"], u), cast(g["delta"], delta), cast(g["B"], B), cast(g["C"], C),
+                *(cast(x, A0) for x in g["A_log"]), *(cast(x, D0) for x in g["D"]),
+                *(cast(x, b0) for x in g["delta_bias"]), None)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fast_mixer_trains_through_the_training_scan(monkeypatch, reverse):
+    """The fast mixer's (batch, direction x channel) layout hands the training scan the right tensors:
+    outputs and every parameter gradient equal the per-direction reference path."""
+    from ssamba.config import model_preset
+    from ssamba.model import mixer as mixer_mod
+    from ssamba.model.mixer import Mamba
+
+    calls = []
+
+    def fn(u, delta, A_log, B, C, D, bias, delta_softplus=True, period=None):
+        calls.append(tuple(u.shape))
+        assert len(A_log) == 2 and B.shape[1] == 2 and delta_softplus
+        return _Emulated.apply(u, delta, B, C, *A_log, *D, *bias, period)
+
+    monkeypatch.setattr(mixer_mod, "train_scan_fn", lambda device=None: fn)
+    cfg = model_preset("demo")
+    m = Mamba(cfg, "reference").double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = torch.randn(3, 37, cfg.embed_dim, dtype=torch.float64, generator=g)
+    w = torch.randn(3, 37, cfg.embed_dim, dtype=torch.float64, generator=g)
+
+    def run(fast):
+        m.zero_grad()
+        m.fast = fast
+        out = m(x, reverse=reverse)
+        (out * w).sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}
+
+    ref, g_ref = run(False)
+    got, g_got = run(True)
+    assert calls and calls[0] == (3, 2 * m.d_inner, 40)  # padded to a multiple of 8
+    # the reference path takes A, D and the dt bias in float32 (as it hands them to the scan kernels)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    for k in g_ref:
+        err = ((g_got[k] - g_ref[k]).norm() / g_ref[k].norm().clamp_min(1e-30)).item()
+        assert err < 1e-5, (k, err)
