@@ -557,8 +557,26 @@ def main(argv: list[str] | None = None) -> dict:
     add("--pretrain-manifest", default="", help="manifest for --pretrain (default: the demo corpus)")
     add("--pretrain-batch", type=int, help="batch of --pretrain (default: the preset's)")
     add("--num-workers", type=int, default=8, help="loader processes of --pretrain")
+    add("--train-ladder", action="store_true",
+        help="training step (pretraining MSPM and speechcommands fine-tuning) at each speed-up step vs SSAST "
+             "fused of the same size: samples/s, peak memory (--models, --dtypes, --train-batches)")
+    add("--geometries", default="pretrain,finetune", help="--train-ladder geometries (pretrain, finetune)")
+    add("--train-batches", default="32,max", help="--train-ladder batches: numbers and/or 'max' (largest that fits)")
+    add("--levels", default="all", choices=["all", "last"], help="--train-ladder: every speed-up step or the last")
+    add("--profile", action="store_true", help="--train-ladder: top kernels of one profiled step per model")
     a = p.parse_args(argv)
     out = Path(a.out)
+    if a.train_ladder:
+        from ssamba.bench_train import run_train_ladder
+
+        if not torch.cuda.is_available():
+            p.error("--train-ladder needs a CUDA device")
+        names = ([f"ssamba-{s}-{v}" for s in SIZES for v in ("bi", "uni")] + [f"ssast-{s}-fused" for s in SIZES]
+                 if a.models == "all" else [model_config(m)[0] for m in a.models.split(",") if m.strip()])
+        return run_train_ladder(names, [g.strip() for g in a.geometries.split(",") if g.strip()],
+                                [d.strip() for d in a.dtypes.split(",") if d.strip()],
+                                [b.strip() for b in a.train_batches.split(",") if b.strip()], a.levels,
+                                a.warmup if a.warmup is not None else 3, a.repeats or 10, profile=a.profile, out=out)
     if a.pretrain:
         from ssamba.bench_pretrain import run_pretrain_bench
 

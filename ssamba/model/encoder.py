@@ -29,8 +29,9 @@ class Block(nn.Module):
     """Pre-norm block, "add then norm then mixer": returns ``(mixer(norm(residual)), residual)``.
 
     With ``fused_norm`` (default on the CUDA backend when mamba-ssm's Triton norm imports, and
-    ``model.fused_add_norm``) the add and the norm run as one kernel; drop-path in training falls
-    back to the separate ops.
+    ``model.fused_add_norm``) the add and the norm run as one kernel, in training too: drop-path is
+    applied to the mixer output before it goes in (``norm(residual + drop_path(hidden))`` either way,
+    same random draws).
     """
 
     def __init__(self, cfg: ModelConfig, drop_path: float, backend: str):
@@ -42,7 +43,9 @@ class Block(nn.Module):
         self.fused_norm = cfg.fused_add_norm and backend == "cuda" and add_norm_fn() is not None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, reverse: bool = False):
-        if self.fused_norm and (self.drop_path.p == 0 or not self.training):
+        if self.fused_norm:
+            if residual is not None:
+                hidden = self.drop_path(hidden)
             normed, residual = fused_add_norm(self.norm, hidden, residual, self.residual_in_fp32)
             return self.mixer(normed, reverse=reverse), residual
         residual = hidden if residual is None else residual + self.drop_path(hidden)
@@ -109,8 +112,8 @@ class MambaEncoder(nn.Module):
         else:
             for layer in self.layers:
                 hidden, residual = layer(hidden, residual)
-        if self.layers[-1].fused_norm and (self.drop_path_f.p == 0 or not self.training):
-            out = fused_add_norm(self.norm_f, hidden, residual, False, prenorm=False)
+        if self.layers[-1].fused_norm:
+            out = fused_add_norm(self.norm_f, self.drop_path_f(hidden), residual, False, prenorm=False)
         else:
             residual = residual + self.drop_path_f(hidden)
             out = self.norm_f(residual.to(self.norm_f.weight.dtype))
@@ -125,11 +128,13 @@ class MambaEncoder(nn.Module):
 
 
 def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: bool | None = None,
-                 fused_norm: bool | None = None, chunk_scan: bool | None = None) -> None:
+                 fused_norm: bool | None = None, chunk_scan: bool | None = None,
+                 train_scan: bool | None = None) -> None:
     """Switch the encoder's speed-ups (same result; for benchmarks and tests). ``None`` leaves one as is.
 
     ``fused_norm=True`` needs the CUDA backend and mamba-ssm's Triton norm. ``chunk_scan`` (inference on
-    CUDA, fast path only) is used where it compiles (:mod:`ssamba.model.chunk_scan`).
+    CUDA, fast path only) is used where it compiles (:mod:`ssamba.model.chunk_scan`); so is ``train_scan``
+    (with gradients, fast path only; :mod:`ssamba.model.train_scan`).
     """
     for m in model.modules():
         if isinstance(m, Mamba):
@@ -139,6 +144,8 @@ def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: boo
                 m.pad_to_chunk = pad
             if chunk_scan is not None:
                 m.chunk_scan = chunk_scan
+            if train_scan is not None:
+                m.train_scan = train_scan
         if isinstance(m, Block) and fused_norm is not None:
             if fused_norm and add_norm_fn() is None:
                 raise RuntimeError("fused add-norm needs a CUDA device and mamba-ssm's Triton layer norm")
