@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch.utils.data import DataLoader
 
 from ssamba.config import AugmentConfig, ExperimentConfig, FrontendConfig
@@ -86,7 +87,7 @@ def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig,
     sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world=world, with_epoch=True)
     # persistent loader processes: no re-spawn at every epoch (the sampler carries the epoch to them)
     train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                       num_workers=d.num_workers, drop_last=len(sampler) > batch_size,
+                       num_workers=d.num_workers, drop_last=len(sampler) > batch_size, pin_memory=torch.cuda.is_available(),
                        persistent_workers=d.num_workers > 0)
     ev = None
     if eval_m is not None and len(eval_m):

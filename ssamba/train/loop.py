@@ -184,7 +184,7 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
         named[f"{task.prefix}/epoch"] = epoch
         named[f"{task.prefix}/skipped_clips"] = len(res.skipped)
         for k, v in train_window.items():
-            named[f"{task.prefix}/train_{k}"] = v / max(train_window_n, 1)
+            named[f"{task.prefix}/train_{k}"] = float(v) / max(train_window_n, 1)
         res.last_eval = named
         value = metrics.get(task.metric, float("nan"))
         schedule.after_eval(value)
@@ -207,8 +207,24 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
         if report is not None:
             report(named, out if res.best_path is not None else None)
 
-    train_window: dict[str, float] = {}
+    train_window: dict[str, Any] = {}  # sums of the loss parts (0-d tensors, read back when logged)
     train_window_n = 0
+    pending = None  # (loss, step, epoch, batch in epoch, first clip indices) not yet checked for finiteness
+
+    def check_finite() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        loss_t, at_step, at_epoch, at_batch, idx = pending
+        pending = None
+        if not bool(torch.isfinite(loss_t)):
+            ds = train_loader.dataset
+            paths = [ds.paths[i] for i in idx] if hasattr(ds, "paths") else idx
+            raise NonFiniteLossError(
+                f"[{task.prefix}] non-finite loss {float(loss_t)} at step {at_step} (epoch {at_epoch}, batch "
+                f"{at_batch} of the epoch; first clips {paths}). Fix: lower the learning rate, "
+                f"enable clipping (clip_grad) or check these clips."
+            )
     t0 = time.perf_counter()
     model.train()
     done = step >= total_steps
@@ -230,22 +246,21 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
                 loss, parts = task.loss(model, batch, step, micro)
             if settings.fault_nan_at_step and step == settings.fault_nan_at_step:
                 loss = loss * float("nan")  # fault injection (testing hook)
-            if not torch.isfinite(loss):
-                idx = batch["index"][:4].tolist()
-                paths = [train_loader.dataset.paths[i] for i in idx] if hasattr(train_loader.dataset, "paths") else idx
-                raise NonFiniteLossError(
-                    f"[{task.prefix}] non-finite loss {float(loss.detach())} at step {step} (epoch {epoch}, batch "
-                    f"{batch_in_epoch - 1} of the epoch; first clips {paths}). Fix: lower the learning rate, "
-                    f"enable clipping (clip_grad) or check these clips."
-                )
+                parts = {**parts, "loss": loss.detach()}
+            # the finite check of this loss waits until the next batch's work is queued (reading it back now
+            # would leave the GPU idle while the host launches the backward); no optimizer step is taken
+            # before the check
+            check_finite()
+            pending = (loss.detach(), step, epoch, batch_in_epoch - 1, batch["index"][:4].tolist())
             (loss / settings.grad_accum).backward()
             for k, v in parts.items():
-                train_window[k] = train_window.get(k, 0.0) + v
+                train_window[k] = train_window[k] + v if k in train_window else v
             train_window_n += 1
             res.samples += batch["fbank"].shape[0]
             micro += 1
             if micro < settings.grad_accum:
                 continue
+            check_finite()  # before the update: a non-finite loss never reaches the weights
             if settings.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
             optimizer.step()
@@ -254,7 +269,7 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
             step += 1
             if settings.log_every and step % settings.log_every == 0:
                 rate = res.samples / max(time.perf_counter() - t0, 1e-9)
-                log(f"[{task.prefix}] step {step}/{total_steps} loss {parts['loss']:.4f} lr {schedule.lr:.2e} "
+                log(f"[{task.prefix}] step {step}/{total_steps} loss {float(parts['loss']):.4f} lr {schedule.lr:.2e} "
                     f"({rate:.1f} samples/s)")
             if settings.eval_every and step % settings.eval_every == 0 and step < total_steps:
                 evaluate_and_report()

@@ -42,13 +42,14 @@ class PretrainTask:
         f, t = self.grid
         return make_masks(self.cfg.mask_strategy, batch, f, t, self.cfg.mask_count, rng).to(device)
 
-    def loss(self, model, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its parts (detached 0-d tensors: the loop reads them back only when it logs)."""
         x = batch["fbank"]
         rng = np.random.default_rng([self.seed, step, micro])
         mask_d = self.masks(x.shape[0], rng, x.device)
         mask_g = self.masks(x.shape[0], rng, x.device) if self.cfg.passes == 2 else None
         out = model(x, task="pretrain", mask_d=mask_d, mask_g=mask_g, mse_weight=self.cfg.mse_weight)
-        return out["loss"], {k: float(v.detach()) for k, v in out.items()}
+        return out["loss"], {k: v.detach() for k, v in out.items()}  # tensors: read back only when logged
 
     @torch.no_grad()
     def evaluate(self, model, loader, device, autocast) -> dict[str, float]:
@@ -90,10 +91,10 @@ class FinetuneTask:
         self.prefix = f"ft/{cfg.task}"
         self.metric = cfg.metric
 
-    def loss(self, model, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, model, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["fbank"])
         loss = self._loss(logits, batch["label"])
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
     def _loss(self, logits, target):
         if self.cfg.loss == "bce":
