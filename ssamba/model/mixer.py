@@ -127,7 +127,7 @@ class Mamba(nn.Module):
         Layout: each direction reads ``hidden`` in its own time order, padded at its end; the directions
         sit side by side as channels of each batch element, ``(B, G * d_inner, Lp)``, so that the conv and
         the scan see ``B`` sequences of ``G * d_inner`` channels (their launch grids put the batch on the
-        unbounded axis and ``G * d_inner <= 3072`` channels on the 65,535-limited one, :func:`launch_rows`),
+        unbounded axis and ``G * d_inner <= 3072`` channels on the 65,535-limited one, :func:`fast_launch_shape`),
         the scan's ``B``/``C`` have one group per direction, and each direction's parameters are read
         where they are (no batch-repeated copies). The projections write channel-first tensors directly
         (no transposes), and the gate is applied once to the sum of the directions.
@@ -210,6 +210,21 @@ class Mamba(nn.Module):
             if self.divide_out:
                 y = y / 2
         return self.out_proj(y.transpose(1, 2))
+
+
+GRID_Y_LIMIT = 65535  # CUDA's limit on a launch grid's y (and z) dimension
+
+
+def fast_launch_shape(batch: int, directions: int, d_inner: int) -> tuple[int, int]:
+    """``(sequences, channels)`` of the conv and scan calls of the fast path: ``(batch, directions * d_inner)``.
+
+    causal-conv1d and mamba-ssm launch grids of ``(sequences, channels / rows per block)`` and the training
+    and chunked scans ``(channels / 32, ..., sequences)``-like grids, so the channel count must stay within
+    :data:`GRID_Y_LIMIT` (it is at most 2 x 1536 for SSAMBA-base) and the batch is on the unbounded axis.
+    The earlier layout, one sequence of ``directions * batch * d_inner`` channels, crossed the limit from
+    SSAMBA-tiny at batch 86 (issue 12).
+    """
+    return batch, directions * d_inner
 
 
 def scan_chunk(length: int) -> int:
