@@ -165,6 +165,11 @@ def model_preset(name: str, arch: str = "ssamba") -> ModelConfig:
     raise ConfigError(f"unknown model preset {name!r}; choose tiny, small, base, demo or test")
 
 
+# Loader processes per GPU worker when data.num_workers is auto (-1): enough to keep the GPU busy at the
+# pretraining geometry (python -m ssamba.bench --pretrain; README "GPU training").
+GPU_LOADER_WORKERS = 4
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where pretraining clips come from and how they are read. ``manifest=""`` is the demo corpus."""
@@ -174,9 +179,20 @@ class DataConfig:
     eval_split: str = "validation"
     use_cache: bool = True  # precompute fbanks once (FeatureCache)
     cache_dir: str = ""  # "" = $SSAMBA_CACHE/features
-    num_workers: int = 0  # DataLoader processes
+    num_workers: int = -1  # DataLoader processes; -1 = auto: 0 on CPU, GPU_LOADER_WORKERS per GPU worker
     strict: bool = False  # fail at the first bad clip instead of skipping it
     stats_from_manifest: bool = True  # use mean/std stored in the manifest when present
+
+    def __post_init__(self):
+        if self.num_workers < -1:
+            raise ConfigError(f"data.num_workers must be >= 0, or -1 for auto (0 on CPU, {GPU_LOADER_WORKERS} "
+                              f"per GPU worker); got {self.num_workers}")
+
+    def resolved_num_workers(self, device_type: str) -> int:
+        """Loader processes on a ``device_type`` ('cpu' or 'cuda') worker: the setting, or auto's choice."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        return GPU_LOADER_WORKERS if device_type == "cuda" else 0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ final metrics and reports them to Tune. Ray Tune and Ray Train meet only here an
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import hashlib
 import json
 import time
@@ -47,6 +49,9 @@ def build_job(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Everything a trial needs, as plain data (also used by the driver to validate before Ray starts)."""
     arm, seed, overrides = trial_overrides(ctx, params)
     cfg = apply_overrides(preset(ctx["preset"]), overrides)
+    use_gpu = ctx["gpus_per_trial"] > 0
+    # settings that depend on the device, resolved here so that the logged params are the values used
+    cfg = replace(cfg, data=replace(cfg.data, num_workers=cfg.data.resolved_num_workers("cuda" if use_gpu else "cpu")))
     flat = to_flat(cfg)
     tuned = {k: v for k, v in params.items() if k != "cell"}
     key = digest({"sweep": ctx["sweep_id"], "arm": arm, "seed": seed, "tuned": tuned})
@@ -57,7 +62,6 @@ def build_job(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         tcfg = apply_overrides(cfg, task_over)
         tasks.append({"name": name, "config": to_flat(tcfg), "dir": str(trial_dir / f"ft-{name}")})
     pkey = pretrain_key(flat)
-    use_gpu = ctx["gpus_per_trial"] > 0
     share = ctx["gpus_per_trial"] / ctx["workers_per_trial"] if use_gpu else ctx["cpus_per_worker"]
     return {
         "arm": arm, "seed": seed, "tuned": tuned, "trial_key": key, "trial_name": f"{arm}-s{seed}-{key[:6]}",

@@ -125,3 +125,32 @@ def test_gradient_accumulation_matches_the_larger_batch(small_demo, tmp_path):
     diff_ac = max(float((wa[k] - wc[k]).abs().max()) for k in wa)
     assert a.steps == b.steps == 1 and a.samples == b.samples == 8
     assert diff_ab < 1e-5 < diff_ac  # accumulation reproduces batch 8; one micro-batch alone does not
+
+
+def test_loader_workers_auto_resolves_by_device():
+    from ssamba.config import GPU_LOADER_WORKERS, DataConfig
+    from ssamba.errors import ConfigError
+    from ssamba.train.jobs import resolve_runtime
+    from ssamba.presets import preset
+
+    assert DataConfig().num_workers == -1
+    assert DataConfig().resolved_num_workers("cpu") == 0
+    assert DataConfig().resolved_num_workers("cuda") == GPU_LOADER_WORKERS > 0
+    assert DataConfig(num_workers=3).resolved_num_workers("cuda") == 3  # a set value is kept
+    with pytest.raises(ConfigError, match="data.num_workers must be >= 0, or -1 for auto"):
+        DataConfig(num_workers=-2)
+    lines = []
+    cfg = resolve_runtime(preset("smoke"), torch.device("cpu"), log=lines.append)
+    assert cfg.data.num_workers == 0 and lines == ["data.num_workers auto -> 0 loader processes (cpu)"]
+
+
+def test_trial_logs_the_resolved_loader_workers():
+    """A GPU trial's params carry the loader processes it runs with, not the -1 of 'auto'."""
+    from ssamba.config import GPU_LOADER_WORKERS
+    from ssamba.trial import build_job
+
+    ctx = {"preset": "smoke", "overrides": {}, "arms": {"a": {}}, "cells": [{"arm": "a", "seed": 0}], "sweep_id": "x",
+           "storage": "/tmp/s", "tasks": {}, "workers_per_trial": 1, "cpus_per_worker": 1, "mlflow_uri": "sqlite:///x.db"}
+    gpu = build_job({**ctx, "gpus_per_trial": 0.5}, {"cell": 0})
+    cpu = build_job({**ctx, "gpus_per_trial": 0}, {"cell": 0})
+    assert gpu["config"]["data.num_workers"] == GPU_LOADER_WORKERS and cpu["config"]["data.num_workers"] == 0

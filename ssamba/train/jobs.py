@@ -29,6 +29,15 @@ def _threads() -> None:
         torch.set_num_threads(int(n))  # Ray sets OMP_NUM_THREADS per task; a reused worker keeps its first
 
 
+def resolve_runtime(cfg: ExperimentConfig, device: torch.device, log=print) -> ExperimentConfig:
+    """``cfg`` with the settings that depend on the device resolved (``data.num_workers=-1``: auto)."""
+    n = cfg.data.resolved_num_workers(device.type)
+    if n != cfg.data.num_workers:
+        log(f"data.num_workers auto -> {n} loader processes ({device.type})")
+        cfg = replace(cfg, data=replace(cfg.data, num_workers=n))
+    return cfg
+
+
 def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: Report | None = None,
                  log=print, rank: int = 0, world: int = 1, device=None,
                  wrap_model: Callable | None = None, on_resume: OnResume | None = None) -> FitResult:
@@ -36,6 +45,7 @@ def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: R
     _threads()
     seed_everything(cfg.seed)
     device = device or pick_device(cfg.device)
+    cfg = resolve_runtime(cfg, device, log)
     is_main = rank == 0
     p = cfg.pretrain
     manifest = load_manifest(cfg.data.manifest, log=log)
@@ -95,6 +105,7 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     _threads()
     seed_everything(cfg.seed)
     device = device or pick_device(cfg.device)
+    cfg = resolve_runtime(cfg, device, log)
     is_main = rank == 0
     ft = cfg.finetune
     manifest = load_manifest(ft.manifest, log=log)
