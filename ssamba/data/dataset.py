@@ -131,6 +131,17 @@ class ClipDataset(Dataset):
         return {"fbank": fb.float(), "label": label.clone(), "index": index}
 
 
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``; in a loader process straight into shared memory, which the batch is sent through
+    (saves a copy of the batch, 33 MB at 64 x 1024 x 128, on its way to the main process)."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        first = tensors[0]
+        storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+        out = first.new_empty(0).set_(storage).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
     """Stack good items; bad ones go to ``batch["skipped"]`` as ``(path, reason, message)``.
 
@@ -141,7 +152,7 @@ def collate(items: list[dict[str, Any] | BadClip]) -> dict[str, Any]:
     skipped = [(it.path, it.reason, it.message) for it in items if isinstance(it, BadClip)]
     if good:
         batch = {
-            "fbank": torch.stack([it["fbank"] for it in good]),
+            "fbank": _stack([it["fbank"] for it in good]),
             "label": torch.stack([it["label"] for it in good]),
             "index": torch.tensor([it["index"] for it in good], dtype=torch.long),
         }
