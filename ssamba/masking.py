@@ -33,9 +33,9 @@ def cluster_mask(n_patches: int, t_grid: int, count: int, rng: np.random.Generat
     n_chosen = 0
     while n_chosen <= count:
         cand = int(rng.integers(0, n_patches)) + offsets
-        cand = cand[(cand > 0) & (cand < n_patches)]
+        cand = cand[(cand > 0) & (cand < n_patches)]  # distinct: the block's offsets are
+        n_chosen += int(cand.size - np.count_nonzero(chosen[cand]))
         chosen[cand] = True
-        n_chosen = int(chosen.sum())
     return np.flatnonzero(chosen)[:count]
 
 
