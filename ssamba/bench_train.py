@@ -209,7 +209,15 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
     from ssamba.model.encoder import set_speedups
 
     device = torch.device("cuda")
-    res = {"meta": environment(device), "points": [], "profiles": []}
+    from ssamba.model.kernels import conv_fn, resolve_backend
+    from ssamba.model.scan import causal_conv1d_ref
+
+    backend = resolve_backend("auto")
+    res = {"meta": environment(device) | {"scan_backend": backend,
+                                          "causal_conv1d": conv_fn(backend) is not causal_conv1d_ref},
+           "points": [], "profiles": []}
+    print(f"[train] scan backend {backend} (mamba-ssm {'found' if backend == 'cuda' else 'missing'}), "
+          f"causal-conv1d {'found' if res['meta']['causal_conv1d'] else 'missing (cuDNN conv)'}", flush=True)
     print(f"[train] {res['meta']['device']}: models {models}, geometries {geometries}, dtypes {dtypes}, "
           f"batches {batches}", flush=True)
 
@@ -229,7 +237,12 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
             for dtype in dtypes:
                 for level, (label, switches, graphed) in steps:
                     if switches:
-                        set_speedups(model, **switches)
+                        try:
+                            set_speedups(model, **switches)
+                        except RuntimeError as exc:  # e.g. fused add-norm without mamba-ssm's Triton norm
+                            res["points"].append(Point(name, geometry, dtype, level, label, 0, error=str(exc)[:120]).__dict__)
+                            print(f"[train] {geometry} {name} {dtype} {level}. {label}: {exc}", flush=True)
+                            continue
                     for spec in batches:
                         if spec == "max":
                             b = largest_batch(model, geometry, dtype, device, 32, max_cap, graphed)
