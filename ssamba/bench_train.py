@@ -209,7 +209,7 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
     from ssamba.model.encoder import set_speedups
 
     device = torch.device("cuda")
-    from ssamba.model.kernels import conv_fn, resolve_backend
+    from ssamba.model.kernels import add_norm_fn, conv_fn, resolve_backend
     from ssamba.model.scan import causal_conv1d_ref
 
     backend = resolve_backend("auto")
@@ -236,6 +236,9 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
                 steps = [s for s in steps if not s[1][2]][-1:] + [s for s in steps if s[1][2]][-1:]
             for dtype in dtypes:
                 for level, (label, switches, graphed) in steps:
+                    if switches.get("fused_norm") and add_norm_fn() is None:
+                        switches = {**switches, "fused_norm": False}
+                        label += " [no fused add-norm: mamba-ssm missing]"
                     if switches:
                         try:
                             set_speedups(model, **switches)
