@@ -13,7 +13,10 @@ SSAMBA models are timed at each cumulative step of the mixer; SSAST (fused atten
 0. reference path: one conv and one scan call per direction (mamba-ssm), flipped copies;
 1. fast mixer: directions side by side as channels of one conv and one scan call (mamba-ssm's scan),
    batch-major layout, gate after the direction sum;
-2. + the training scan (:mod:`ssamba.model.train_scan`): one thread per channel, checkpointed states.
+2. + the training scan (:mod:`ssamba.model.train_scan`): one thread per channel, checkpointed states;
+3. + the direction sum and gate as one Triton kernel, and one for its backward;
+4. + the residual add and norm as one kernel in training too (drop-path applied before it);
+5. + the whole step (forward, backward, AdamW) captured once in a CUDA graph and replayed.
 
 Each point: median step time over ``repeats`` after ``warmup`` steps (CUDA events), samples/s, peak
 ``max_memory_allocated``; at ``--train-batches 32,max`` also the largest batch that fits (doubling, then
@@ -38,15 +41,17 @@ GEOMETRIES = {
 }
 LEVELS = [  # (label, set_speedups switches, whole step replayed from a CUDA graph)
     ("reference path (per-direction conv + scan, flips)",
-     dict(fuse_directions=False, train_scan=False, fused_norm=False), False),
+     dict(fuse_directions=False, train_scan=False, fused_gate=False, fused_norm=False), False),
     ("+ fast mixer (directions as channels, batch-major; mamba-ssm scan)",
-     dict(fuse_directions=True, train_scan=False, fused_norm=False), False),
+     dict(fuse_directions=True, train_scan=False, fused_gate=False, fused_norm=False), False),
     ("+ training scan (thread per channel, checkpointed states)",
-     dict(fuse_directions=True, train_scan=True, fused_norm=False), False),
+     dict(fuse_directions=True, train_scan=True, fused_gate=False, fused_norm=False), False),
+    ("+ direction sum + gate in one Triton kernel each way",
+     dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=False), False),
     ("+ fused add-norm in training (drop-path before it)",
-     dict(fuse_directions=True, train_scan=True, fused_norm=True), False),
+     dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=True), False),
     ("+ whole step replayed from a CUDA graph",
-     dict(fuse_directions=True, train_scan=True, fused_norm=True), True),
+     dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=True), True),
 ]
 MASKED = 400
 CLASSES = 35

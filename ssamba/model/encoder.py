@@ -129,7 +129,7 @@ class MambaEncoder(nn.Module):
 
 def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: bool | None = None,
                  fused_norm: bool | None = None, chunk_scan: bool | None = None,
-                 train_scan: bool | None = None) -> None:
+                 train_scan: bool | None = None, fused_gate: bool | None = None) -> None:
     """Switch the encoder's speed-ups (same result; for benchmarks and tests). ``None`` leaves one as is.
 
     ``fused_norm=True`` needs the CUDA backend and mamba-ssm's Triton norm. ``chunk_scan`` (inference on
@@ -146,6 +146,8 @@ def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: boo
                 m.chunk_scan = chunk_scan
             if train_scan is not None:
                 m.train_scan = train_scan
+            if fused_gate is not None:
+                m.fused_gate = fused_gate
         if isinstance(m, Block) and fused_norm is not None:
             if fused_norm and add_norm_fn() is None:
                 raise RuntimeError("fused add-norm needs a CUDA device and mamba-ssm's Triton layer norm")

@@ -72,6 +72,18 @@ def combine_gate_fn() -> Callable | None:
     return combine_gate
 
 
+@functools.lru_cache(maxsize=1)
+def combine_gate_train_fn() -> Callable | None:
+    """The fused direction-sum + gate with its backward (Triton, training), or ``None`` without CUDA/Triton."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from ssamba.model.triton_ops import combine_gate_train
+    except Exception:
+        return None
+    return combine_gate_train
+
+
 _warned = False
 
 

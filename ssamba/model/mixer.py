@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from ssamba.config import ModelConfig
 from ssamba.model.chunk_scan import chunk_scan_fn
-from ssamba.model.kernels import combine_gate_fn, conv_fn, scan_fn
+from ssamba.model.kernels import combine_gate_fn, combine_gate_train_fn, conv_fn, scan_fn
 from ssamba.model.train_scan import supported as train_supported
 from ssamba.model.train_scan import train_scan_fn
 
@@ -80,6 +80,7 @@ class Mamba(nn.Module):
         self.pad_max_extra = 0.25  # pad only when it adds at most this fraction of the length
         self.chunk_scan = True  # inference on CUDA: the chunked scan (chunk_scan.py) instead of mamba-ssm's
         self.train_scan = True  # training on CUDA: the checkpointed scan (train_scan.py) instead of mamba-ssm's
+        self.fused_gate = True  # on CUDA: direction sum + gate in one Triton kernel (and one for its backward)
 
     @staticmethod
     def _a_log_init(di: int, n: int) -> torch.Tensor:
@@ -190,7 +191,9 @@ class Mamba(nn.Module):
         y = y.view(b, g, di, lp)
         scale = 0.5 if g > 1 and self.divide_out else 1.0
         revs = [rev for _, rev in groups]
-        fused = combine_gate_fn() if y.is_cuda and not torch.is_grad_enabled() else None
+        fused = None
+        if y.is_cuda and self.fused_gate:
+            fused = combine_gate_fn() if not torch.is_grad_enabled() else combine_gate_train_fn()
         if fused is not None:
             out = fused(y, z, length, revs, scale, out_stride=lp)
         else:
