@@ -124,12 +124,17 @@ def test_params_struct_mirrors_the_kernel():
     assert re.search(rf"constexpr int TT = {TS.TILE};", src) and re.search(rf"constexpr int BD = {TS.BLOCK};", src)
 
 
-@pytest.mark.skipif(TS.build_library.__module__ and __import__("shutil").which("nvcc") is None,
-                    reason="nvcc not installed")
-def test_kernel_compiles_without_spills(tmp_path, monkeypatch):
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="nvcc not installed")
+def test_kernel_compiles_and_exports_its_entry_points(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
     monkeypatch.setenv("SSAMBA_KERNEL_CACHE", str(tmp_path))
     path = TS.build_library("sm_90", source=TS.SOURCE)
     assert path.exists() and path.name.startswith("train_scan-sm_90-")
+    if shutil.which("nm"):
+        syms = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True).stdout
+        assert re.search(r" T ssamba_train_scan$", syms, re.M) and " T ssamba_train_scan_error" in syms
 
 
 class _Emulated(torch.autograd.Function):
