@@ -281,3 +281,32 @@ def test_triton_combine_gate_backward_under_the_interpreter():
     assert res.returncode == 0, res.stderr[-2000:]
     worst = float(res.stdout.split("WORST")[-1])
     assert worst < 1e-5, worst
+
+
+def _emulated_kernel(u, delta, A_log, B, C, D=None, delta_bias=None, delta_softplus=True, period=None):
+    return _Emulated.apply(u, delta, B, C, *A_log, *D, *delta_bias, period)
+
+
+def test_self_check_passes_a_right_kernel_and_names_what_a_wrong_one_gets_wrong(monkeypatch):
+    monkeypatch.setattr(TS, "train_scan", _emulated_kernel)
+    assert TS.self_check(torch.device("cpu")) == ""
+    monkeypatch.setattr(TS, "train_scan", lambda *a, **k: _emulated_kernel(*a, **k) * 1.01)
+    bad = TS.self_check(torch.device("cpu"))
+    assert bad.startswith("y 1.0e-02, u 1.0e-02") and "bias1" in bad
+
+
+def test_failed_self_check_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(TS.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(TS, "device_arch", lambda device=None: "sm_test")
+    monkeypatch.setattr(TS, "_load", lambda arch: (object(), ""))
+    monkeypatch.setattr(TS.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(TS, "_checked", lambda arch, index: "dB 3.1e-01")
+    TS._warned.discard(("sm_test", "check"))
+    with pytest.warns(UserWarning, match=r"disagrees with the reference scan on sm_test \(dB 3.1e-01\)"):
+        assert TS.train_scan_fn() is None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert TS.train_scan_fn() is None  # said once
+    monkeypatch.setattr(TS, "_checked", lambda arch, index: "")
+    assert TS.train_scan_fn() is TS.train_scan

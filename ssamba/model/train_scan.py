@@ -54,7 +54,7 @@ class _Params(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in _PTR_FIELDS] + [(n, ctypes.c_int64) for n in _INT_FIELDS]
 
 
-_warned: set[str] = set()
+_warned: set = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,9 +87,61 @@ def supported(channels: int, groups: int, period: int, n_state: int, batch: int)
     return ""
 
 
+SELF_CHECK_TOL = 1e-3  # largest |kernel - reference| / max |reference| accepted by the first-use check (fp32)
+
+
+def self_check(device: torch.device | None = None) -> str:
+    """Run the kernel once on a small random problem (two parameter sets, B/C as strided views, a partial
+    tile) against the reference scan in float64 on the same device: output and every gradient. Returns
+    ``""`` when it agrees within :data:`SELF_CHECK_TOL`, else what differed."""
+    from ssamba.model.scan import selective_scan_ref
+
+    dev = torch.device("cuda") if device is None else torch.device(device)
+    g = torch.Generator(device=dev).manual_seed(0)
+    b, di, L = 2, BLOCK, 2 * TILE + 5
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device=dev) * scale
+
+    x_dbl = r(b, 2, 2 * STATE_SIZE + 3, L)
+    base = [r(b, 2 * di, L), r(b, 2 * di, L, scale=0.5), x_dbl,
+            *(torch.log(torch.rand(di, STATE_SIZE, generator=g, device=dev) * 4 + 0.1) for _ in range(2)),
+            r(di), r(di), r(di, scale=0.5) - 2, r(di, scale=0.5) - 2]
+    dy = r(b, 2 * di, L)
+    outs = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in base]
+        u, delta, xd, a0, a1, d0, d1, b0, b1 = leaves
+        Bm, Cm = xd[:, :, 3:3 + STATE_SIZE], xd[:, :, 3 + STATE_SIZE:]
+        with torch.enable_grad():
+            if dtype == torch.float32:
+                y = train_scan(u, delta, (a0, a1), Bm, Cm, (d0, d1), (b0, b1), True, period=di)
+            else:
+                y = selective_scan_ref(u, delta, -torch.exp(torch.cat([a0, a1])), Bm, Cm, torch.cat([d0, d1]),
+                                       delta_bias=torch.cat([b0, b1]), delta_softplus=True)
+            y.backward(dy.to(dtype))
+        outs.append([y.detach()] + [t.grad for t in leaves])
+    names = "y u delta B/C A_log0 A_log1 D0 D1 bias0 bias1".split()
+    bad = []
+    for name, got, want in zip(names, *outs):
+        err = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+        if not err <= SELF_CHECK_TOL:  # NaN fails too
+            bad.append(f"{name} {err:.1e}")
+    return ", ".join(bad)
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(arch: str, index: int) -> str:
+    try:
+        return self_check(torch.device("cuda", index))
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot even run is not used
+        return f"{type(exc).__name__}: {exc}"
+
+
 def train_scan_fn(device: torch.device | None = None) -> Callable | None:
-    """:func:`train_scan` where it can run on ``device`` (compiling it on first use), else ``None``
-    (CPU, no CUDA, ``SSAMBA_TRAIN_SCAN=0``, or a failed build: said once, not retried)."""
+    """:func:`train_scan` where it can run on ``device``, else ``None``: on CPU, without CUDA, with
+    ``SSAMBA_TRAIN_SCAN=0``, when the build fails, or when the first-use check against the reference
+    (:func:`self_check`, once per process and device) fails; the last two are said once, with why."""
     if os.environ.get("SSAMBA_TRAIN_SCAN", "1") == "0" or not torch.cuda.is_available():
         return None
     if device is not None and torch.device(device).type != "cuda":
@@ -100,6 +152,15 @@ def train_scan_fn(device: torch.device | None = None) -> Callable | None:
         if arch not in _warned:
             _warned.add(arch)
             warnings.warn(f"training scan unavailable on {arch}, using mamba-ssm's scan: {why}")
+        return None
+    index = torch.device(device).index if device is not None and torch.device(device).index is not None \
+        else torch.cuda.current_device()
+    bad = _checked(arch, index)
+    if bad:
+        if (arch, "check") not in _warned:
+            _warned.add((arch, "check"))
+            warnings.warn(f"training scan disagrees with the reference scan on {arch} ({bad}); using mamba-ssm's "
+                          "scan instead. Please report this with your GPU and nvcc version.")
         return None
     return train_scan
 
