@@ -207,6 +207,42 @@ def top_kernels(step, n: int = 12) -> list[dict]:
     return [{"kernel": "(all kernels)", "calls": sum(r["calls"] for r in rows), "total_us": total}] + rows[:n]
 
 
+def matmul_flops(cfg, tokens: int, batch: int) -> float:
+    """Matmul FLOPs of one forward of a Mamba encoder (projections only) for ``tokens`` patches (+ cls)."""
+    d, di, n, rk = cfg.embed_dim, cfg.d_inner, cfg.d_state, cfg.resolved_dt_rank
+    g = 2 if cfg.bimamba else 1
+    per_token = 2 * (g * d * di + d * di + g * di * (rk + 2 * n) + g * rk * di + di * d)
+    return float(per_token * cfg.depth * (tokens + 1) * batch)
+
+
+def matmul_peak(device: torch.device, dtype: str, size: int = 8192, repeats: int = 10) -> float:
+    """Measured FLOP/s of a ``size``-cubed matrix product on random data in ``dtype``."""
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(size, size, device=device).to(dt)
+    b = torch.randn(size, size, device=device).to(dt)
+    ms = time_step(lambda: a @ b, 2, repeats)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size ** 3 / (ms / 1e3)
+
+
+def train_floor(cfg, geometry: str, batch: int, dtype: str, bandwidth: float, peak: float) -> dict:
+    """The floors of a training step: bytes the unfused operations must move over the measured bandwidth,
+    and the matmul FLOPs over the measured peak. A step is one forward per MSPM pass plus a backward that
+    reads the saved activations and writes their gradients (taken as 2x the forward's bytes) and does 2x
+    the forward's matmul FLOPs."""
+    from ssamba.bench_ladder import floor_bytes
+    from ssamba.model.layers import grid_shape
+
+    frames, fs, ts, task = GEOMETRIES[geometry]
+    f, t = grid_shape(128, frames, cfg.patch_size, fs, ts)
+    tokens, passes = f * t, 2 if task == "pretrain" else 1
+    nbytes = 3 * passes * floor_bytes(cfg, tokens, batch, dtype)
+    flops = 3 * passes * matmul_flops(cfg, tokens, batch)
+    return {"floor_bytes": nbytes, "floor_flops": flops, "floor_bytes_ms": nbytes / bandwidth * 1e3,
+            "floor_flops_ms": flops / peak * 1e3}
+
+
 def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str], batches: list[str],
                      levels: str = "all", warmup: int = 3, repeats: int = 10, max_cap: int = 2048,
                      profile: bool = False, out: Path | None = None) -> dict:
@@ -221,6 +257,13 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
     res = {"meta": environment(device) | {"scan_backend": backend,
                                           "causal_conv1d": conv_fn(backend) is not causal_conv1d_ref},
            "points": [], "profiles": []}
+    from ssamba.bench_ladder import copy_bandwidth
+
+    bw = copy_bandwidth(device)
+    peaks = {dt: matmul_peak(device, dt) for dt in dtypes}
+    res["meta"] |= {"copy_bandwidth_bytes_s": bw, "matmul_peak_flops": peaks}
+    print(f"[train] copy bandwidth {bw / 1e12:.2f} TB/s; matmul peak "
+          + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items()), flush=True)
     print(f"[train] scan backend {backend} (mamba-ssm {'found' if backend == 'cuda' else 'missing'}), "
           f"causal-conv1d {'found' if res['meta']['causal_conv1d'] else 'missing (cuDNN conv)'}", flush=True)
     print(f"[train] {res['meta']['device']}: models {models}, geometries {geometries}, dtypes {dtypes}, "
@@ -259,7 +302,10 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
                         p = Point(name, geometry, dtype, level, label, b, max_batch=spec == "max", graphed=graphed)
                         for k, v in measure(model, geometry, b, dtype, device, warmup, repeats, graphed).items():
                             setattr(p, k, v)
-                        res["points"].append(p.__dict__)
+                        row = p.__dict__
+                        if ssamba and b:
+                            row |= train_floor(model.cfg, geometry, b, dtype, bw, peaks[dtype])
+                        res["points"].append(row)
                         save()
                         print(f"[train] {geometry} {name} {dtype} {'' if level is None else f'{level}. '}{label} "
                               f"batch {b}{' (max)' if p.max_batch else ''}: "
@@ -287,9 +333,15 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
 def train_markdown(res: dict) -> str:
     from ssamba.bench import fmt_bytes
 
-    lines = [f"Training step, {res['meta'].get('device', '?')}", "",
-             "| geometry | model | dtype | step | batch | ms/step | samples/s | x SSAST (eager / graphed) | peak mem |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    m = res["meta"]
+    head = f"Training step, {m.get('device', '?')}"
+    if m.get("copy_bandwidth_bytes_s"):
+        head += (f"; copy bandwidth {m['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s, matmul peak "
+                 + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in m.get("matmul_peak_flops", {}).items()))
+    lines = [head, "",
+             "| geometry | model | dtype | step | batch | ms/step | samples/s | x SSAST (eager / graphed) | peak mem "
+             "| floor ms (bytes / FLOPs) |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     ssast = {}
     for p in res["points"]:
         if p["model"].startswith("ssast") and p.get("samples_s"):
@@ -304,11 +356,13 @@ def train_markdown(res: dict) -> str:
                              for g in (False, True))
         step = ("" if p["level"] is None else f"{p['level']}. ") + p["step"]
         b = f"{p['batch']}" + (" (max)" if p["max_batch"] else "")
+        floor = (f"{p['floor_bytes_ms']:.1f} / {p['floor_flops_ms']:.1f}" if p.get("floor_bytes_ms") is not None
+                 else "")
         if p.get("error"):
-            lines.append(f"| {p['geometry']} | {p['model']} | {p['dtype']} | {step} | {b} | {p['error']} | | | |")
+            lines.append(f"| {p['geometry']} | {p['model']} | {p['dtype']} | {step} | {b} | {p['error']} | | | | |")
         else:
             lines.append(f"| {p['geometry']} | {p['model']} | {p['dtype']} | {step} | {b} | {p['step_ms']:.1f} | "
-                         f"{p['samples_s']:.0f} | {rel} | {fmt_bytes(p['peak_mem_bytes'])} |")
+                         f"{p['samples_s']:.0f} | {rel} | {fmt_bytes(p['peak_mem_bytes'])} | {floor} |")
     for prof in res.get("profiles", []):
         lines += ["", f"Top kernels, {prof['model']} {prof['geometry']} {prof['dtype']} batch {prof['batch']} "
                       "(one profiled step):", "", "| kernel | calls | total us |", "|---|---:|---:|"]
