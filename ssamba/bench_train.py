@@ -173,9 +173,13 @@ def measure(model, geometry: str, batch: int, dtype: str, device, warmup: int, r
 
 def largest_batch(model, geometry: str, dtype: str, device, start: int, cap: int, graphed: bool = False) -> int:
     """The largest batch whose step runs (doubling from ``start``, then bisection), at most ``cap``."""
-    def ok(b: int) -> bool:
-        return "error" not in measure(model, geometry, b, dtype, device, 1, 1, graphed)
+    return search_batch(lambda b: "error" not in measure(model, geometry, b, dtype, device, 1, 1, graphed),
+                        start, cap)
 
+
+def search_batch(ok, start: int, cap: int) -> int:
+    """The largest ``b <= cap`` with ``ok(b)`` (assumed monotone), to within ~6%: doubling from ``start``, then
+    bisection; 0 when even batch 1 fails."""
     if not ok(start):
         lo, hi = 0, start
     else:

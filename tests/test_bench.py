@@ -210,3 +210,38 @@ def test_names_and_tokens():
     assert parse_tokens("512:1024:256,22000,20") == [24, 512, 768, 1024, 22000]
     assert bench.frames(22000) == 16 * 2750
     assert len(bench.ALL_MODELS) == 12
+
+
+def test_train_ladder_batch_search_and_floors():
+    from ssamba import bench_train as T
+    from ssamba.bench import model_config
+    from ssamba.bench_ladder import floor_bytes
+
+    for limit in (1, 31, 32, 77, 100, 600, 5000):
+        got = T.search_batch(lambda b: b <= limit, 32, 2048)
+        assert got <= min(limit, 2048) and got >= 0.93 * min(limit, 2048), (limit, got)
+    assert T.search_batch(lambda b: False, 32, 2048) == 0
+    _, cfg = model_config("ssamba-tiny-bi")
+    f32, f64 = (T.train_floor(cfg, "pretrain", b, "bf16", 3e12, 7e14) for b in (32, 64))
+    assert f64["floor_flops"] == 2 * f32["floor_flops"]
+    assert f32["floor_bytes"] == 3 * 2 * floor_bytes(cfg, 512, 32, "bf16")  # two MSPM passes, 512 patches
+    ft = T.train_floor(cfg, "finetune", 32, "bf16", 3e12, 7e14)
+    assert ft["floor_bytes"] == 3 * floor_bytes(cfg, 144, 32, "bf16")  # speechcommands: 12 x 12 patches, one pass
+    assert abs(f32["floor_bytes_ms"] - f32["floor_bytes"] / 3e12 * 1e3) < 1e-9
+
+
+def test_train_ladder_table_relates_ssamba_to_ssast_of_its_size_batch_and_dtype():
+    from ssamba import bench_train as T
+
+    P = T.Point
+    pts = [P("ssamba-tiny-bi", "pretrain", "bf16", 2, "scan", 32, 40.0, 800.0, 2 ** 30).__dict__,
+           P("ssamba-small-bi", "pretrain", "bf16", 2, "scan", 32, 80.0, 400.0, 2 ** 30).__dict__,
+           P("ssast-tiny-fused", "pretrain", "bf16", None, "SSAST", 32, 50.0, 640.0, 2 ** 30).__dict__,
+           P("ssast-tiny-fused", "pretrain", "bf16", None, "SSAST g", 32, 40.0, 800.0, 2 ** 30, graphed=True).__dict__,
+           P("ssamba-tiny-bi", "pretrain", "bf16", 0, "ref", 96, error="OOM", max_batch=True).__dict__]
+    md = T.train_markdown({"meta": {"device": "card"}, "points": pts, "profiles": []})
+    rows = {r.split("|")[2].strip() + "/" + r.split("|")[4].strip(): r for r in md.splitlines()
+            if r.startswith("| pretrain")}
+    assert "| 1.25 / 1.00 |" in rows["ssamba-tiny-bi/2. scan"]
+    assert "| - / - |" in rows["ssamba-small-bi/2. scan"]  # no SSAST-small measured
+    assert "| OOM |" in rows["ssamba-tiny-bi/0. ref"] and "96 (max)" in rows["ssamba-tiny-bi/0. ref"]
