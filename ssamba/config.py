@@ -21,7 +21,7 @@ FBANK_CODE_VERSION = 1
 
 @dataclass(frozen=True)
 class FrontendConfig:
-    """Waveform -> log-mel filterbank, exactly the official call (SPEC.md section 1).
+    """Waveform -> log-mel filterbank, exactly the official call (docs/model.md section 1.2).
 
     The first group of fields decides the cached fbank (``fbank_key``); ``target_length`` and
     the normalisation statistics are applied when a clip is read, so changing them never
@@ -41,7 +41,7 @@ class FrontendConfig:
     resample_rolloff: float = 0.99
     # applied on read (not part of the cache key)
     target_length: int = 1024
-    mean: float = -4.2677393  # AudioSet / pretraining statistics (SPEC.md section 1)
+    mean: float = -4.2677393  # AudioSet / pretraining statistics (docs/model.md section 1.3)
     std: float = 4.5689974
 
     CACHE_FIELDS = (
@@ -69,7 +69,7 @@ class FrontendConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Training-only augmentations (SPEC.md section 1); all off by default."""
+    """Training-only augmentations (docs/model.md section 1.4); all off by default."""
 
     freqm: int = 0  # SpecAugment frequency mask width upper bound (bins)
     timem: int = 0  # SpecAugment time mask width upper bound (frames)
@@ -89,7 +89,7 @@ SSAST_HEADS = {"tiny": 3, "small": 6, "base": 12}
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The encoder (SPEC.md sections 2-3, 7). Every ablation switch is one field.
+    """The encoder (docs/model.md sections 2-3, 7). Every ablation switch is one field.
 
     ``arch`` ``ssamba`` (Mamba) or ``ssast`` (ViT baseline). Defaults are SSAMBA-tiny as the
     official recipes build it (LayerNorm, bidirectional v2 mixer, layer pairing, final norm twice).
@@ -152,7 +152,7 @@ class ModelConfig:
 
 
 def model_preset(name: str, arch: str = "ssamba") -> ModelConfig:
-    """``tiny`` / ``small`` / ``base`` (SPEC.md sizes) or the CPU presets ``demo`` / ``test``."""
+    """``tiny`` / ``small`` / ``base`` (docs/model.md section 3 sizes) or the CPU presets ``demo`` / ``test``."""
     if name in SIZES:
         d = SIZES[name]
         if arch == "ssast":
@@ -197,7 +197,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """MSPM pretraining (SPEC.md section 4); defaults are the official recipe."""
+    """MSPM pretraining (docs/model.md section 4); defaults are the official recipe."""
 
     target_length: int = 1024
     mask_count: int = 400
@@ -236,7 +236,7 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Fine-tuning on one labelled task (SPEC.md section 5); defaults are the ESC-50 recipe."""
+    """Fine-tuning on one labelled task (docs/model.md section 5); defaults are the ESC-50 recipe."""
 
     task: str = "demo"
     manifest: str = ""  # "" = the demo corpus

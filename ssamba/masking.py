@@ -1,6 +1,6 @@
 """Masks for masked spectrogram patch modelling: cluster patches (official), random patches, frames.
 
-Conventions (SPEC.md section 4): a mask is a ``(B, M)`` int64 tensor of **patch indices** in
+Conventions (docs/model.md section 4.1): a mask is a ``(B, M)`` int64 tensor of **patch indices** in
 ``[0, N)`` with ``N = F' * T'`` patches in frequency-major order (index ``f' * T' + t'``), sorted
 ascending, unique per row. The cls token is not a patch: the encoder output of patch ``i`` sits at
 token ``i + 1``. Every spectrogram of a batch masks the same count ``M``.

@@ -1,6 +1,6 @@
 """Named experiment presets: ``demo`` (embedded default), ``smoke`` (CI), ``paper-{tiny,small,base}``.
 
-The paper presets are SPEC.md sections 4-5 (pretraining on 128 x 1024 at stride 16, 400 masked
+The paper presets are docs/model.md sections 4-5 (pretraining on 128 x 1024 at stride 16, 400 masked
 patches; fine-tuning with the ESC-50 recipe) and need manifests of real data (``--manifest``,
 ``--set finetune.manifest=...``). ``demo`` and ``smoke`` are small models on the demo corpus,
 with the mask count scaled to the same fraction of patches as the paper (400 / 512).
@@ -14,7 +14,7 @@ from ssamba.errors import ConfigError
 
 PRESETS = ("demo", "smoke", "paper-tiny", "paper-small", "paper-base")
 
-# Fine-tuning recipes of the official scripts (SPEC.md section 5), as ``finetune.*`` overrides.
+# Fine-tuning recipes of the official scripts (docs/model.md section 5.2), as ``finetune.*`` overrides.
 _ESC = {"finetune.target_length": 512, "finetune.fstride": 10, "finetune.tstride": 10, "finetune.lr": 1e-4,
         "finetune.head_lr": 1.0, "finetune.epochs": 50, "finetune.batch_size": 48, "finetune.lr_decay_start": 6,
         "finetune.lr_decay_step": 1, "finetune.lr_decay": 0.85, "finetune.freqm": 24, "finetune.timem": 96,

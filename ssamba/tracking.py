@@ -1,6 +1,6 @@
 """MLflow: the only module that imports it. The sweep's run layout, written and read here.
 
-Layout (DESIGN.md "MLflow layout"):
+Layout (docs/architecture.md section 5.5):
 - one experiment per sweep script (``ssamba-<factor>`` unless ``--experiment``), tagged
   ``ssamba.sweep=1`` and ``ablation.factor``;
 - one parent run per sweep (``sweep.role=parent``, ``sweep.id``, ``ablation.factor``, ``sweep.arms``

@@ -1,4 +1,4 @@
-"""The four ablation factors of the paper (SPEC.md section 9), shared by the sweep scripts."""
+"""The four ablation factors of the paper (docs/model.md section 9), shared by the sweep scripts."""
 
 from __future__ import annotations
 

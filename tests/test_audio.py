@@ -17,7 +17,7 @@ from tests.conftest import write_tone
 
 
 def official_fbank(path) -> torch.Tensor:
-    """SPEC.md section 1 written out literally: read, resample to 16 kHz, subtract mean, kaldi fbank."""
+    """docs/model.md sections 1.1-1.2 written out literally: read, resample to 16 kHz, subtract mean, kaldi fbank."""
     data, sr = sf.read(str(path), dtype="float32", always_2d=True)
     wave = torch.from_numpy(data.mean(axis=1))
     if sr != 16000:

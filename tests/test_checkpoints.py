@@ -1,5 +1,5 @@
 """Our checkpoint format, strict loading, and moving a pretrained encoder to a fine-tuning geometry
-(SPEC.md section 5: the position-embedding arithmetic)."""
+(docs/model.md section 5.3: the position-embedding arithmetic)."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_load_strict_reports_every_problem_at_once():
 
 
 def test_load_strict_rejects_layernorm_weights_into_rmsnorm_model():
-    """The SUPERB pitfall (SPEC.md 10): LayerNorm biases must not be dropped silently."""
+    """The SUPERB pitfall (docs/model.md section 10): LayerNorm biases must not be dropped silently."""
     ln = make_model().state_dict()
     with pytest.raises(CheckpointError, match="norm.bias"):
         load_strict(make_model(norm="rmsnorm"), ln, source="ln")
@@ -135,7 +135,7 @@ def test_load_strict_rejects_layernorm_weights_into_rmsnorm_model():
 
 # ------------------------------------------------------------------------------ pos-embed arithmetic
 def independent_adapt(pos, src, dst, n_prefix):
-    """SPEC.md 5 written out with F.interpolate on a (1, D, f, t) view."""
+    """docs/model.md section 5.3 written out with F.interpolate on a (1, D, f, t) view."""
     pf, pt = src
     f, t = dst
     d = pos.shape[-1]

@@ -1,4 +1,4 @@
-"""MSPM targets and losses (SPEC.md section 4): InfoNCE and its accuracy convention, MSE, patch
+"""MSPM targets and losses (docs/model.md sections 4.3-4.4): InfoNCE and its accuracy convention, MSE, patch
 targets, and how AudioModel.pretrain_losses combines them."""
 
 from __future__ import annotations

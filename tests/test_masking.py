@@ -1,4 +1,4 @@
-"""Masks for masked patch modelling (SPEC.md section 4): cluster (official), random and frame masks."""
+"""Masks for masked patch modelling (docs/model.md section 4.1): cluster (official), random and frame masks."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def test_cluster_band_rates_official(official_cluster, cluster_m250):
     # Exactly M of N patches per draw.
     assert rates.mean() == pytest.approx(M_OFFICIAL / N, abs=1e-12)
     assert rates250.mean() == pytest.approx(250 / N, abs=1e-12)
-    # SPEC: lowest band ~41%, middle bands ~88% at M = 400.
+    # docs/model.md section 4.1: lowest band ~41%, middle bands ~88% at M = 400.
     assert 0.36 <= rates[0] <= 0.46
     assert rates[3] > 0.8 and rates[4] > 0.8
     assert np.all(np.abs(rates[3:7] - 0.88) < 0.04)

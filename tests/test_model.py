@@ -1,4 +1,4 @@
-"""The encoders (SPEC.md sections 2, 3, 7): sizes, token order, the bimamba v2 mixer, block / layer
+"""The encoders (docs/model.md sections 2, 3, 7): sizes, token order, the bimamba v2 mixer, block / layer
 pairing semantics, drop-path, mask embedding, gradients, pooling, SSAST attention, error messages."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_checkpoint_key_names_and_shapes_follow_official_layout():
     for k, shape in expected.items():
         assert tuple(sd[k].shape) == shape, k
     assert "v.layers.24.norm.weight" not in sd
-    # no bias in in_proj / x_proj / out_proj (SPEC.md 3.2); the convs have one
+    # no bias in in_proj / x_proj / out_proj (docs/model.md section 3.2); the convs have one
     assert not any(k.endswith(("in_proj.bias", "x_proj.bias", "x_proj_b.bias", "out_proj.bias")) for k in sd)
     assert "v.layers.0.mixer.conv1d.bias" in sd
 
@@ -126,7 +126,7 @@ def test_token_order_is_frequency_major_after_prefix(arch, n_prefix, frames, str
 
 # -------------------------------------------------------------------------------------- the mixer
 def naive_direction(x, z, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, Dskip, dt_rank, d_state):
-    """One scan direction written from SPEC.md 3.2 with a per-token loop. x, z: (B, d_inner, L)."""
+    """One scan direction written from docs/model.md section 3.2 with a per-token loop. x, z: (B, d_inner, L)."""
     length = x.shape[-1]
     k = conv_w.shape[-1]
     u = F.silu(F.conv1d(F.pad(x, (k - 1, 0)), conv_w, conv_b, groups=x.shape[1]))  # causal, left pad 3
@@ -228,7 +228,7 @@ def test_bidirectional_mixer_is_forward_plus_flipped_backward(divide_out):
 
 # ---------------------------------------------------------------------- blocks and layer pairing
 def spec_blocks(enc: MambaEncoder, hidden: torch.Tensor) -> torch.Tensor:
-    """SPEC.md 3.1, 3.3, 3.4 (eval mode: drop-path is the identity)."""
+    """docs/model.md sections 3.1, 3.3, 3.4 (eval mode: drop-path is the identity)."""
     cfg = enc.cfg
 
     def block(layer, h, r):

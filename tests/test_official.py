@@ -1,7 +1,7 @@
-"""Import of official checkpoints, checked against a from-the-SPEC functional forward.
+"""Import of official checkpoints, checked against a functional forward written from docs/model.md.
 
-The state dicts are built here from SPEC.md section 6's key list (not from our model), and the
-reference forward below is written straight from SPEC.md sections 2-4 (a per-token scan loop),
+The state dicts are built here from docs/model.md section 6.1's key list (not from our model), and the
+reference forward below is written straight from docs/model.md sections 2-4 (a per-token scan loop),
 so the import is checked against the specification, not against itself.
 """
 
@@ -66,7 +66,7 @@ def official_ssamba_state(norm: str, form: str, n_classes: int = 5, grid=(8, 64)
     return s
 
 
-# ----------------------------------------------------------------------------- SPEC reference forward
+# ------------------------------------------------------------ reference forward from docs/model.md
 def _norm(x, s, prefix):
     if prefix + ".bias" in s:
         return F.layer_norm(x, (D,), s[prefix + ".weight"], s[prefix + ".bias"], eps=1e-5)
@@ -74,7 +74,7 @@ def _norm(x, s, prefix):
 
 
 def _inner(x, z, s, m, suf):
-    """One direction, SPEC 3.2, with a plain per-token scan. x, z: (B, L, 2D)."""
+    """One direction, docs/model.md section 3.2, with a plain per-token scan. x, z: (B, L, 2D)."""
     a_key = m + ("A_log" if not suf else "A_b_log")
     w = s[m + f"conv1d{suf}.weight"]  # (2D, 1, 4)
     xp = F.pad(x.transpose(1, 2), (3, 0))
@@ -297,7 +297,7 @@ def test_ssast_finetuned_form_matches_the_spec():
     state = official_ssast_state("finetuned", grid=(12, 50))  # ESC-50 geometry
     model, info = import_official(state)
     assert model.cfg.arch == "ssast" and model.v.n_prefix == 2 and model.grid == (12, 50)
-    # D=32 is not an official size: heads are taken as D // 64 -> 1 unless given; SPEC sizes map 192->3 etc.
+    # D=32 is not an official size: heads are taken as D // 64 -> 1 unless given (docs/model.md section 7: 192->3 etc.)
     model.eval()
     fbank = torch.randn(2, 512, 128) * 0.5
     with torch.no_grad():

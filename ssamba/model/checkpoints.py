@@ -118,7 +118,7 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
 
 
 def adapt_pos_embed(pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], n_prefix: int) -> torch.Tensor:
-    """Position embedding of a pretraining grid re-laid for a fine-tuning grid (SPEC.md section 5).
+    """Position embedding of a pretraining grid re-laid for a fine-tuning grid (docs/model.md section 5.3).
 
     ``pos (1, n_prefix + pf * pt, D)`` -> ``(1, n_prefix + f * t, D)``. Time: crop the centre
     columns ``[pt//2 - t//2 : ... + t]`` when ``t < pt``, else bilinear-resize to ``(pf, t)``;

@@ -1,7 +1,7 @@
 """The SSAMBA encoder: patch tokens, cls at index 0, learned positions, pre-norm Mamba blocks, final norm.
 
 Shapes: ``fbank (B, T, F)`` -> ``tokens (B, 1 + F' * T', D)``, frequency-major, cls at index 0.
-Block, layer pairing and output follow SPEC.md sections 3.1-3.4; names follow the official
+Block, layer pairing and output follow docs/model.md sections 3.1-3.4; names follow the official
 checkpoints (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``layers.{i}.{norm,mixer}``, ``norm_f``).
 """
 
@@ -118,7 +118,7 @@ class MambaEncoder(nn.Module):
             residual = residual + self.drop_path_f(hidden)
             out = self.norm_f(residual.to(self.norm_f.weight.dtype))
         if self.cfg.final_norm_twice:
-            out = self.norm_f(out)  # official quirk (SPEC.md 3.4)
+            out = self.norm_f(out)  # official quirk (docs/model.md section 3.4)
         return out
 
     def forward(self, fbank: torch.Tensor, masks: torch.Tensor | None = None,

@@ -1,4 +1,4 @@
-"""MSPM heads and losses (InfoNCE + MSE, SPEC.md section 4), the patch targets, and the classifier head."""
+"""MSPM heads and losses (InfoNCE + MSE, docs/model.md sections 4.3-4.4), the patch targets, and the classifier head."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Shapes: input and output ``(B, L, D)``; inside, ``x, z: (B, d_inner, L)`` with ``d_inner = expand * D``.
 Parameter names follow the official checkpoints (``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``,
-``A_log``, ``D``, their ``*_b`` backward twins, ``out_proj``). SPEC.md section 3.2.
+``A_log``, ``D``, their ``*_b`` backward twins, ``out_proj``). docs/model.md section 3.2.
 
 Two computations of the same function:
 
@@ -69,7 +69,7 @@ class Mamba(nn.Module):
         if self.bimamba:
             self._init_dt(self.dt_proj_b, r)
             if zero_backward_dt_bias:
-                # Official quirk (SPEC.md 3.2): the backward dt bias starts at zero (delta ~ 0.69).
+                # Official quirk (docs/model.md section 3.2): the backward dt bias starts at zero (delta ~ 0.69).
                 nn.init.zeros_(self.dt_proj_b.bias)
         nn.init.kaiming_uniform_(self.out_proj.weight, a=math.sqrt(5))
         with torch.no_grad():

@@ -1,6 +1,6 @@
 """Import of the authors' released ``.pth`` files (SSAMBA and SSAST; pretraining and fine-tuned forms).
 
-One filter function per source family (SPEC.md section 6): unwrap and strip ``module.``, detect
+One filter function per source family (docs/model.md section 6): unwrap and strip ``module.``, detect
 architecture, size, depth, norm type, mixer type and geometry from the keys, drop the unused heads
 (each with its reason), then load strictly: every other unmatched key is an error listing them all.
 Layer pairing cannot be seen in the keys; the official recipes use it, so it defaults to on.
@@ -19,7 +19,7 @@ from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import CheckpointError, load_strict, safe_load
 from ssamba.model.layers import grid_shape
 
-# Fine-tuning geometries of the official recipes (SPEC.md section 5): patches -> (fstride, tstride, frames).
+# Fine-tuning geometries of the official recipes (docs/model.md section 2.3): patches -> (fstride, tstride, frames).
 RECIPE_GEOMETRIES = {
     12 * 101: (10, 10, 1024),  # AudioSet
     12 * 50: (10, 10, 512),  # ESC-50

@@ -1,4 +1,4 @@
-"""The SSAST baseline encoder: a DeiT-style ViT with cls + distillation tokens (SPEC.md section 7).
+"""The SSAST baseline encoder: a DeiT-style ViT with cls + distillation tokens (docs/model.md section 7).
 
 Shapes: ``fbank (B, T, F)`` -> ``tokens (B, 2 + F' * T', D)``; patch tokens start at index 2.
 Attention is either materialised (``softmax(q k^T / sqrt(d)) v``, as the original) or fused
