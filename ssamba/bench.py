@@ -1,4 +1,4 @@
-"""Encoder efficiency benchmark (SPEC.md section 8): latency, throughput and peak memory vs tokens.
+"""Encoder efficiency benchmark (docs/model.md section 8): latency, throughput and peak memory vs tokens.
 
 ``python -m ssamba.bench`` times a ``no_grad`` encoder forward of every model on one card, in one
 process: latency at batch 1 (CUDA events, warm-up, median), throughput at the largest batch that fits
