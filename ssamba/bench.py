@@ -17,7 +17,6 @@ import datetime
 import functools
 import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from ssamba.config import ModelConfig, model_preset
+from ssamba.files import write_text_atomic
 
 DEFAULT_TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 22000, 32768, 65536]
 QUICK_TOKENS = [512, 2048, 8192, 22000]
@@ -226,10 +226,7 @@ class Bench:
         self.res["meta"] = environment(self.device) | {"settings": json.loads(json.dumps(asdict(s)))}
 
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.res, indent=1))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.res, indent=1))
 
     def log(self, msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)

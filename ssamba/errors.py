@@ -26,5 +26,9 @@ class AudioError(SSAMBAError):
         return (self.__class__, (self.path, self.reason, self.message))
 
 
+class KernelBuildError(SSAMBAError, RuntimeError):
+    """A CUDA kernel cannot be built, loaded or checked; the message says why and what to do."""
+
+
 class ManifestError(SSAMBAError, ValueError):
     """A manifest (or a dataset layout being imported) violates the schema."""

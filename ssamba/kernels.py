@@ -53,11 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, TextIO
 
-from ssamba.errors import SSAMBAError
-
-
-class KernelBuildError(SSAMBAError):
-    """Building or checking the CUDA kernels cannot go on; the message says why and what to do."""
+from ssamba.errors import KernelBuildError, SSAMBAError  # noqa: F401 - KernelBuildError re-exported
 
 
 # --------------------------------------------------------------------------------------------------

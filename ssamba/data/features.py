@@ -32,6 +32,7 @@ from ssamba.audio import file_fbank
 from ssamba.config import FrontendConfig
 from ssamba.data.manifest import Manifest
 from ssamba.errors import AudioError
+from ssamba.files import atomic_path
 from ssamba.paths import cache_dir
 
 SHARD_SCHEMA = pa.schema([
@@ -215,10 +216,9 @@ class FeatureCache:
         table = pa.Table.from_pylist(rows, schema=SHARD_SCHEMA)
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.arrow"
         final = self.folder / name
-        tmp = self.folder / f".{name}.tmp"
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
-            writer.write_table(table)
-        os.replace(tmp, final)
+        with atomic_path(final, hidden=True) as tmp:  # .shard-*.tmp until complete
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SHARD_SCHEMA) as writer:
+                writer.write_table(table)
         return final
 
 

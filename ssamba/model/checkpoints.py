@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from ssamba.config import ModelConfig, from_flat, to_flat
 from ssamba.errors import SSAMBAError
+from ssamba.files import atomic_path
 from ssamba.model.audio_model import AudioModel, Geometry
 
 FORMAT = "ssamba-checkpoint"
@@ -48,15 +48,8 @@ def save_checkpoint(path: str | os.PathLike, model: AudioModel, *, config: dict[
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -18,7 +18,7 @@ in torch, so the chunk algebra is tested on CPU; the CUDA kernel is tested again
 (``tests/test_gpu.py``).
 
 The kernel is compiled with ``nvcc`` on first use, for the local GPU's architecture only (20-70 s on an H200 machine),
-into ``$SSAMBA_KERNEL_CACHE`` (default ``~/.cache/ssamba/kernels``), under a file lock so that parallel
+into ``$SSAMBA_KERNEL_CACHE`` (default ``$SSAMBA_CACHE/kernels``, i.e. ``~/.cache/ssamba/kernels``), under a file lock so that parallel
 Ray workers compile it once, and loaded with ``ctypes``; it launches on torch's current stream, so it is
 captured by CUDA graphs. Where it cannot be built (no ``nvcc``, no GPU) :func:`chunk_scan_fn` returns
 ``None`` and the mixer keeps mamba-ssm's scan. ``SSAMBA_CHUNK_SCAN=0`` turns it off.
@@ -27,7 +27,6 @@ captured by CUDA graphs. Where it cannot be built (no ``nvcc``, no GPU) :func:`c
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import hashlib
 import os
@@ -39,6 +38,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ssamba import paths
+from ssamba.errors import KernelBuildError
+from ssamba.files import atomic_path, file_lock
 
 SOURCE = Path(__file__).with_name("csrc") / "chunk_scan.cu"
 TILE = 32  # time steps per shared-memory tile (TT in the .cu file); chunk lengths are multiples of it
@@ -68,12 +71,10 @@ class _Params(ctypes.Structure):
 _warned: set[str] = set()
 
 
-class KernelBuildError(RuntimeError):
-    """``nvcc`` failed or is missing; the message carries the command and the end of its output."""
-
-
 def cache_dir() -> Path:
-    return Path(os.environ.get("SSAMBA_KERNEL_CACHE") or Path.home() / ".cache" / "ssamba" / "kernels")
+    """``$SSAMBA_KERNEL_CACHE``, else the project cache's ``kernels`` folder (``$SSAMBA_CACHE/kernels``)."""
+    override = os.environ.get("SSAMBA_KERNEL_CACHE")
+    return Path(override) if override else paths.cache_dir("kernels")
 
 
 def find_nvcc() -> str | None:
@@ -97,20 +98,19 @@ def build_library(arch: str, nvcc: str | None = None, verbose: bool = False, sou
     out = out_dir / f"{source.stem}-{arch}-{key}.so"
     if out.exists():
         return out
-    with open(out_dir / f"{source.stem}-{arch}-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be compiling the same file
+    with file_lock(out_dir / f"{source.stem}-{arch}-{key}.lock"):  # another process may be compiling it
         if out.exists():
             return out
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [nvcc, "-O3", "--use_fast_math", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
-               "-cudart", "shared", "-o", str(tmp), str(source)]
-        print(f"[{source.stem}] compiling {source.name} for {arch} into {out_dir} (about a minute, once per "
-              "machine and source version)" + (": " + " ".join(cmd) if verbose else ""), file=sys.stderr, flush=True)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise KernelBuildError(f"{' '.join(cmd)} failed (rc {res.returncode}):\n{(res.stderr or res.stdout)[-3000:]}")
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            cmd = [nvcc, "-O3", "--use_fast_math", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
+                   "-cudart", "shared", "-o", str(tmp), str(source)]
+            print(f"[{source.stem}] compiling {source.name} for {arch} into {out_dir} (about a minute, once per "
+                  "machine and source version)" + (": " + " ".join(cmd) if verbose else ""), file=sys.stderr,
+                  flush=True)
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise KernelBuildError(f"{' '.join(cmd)} failed (rc {res.returncode}):\n"
+                                       f"{(res.stderr or res.stdout)[-3000:]}")
     return out
 
 

@@ -35,7 +35,8 @@ from typing import Callable
 
 import torch
 
-from ssamba.model.chunk_scan import KernelBuildError, _DTYPES, build_library, device_arch
+from ssamba.errors import KernelBuildError
+from ssamba.model.chunk_scan import _DTYPES, build_library, device_arch
 
 SOURCE = Path(__file__).with_name("csrc") / "train_scan.cu"
 TILE = 16  # steps per tile and per checkpoint (TT in the .cu file)

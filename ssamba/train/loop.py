@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ssamba.data.dataset import SkipLog
 from ssamba.errors import SSAMBAError
+from ssamba.files import atomic_path
 from ssamba.model.checkpoints import save_checkpoint
 
 
@@ -196,12 +197,12 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
             if is_main:
                 res.best_path = save_checkpoint(out / "best.pt", model, metrics=named, **meta)
         if is_main:
-            torch.save({"model": getattr(model, "module", model).state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step, "epoch": epoch,
-                        "batch_in_epoch": batch_in_epoch, "best_metric": res.best_metric,
-                        "samples": res.samples, "skipped": dict(res.skipped.skipped),
-                        "skip_events": res.skipped.events}, out / "last.tmp")
-            os.replace(out / "last.tmp", last)
+            with atomic_path(last) as tmp:
+                torch.save({"model": getattr(model, "module", model).state_dict(),
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_metric": res.best_metric,
+                            "samples": res.samples, "skipped": dict(res.skipped.skipped),
+                            "skip_events": res.skipped.events}, tmp)
         shown = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in named.items() if isinstance(v, float))
         log(f"[{task.prefix}] step {step}/{total_steps} epoch {epoch}: {shown}" + (" (final)" if final else ""))
         if report is not None:

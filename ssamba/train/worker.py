@@ -16,36 +16,17 @@ skipped are listed in the run as ``skipped_clips/<stage>.json``.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ssamba.config import ExperimentConfig, from_flat, to_flat
+from ssamba.files import file_lock, write_json_atomic
 from ssamba.train.jobs import run_finetune, run_pretrain
-
-
-@contextmanager
-def file_lock(path: Path):
-    """An exclusive advisory lock (``flock``) held for the block; released if the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def shared_pretraining(pdir: Path, compute: Callable[[], dict], *, owner: str, is_main: bool = True,
