@@ -65,8 +65,8 @@ def _cells(t: FactorTable, r: Row, bold) -> list[str]:
 
 
 def _explain(t: FactorTable) -> list[str]:
-    lines = [f"Cells: mean ± sample std over seeds (n = seeds) of `ft/<task>/final` and the pretraining metrics; "
-             f"best per column in bold (cost not ranked); `device-h/trial` is the mean device-hours of a finished trial."]
+    lines = ["Cells: mean ± sample std over seeds (n = seeds) of `ft/<task>/final` and the pretraining metrics; "
+             "best per column in bold (cost not ranked); `device-h/trial` is the mean device-hours of a finished trial."]
     if t.reference_arm is not None:
         lines.append(f"Δ: difference to reference arm `{t.reference_arm}` over paired seeds (same seed in both rows), "
                      f"with a {t.confidence:.0%} t-interval (n-1 degrees of freedom); rows are compared with the "

@@ -55,7 +55,6 @@ from typing import Callable, Iterable, Optional, Sequence, TextIO
 
 from ssamba.errors import KernelBuildError, SSAMBAError  # noqa: F401 - KernelBuildError re-exported
 
-
 # --------------------------------------------------------------------------------------------------
 # the two packages
 # --------------------------------------------------------------------------------------------------

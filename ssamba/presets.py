@@ -8,8 +8,15 @@ with the mask count scaled to the same fraction of patches as the paper (400 / 5
 
 from __future__ import annotations
 
-from ssamba.config import (AugmentConfig, DataConfig, ExperimentConfig, FinetuneConfig, FrontendConfig,
-                           PretrainConfig, model_preset)
+from ssamba.config import (
+    AugmentConfig,
+    DataConfig,
+    ExperimentConfig,
+    FinetuneConfig,
+    FrontendConfig,
+    PretrainConfig,
+    model_preset,
+)
 from ssamba.errors import ConfigError
 
 PRESETS = ("demo", "smoke", "paper-tiny", "paper-small", "paper-base")

@@ -8,11 +8,10 @@ final metrics and reports them to Tune. Ray Tune and Ray Train meet only here an
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 

@@ -9,8 +9,17 @@ import torch
 import torch.nn as nn
 
 from ssamba import bench
-from ssamba.bench import (Bench, Settings, compare, find_max_batch, fits, headline, model_config, parse_tokens,
-                          sweep_lengths)
+from ssamba.bench import (
+    Bench,
+    Settings,
+    compare,
+    find_max_batch,
+    fits,
+    headline,
+    model_config,
+    parse_tokens,
+    sweep_lengths,
+)
 
 MODELS = "ssamba-test-bi,ssast-test-mat,ssast-test-fused"
 

@@ -13,7 +13,13 @@ from ssamba.config import model_preset
 from ssamba.model import checkpoints as ckpt_mod
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import (
-    CheckpointError, adapt_pos_embed, grid_of, load_checkpoint, load_strict, read_checkpoint, save_checkpoint,
+    CheckpointError,
+    adapt_pos_embed,
+    grid_of,
+    load_checkpoint,
+    load_strict,
+    read_checkpoint,
+    save_checkpoint,
     transfer_encoder,
 )
 

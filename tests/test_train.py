@@ -130,8 +130,8 @@ def test_gradient_accumulation_matches_the_larger_batch(small_demo, tmp_path):
 def test_loader_workers_auto_resolves_by_device():
     from ssamba.config import GPU_LOADER_WORKERS, DataConfig
     from ssamba.errors import ConfigError
-    from ssamba.train.jobs import resolve_runtime
     from ssamba.presets import preset
+    from ssamba.train.jobs import resolve_runtime
 
     assert DataConfig().num_workers == -1
     assert DataConfig().resolved_num_workers("cpu") == 0

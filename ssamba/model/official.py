@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ssamba.config import SSAST_HEADS, SIZES, ModelConfig
+from ssamba.config import SIZES, SSAST_HEADS, ModelConfig
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import CheckpointError, load_strict, safe_load
 from ssamba.model.layers import grid_shape

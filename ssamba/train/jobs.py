@@ -151,8 +151,9 @@ def _test_metrics(cfg, manifest, loaders, res, task, device, log) -> dict[str, f
         return {}
     if res.best_path is None:
         return {}
-    from ssamba.data.dataset import ClipDataset, collate
     from torch.utils.data import DataLoader
+
+    from ssamba.data.dataset import ClipDataset, collate
 
     test_m = select(manifest, ft.test_split)
     ds = ClipDataset(test_m, loaders.frontend, AugmentConfig(), cache=loaders.train.dataset.cache,

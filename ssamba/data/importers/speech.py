@@ -19,7 +19,6 @@ from ssamba.data.importers.common import (
 from ssamba.data.manifest import Manifest
 from ssamba.errors import ManifestError
 
-
 # ================================================================================= Speech Commands
 _SC_EXPECTED = (
     "ROOT/{word}/{speakerhash}_nohash_{n}.wav with ROOT/validation_list.txt and "
