@@ -33,6 +33,7 @@ from typing import Any
 
 import pandas as pd
 
+from ssamba import names as N
 from ssamba.errors import SSAMBAError
 
 # Params that vary between runs without changing what is measured: never used to split rows.
@@ -44,7 +45,12 @@ NOISE_PARAMS = frozenset({
     "model.scan_backend",  # reference or CUDA kernel: the same math
 })
 PRETRAIN_COLUMNS = ("pretrain/acc", "pretrain/loss")
-COST_COLUMN = "cost/device_hours"
+COST_COLUMN = N.COST_DEVICE_HOURS
+
+
+def _tag(name: str) -> str:
+    """The run-table column of a tag."""
+    return N.column("tags", name)
 HIGHER_IS_BETTER = {"pretrain/acc": True, "pretrain/loss": False}  # tasks: higher (accuracy / mAP)
 STATUSES = ("finished", "failed", "running", "incomplete", "duplicate")
 MAX_LABEL_KEYS = 3
@@ -173,12 +179,12 @@ def summarize(runs: pd.DataFrame, reference: str | dict[str, str] | None = None,
     if runs is None or runs.empty:
         return []
     runs = runs.reset_index(drop=True)
-    role = _col(runs, "tags.sweep.role")
-    arm = _col(runs, "tags.ablation.arm")
+    role = _col(runs, _tag(N.ROLE))
+    arm = _col(runs, _tag(N.ARM))
     parents = runs[role == "parent"]
     trials = runs[(role == "trial") | (role.isna() & arm.notna())]
-    trials = trials[_col(trials, "tags.ablation.arm").notna()]
-    factors = sorted(set(_col(trials, "tags.ablation.factor").fillna("unknown")))
+    trials = trials[_col(trials, _tag(N.ARM)).notna()]
+    factors = sorted(set(_col(trials, _tag(N.FACTOR)).fillna("unknown")))
     noise = NOISE_PARAMS | {k.removeprefix("params.") for k in ignore_params}
     refs = reference if isinstance(reference, dict) else {f: reference for f in factors} if reference else {}
     unknown = set(refs) - set(factors) if isinstance(reference, dict) else set()
@@ -187,8 +193,8 @@ def summarize(runs: pd.DataFrame, reference: str | dict[str, str] | None = None,
                            "Fix: use FACTOR=ARM with one of those factors.")
     tables = []
     for factor in factors:
-        ft = trials[_col(trials, "tags.ablation.factor").fillna("unknown") == factor]
-        fp = parents[_col(parents, "tags.ablation.factor").fillna("unknown") == factor]
+        ft = trials[_col(trials, _tag(N.FACTOR)).fillna("unknown") == factor]
+        fp = parents[_col(parents, _tag(N.FACTOR)).fillna("unknown") == factor]
         tables.append(_factor_table(factor, ft, fp, refs.get(factor), noise, confidence))
     return tables
 
@@ -197,17 +203,17 @@ def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, refe
                   noise: frozenset[str], confidence: float) -> FactorTable:
     notes: list[str] = []
     parents = parents.sort_values("start_time", kind="stable") if "start_time" in parents else parents
-    natural = _merge_lists(_json_list(v) for v in _col(parents, "tags.sweep.arms"))
-    listed_tasks = _merge_lists(_json_list(v) for v in _col(parents, "tags.sweep.tasks"))
+    natural = _merge_lists(_json_list(v) for v in _col(parents, _tag(N.SWEEP_ARMS)))
+    listed_tasks = _merge_lists(_json_list(v) for v in _col(parents, _tag(N.SWEEP_TASKS)))
     seen_tasks = sorted({c.split("/")[1] for c in trials.columns
-                         if c.startswith("metrics.ft/") and c.endswith("/final") and trials[c].notna().any()})
+                         if c.startswith("metrics.") and N.is_final(c[len("metrics."):]) and trials[c].notna().any()})
     tasks = tuple(listed_tasks + [t for t in seen_tasks if t not in listed_tasks])
-    sweep_tasks = {sid: _json_list(t) for sid, t in zip(_col(parents, "tags.sweep.id"), _col(parents, "tags.sweep.tasks"))
+    sweep_tasks = {sid: _json_list(t) for sid, t in zip(_col(parents, _tag(N.SWEEP_ID)), _col(parents, _tag(N.SWEEP_TASKS)))
                    if isinstance(t, str)}
-    present = set(_col(trials, "tags.ablation.arm").astype(str))
+    present = set(_col(trials, _tag(N.ARM)).astype(str))
     arms = tuple([a for a in natural if a in present] + sorted(present - set(natural), key=_natural_key))
 
-    declared = [r for r in _col(parents, "tags.sweep.reference_arm") if isinstance(r, str) and r]
+    declared = [r for r in _col(parents, _tag(N.SWEEP_REFERENCE)) if isinstance(r, str) and r]
     if len(set(declared)) > 1:
         notes.append(f"the sweeps declare different reference arms {sorted(set(declared))}; the latest, "
                      f"{declared[-1]!r}, is used")
@@ -223,8 +229,8 @@ def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, refe
     records = []
     for _, r in trials.iterrows():
         settings = {c[len("params."):]: str(r[c]) for c in param_cols if _present(r[c])}
-        required = sweep_tasks.get(r.get("tags.sweep.id"), list(tasks))
-        records.append(dict(run_id=str(r["run_id"]), arm=str(r["tags.ablation.arm"]), seed=_seed(r),
+        required = sweep_tasks.get(r.get(_tag(N.SWEEP_ID)), list(tasks))
+        records.append(dict(run_id=str(r["run_id"]), arm=str(r[_tag(N.ARM)]), seed=_seed(r),
                             status=_trial_status(r, required), start=_num(r.get("start_time")) or 0.0,
                             settings=settings, key=tuple(sorted(settings.items())), row=r))
 
@@ -248,7 +254,7 @@ def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, refe
             counts[rec["status"]] += 1
         per_col = {c: {s: v for s, rec in latest.items()
                        if _present(v := _num(rec["row"].get(_metric_col(c, tasks))))} for c in columns}
-        failures = tuple((rec["run_id"], rec["seed"], _text(rec["row"].get("tags.trial.error"))[:300])
+        failures = tuple((rec["run_id"], rec["seed"], _text(rec["row"].get(_tag(N.TRIAL_ERROR)))[:300])
                          for rec in recs if rec["status"] == "failed")
         built.append(dict(arm=arm_label, key=key, settings=dict(key), counts=counts, values=per_col,
                           failures=failures, run_ids=tuple(rec["run_id"] for rec in recs)))
@@ -281,19 +287,19 @@ def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, refe
         factor=factor, reference_arm=ref_arm if ref_arm in arms else None, arms=arms, tasks=tasks,
         columns=columns, rows=final_rows,
         parent_run_ids=tuple(str(x) for x in _col(parents, "run_id")),
-        sweep_ids=tuple(sorted({str(s) for s in _col(trials, "tags.sweep.id").dropna()})),
+        sweep_ids=tuple(sorted({str(s) for s in _col(trials, _tag(N.SWEEP_ID)).dropna()})),
         total_device_hours=sum(costs) if costs else None, confidence=confidence, notes=tuple(notes))
 
 
 def _trial_status(r: pd.Series, required_tasks: list[str]) -> str:
     mstatus = str(r.get("status") or "").upper()
-    tstatus = r.get("tags.trial.status")
+    tstatus = r.get(_tag(N.TRIAL_STATUS))
     tstatus = str(tstatus).lower() if _present(tstatus) else None
     if mstatus in ("FAILED", "KILLED") or tstatus == "failed":
         return "failed"
     if mstatus in ("RUNNING", "SCHEDULED"):
         return "running"
-    complete = all(_present(_num(r.get(f"metrics.ft/{t}/final"))) for t in required_tasks)
+    complete = all(_present(_num(r.get(f"metrics.{N.ft_final(t)}"))) for t in required_tasks)
     if mstatus == "FINISHED" and tstatus in (None, "finished") and complete:
         return "finished"
     return "incomplete"
@@ -375,14 +381,14 @@ def _num(v: Any) -> float | None:
 
 
 def _seed(r: pd.Series) -> str:
-    for k in ("tags.seed", "params.seed"):
+    for k in (_tag(N.SEED), "params.seed"):
         if _present(r.get(k)):
             return str(r[k])
     return f"run:{r['run_id']}"  # no seed recorded: the run is its own replicate
 
 
 def _metric_col(column: str, tasks: tuple[str, ...]) -> str:
-    return f"metrics.ft/{column}/final" if column in tasks else f"metrics.{column}"
+    return f"metrics.{N.ft_final(column)}" if column in tasks else f"metrics.{column}"
 
 
 def _json_list(v: Any) -> list[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ssamba import names as N
 from ssamba.config import apply_overrides, parse_set_args, to_flat
 from ssamba.errors import ConfigError, SSAMBAError
 from ssamba.presets import PRESETS, TASK_RECIPES, default_seeds, preset
@@ -312,17 +313,17 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
         share = min(share, largest - 0.01 * conc)
         ctx["cpus_per_worker"] = max(0.01, int(share * 100) / 100)
     args.max_concurrent = conc
-    exp_id = tracker.experiment(experiment, {"ssamba.sweep": "1", "ablation.factor": factor.name})
-    parent_tags = {"sweep.role": "parent", "ablation.factor": factor.name, "sweep.arms": json.dumps(list(arms)),
-                   "sweep.reference_arm": factor.reference, "sweep.tasks": json.dumps(list(tasks)),
-                   "sweep.preset": args.preset, "git.commit": ctx["git_commit"], "sweep.ray": mode}
+    exp_id = tracker.experiment(experiment, {N.EXPERIMENT_MARK: "1", N.FACTOR: factor.name})
+    parent_tags = {N.ROLE: N.PARENT, N.FACTOR: factor.name, N.SWEEP_ARMS: json.dumps(list(arms)),
+                   N.SWEEP_REFERENCE: factor.reference, N.SWEEP_TASKS: json.dumps(list(tasks)),
+                   N.SWEEP_PRESET: args.preset, N.GIT_COMMIT: ctx["git_commit"], N.SWEEP_RAY: mode}
     parent_params = {"preset": args.preset, "seeds": json.dumps(seeds), "tasks": json.dumps(list(tasks)),
                      "workers_per_trial": args.workers_per_trial, "gpus_per_trial": args.gpus_per_trial,
                      "cpus_per_worker": ctx["cpus_per_worker"], "max_concurrent": args.max_concurrent,
                      "tune": json.dumps({k: list(v) for k, v in tune_spec.items()}),
                      "tune_samples": args.tune_samples if tune_spec else 0,
                      **{f"set.{k}": v for k, v in overrides.items()}}
-    parent_id, _ = tracker.get_or_create_run(exp_id, key_tags={"sweep.id": sweep_id, "sweep.role": "parent"},
+    parent_id, _ = tracker.get_or_create_run(exp_id, key_tags={N.SWEEP_ID: sweep_id, N.ROLE: N.PARENT},
                                              name=sweep_id, tags=parent_tags, params=parent_params)
     ctx.update({"experiment_id": exp_id, "parent_run_id": parent_id})
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -334,7 +335,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # Train's intermediate reports lack the final metric
     first_task = next(iter(tasks))
-    metric = f"ft/{first_task}/final"
+    metric = N.ft_final(first_task)
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
     run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
                                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -371,11 +372,11 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
             from ssamba.trial import drop_pretrainings
 
             drop_pretrainings(sweep_dir)  # no trial left that could reuse them
-        tracker.set_tags(parent_id, {"sweep.status": status.lower(), "sweep.trials": str(len(trials)),
-                                     "sweep.failed": str(sum(t["error"] is not None for t in trials))})
+        tracker.set_tags(parent_id, {N.SWEEP_STATUS: status.lower(), N.SWEEP_TRIALS: str(len(trials)),
+                                     N.SWEEP_FAILED: str(sum(t["error"] is not None for t in trials))})
         tracker.finish(parent_id, status)
     except BaseException:
-        tracker.set_tags(parent_id, {"sweep.status": "interrupted"})
+        tracker.set_tags(parent_id, {N.SWEEP_STATUS: "interrupted"})
         tracker.finish(parent_id, "KILLED")
         raise
     return SweepResult(sweep_id, experiment, exp_id, parent_id, tracker.uri, sweep_dir, trials)
@@ -406,10 +407,10 @@ def run_sweep_cli(factor: Factor, argv: list[str] | None = None) -> int:
 
 def _plain_table(res: SweepResult) -> str:
     lines = ["| arm | seed | " + " | ".join(sorted({k for t in res.trials for k in t['metrics']
-                                                     if k.endswith('/final')})) + " |"]
+                                                     if N.is_final(k)})) + " |"]
     for t in res.trials:
         m = t["metrics"]
-        vals = [f"{m[k]:.4f}" for k in sorted(k for k in m if k.endswith("/final"))]
+        vals = [f"{m[k]:.4f}" for k in sorted(k for k in m if N.is_final(k))]
         lines.append(f"| {m.get('arm', '?')} | {m.get('seed', '?')} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 

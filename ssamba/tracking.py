@@ -34,6 +34,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from ssamba import names as N
 from ssamba.errors import ConfigError
 
 DEFAULT_DB = "mlflow.db"
@@ -168,7 +169,7 @@ class Tracker:
     # ------------------------------------------------------------------------- reading
     def sweep_experiments(self) -> list[str]:
         """Ids of every experiment tagged as an ssamba sweep."""
-        exps = self.client.search_experiments(filter_string="tags.`ssamba.sweep` = '1'")
+        exps = self.client.search_experiments(filter_string=f"tags.`{N.EXPERIMENT_MARK}` = '1'")
         return [e.experiment_id for e in exps]
 
     def experiment_ids(self, names: list[str]) -> list[str]:
@@ -183,7 +184,7 @@ class Tracker:
     def runs_frame(self, experiment_ids: list[str], sweep_id: str | None = None) -> pd.DataFrame:
         """Every run of the experiments as a DataFrame: ``run_id``, ``status``, ``params.*``, ``tags.*``,
         ``metrics.*`` (final values), ``start_time``, ``end_time``."""
-        flt = f"tags.`sweep.id` = '{sweep_id}'" if sweep_id else ""
+        flt = f"tags.`{N.SWEEP_ID}` = '{sweep_id}'" if sweep_id else ""
         rows = []
         token = None
         while True:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ssamba import names as N
 from ssamba.config import apply_overrides, to_flat
 from ssamba.presets import preset
 
@@ -93,16 +94,16 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     job = build_job(ctx, params)
     tracker = Tracker(ctx["mlflow_uri"])
-    tags = {"mlflow.parentRunId": ctx["parent_run_id"], "sweep.role": "trial", "ablation.factor": ctx["factor"],
-            "ablation.arm": job["arm"], "seed": str(job["seed"]), "git.commit": ctx["git_commit"],
-            "trial.status": "running", "pretrain.key": job["pretrain"]["key"]}
+    tags = {N.MLFLOW_PARENT: ctx["parent_run_id"], N.ROLE: N.TRIAL, N.FACTOR: ctx["factor"],
+            N.ARM: job["arm"], N.SEED: str(job["seed"]), N.GIT_COMMIT: ctx["git_commit"],
+            N.TRIAL_STATUS: "running", N.PRETRAIN_KEY: job["pretrain"]["key"]}
     done_before = _finished_before(tracker, ctx, job)
     if done_before is not None:  # a resumed sweep: this trial completed before the driver died
         run_id, final = done_before
         tune.report({**final, "arm": job["arm"], "seed": job["seed"], "mlflow_run_id": run_id})
         return
     run_id, created = tracker.get_or_create_run(
-        ctx["experiment_id"], key_tags={"sweep.id": ctx["sweep_id"], "trial.key": job["trial_key"]},
+        ctx["experiment_id"], key_tags={N.SWEEP_ID: ctx["sweep_id"], N.TRIAL_KEY: job["trial_key"]},
         name=job["trial_name"], tags=tags, params=task_params(job))
     if created:
         tracker.log_dict(run_id, {"config": job["config"], "tasks": {t["name"]: t["config"] for t in job["tasks"]},
@@ -129,21 +130,22 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         final = _final_metrics(results, time.time() - t0)
         pre = results.get("pretrain", {})
         if pre.get("reused"):
-            tracker.set_tags(run_id, {"pretrain.reused": "true", "pretrain.computed_by": pre.get("trial", "")})
+            tracker.set_tags(run_id, {N.PRETRAIN_REUSED: "true", N.PRETRAIN_COMPUTED_BY: pre.get("trial", "")})
         else:
-            tracker.set_tags(run_id, {"pretrain.reused": "false"})
+            tracker.set_tags(run_id, {N.PRETRAIN_REUSED: "false"})
             best = Path(job["pretrain"]["dir"]) / "best.pt"
             if best.is_file() and job["log_checkpoints"]:
                 tracker.log_artifact(run_id, best, "checkpoints/pretrain")
         # the workers logged every stage's metrics; add the totals (and a reused pretraining's results)
-        extra = {k: v for k, v in final.items() if k in ("cost/wall_s", "cost/device_hours", "cost/samples_per_s")}
+        extra = {k: v for k, v in final.items() if k in (N.COST_WALL, N.COST_DEVICE_HOURS, N.COST_SAMPLES)}
         if pre.get("reused"):
-            extra.update({k: v for k, v in pre.items() if k.startswith("pretrain/") and isinstance(v, (int, float))})
+            extra.update({k: v for k, v in pre.items()
+                          if k.startswith(f"{N.PRETRAIN}/") and isinstance(v, (int, float))})
         tracker.log_metrics_once(run_id, extra, step=0)
-        tracker.set_tags(run_id, {"trial.status": "finished"})
+        tracker.set_tags(run_id, {N.TRIAL_STATUS: "finished"})
         tracker.finish(run_id, "FINISHED")
     except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised for Tune
-        tracker.set_tags(run_id, {"trial.status": "failed", "trial.error": _error_text(exc)[:4000]})
+        tracker.set_tags(run_id, {N.TRIAL_STATUS: "failed", N.TRIAL_ERROR: _error_text(exc)[:4000]})
         tracker.finish(run_id, "FAILED")
         raise
     _apply_retention(job)
@@ -164,11 +166,11 @@ def _finished_before(tracker, ctx: dict[str, Any], job: dict[str, Any]) -> tuple
     result = Path(job["result_file"])
     if not result.is_file():
         return None
-    run_id = tracker.find_run(ctx["experiment_id"], {"sweep.id": ctx["sweep_id"], "trial.key": job["trial_key"]})
+    run_id = tracker.find_run(ctx["experiment_id"], {N.SWEEP_ID: ctx["sweep_id"], N.TRIAL_KEY: job["trial_key"]})
     if run_id is None:
         return None
     run = tracker.client.get_run(run_id)
-    if run.info.status != "FINISHED" or run.data.tags.get("trial.status") != "finished":
+    if run.info.status != "FINISHED" or run.data.tags.get(N.TRIAL_STATUS) != "finished":
         return None
     return run_id, {k: v for k, v in run.data.metrics.items()}
 
@@ -180,10 +182,10 @@ def _final_metrics(results: dict[str, Any], wall_s: float) -> dict[str, float]:
         for k, v in metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = float(v)
-    out["cost/wall_s"] = wall_s
-    out["cost/device_hours"] = sum(v for k, v in out.items() if k.endswith("_device_hours"))
+    out[N.COST_WALL] = wall_s
+    out[N.COST_DEVICE_HOURS] = sum(v for k, v in out.items() if k.endswith("_device_hours"))
     samples = [v for k, v in out.items() if k.endswith("_samples_per_s")]
-    out["cost/samples_per_s"] = sum(samples) / len(samples) if samples else 0.0
+    out[N.COST_SAMPLES] = sum(samples) / len(samples) if samples else 0.0
     return out
 
 

@@ -318,3 +318,21 @@ def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
     assert main(["--mlflow-uri", uri, "--experiment", "nope"]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
     assert parse_reference(["masking=300", "norm=rmsnorm"]) == {"masking": "300", "norm": "rmsnorm"}
+
+
+def test_mlflow_names_are_spelled_once():
+    """Writers and the ablation table use ssamba.names: no tag or metric-name literal is written twice."""
+    import re
+    from pathlib import Path
+
+    from ssamba import names as N
+
+    assert N.ft_final("esc50") == "ft/esc50/final" and N.is_final("ft/esc50/final") and not N.is_final("ft/x/acc")
+    assert N.column("tags", N.ARM) == "tags.ablation.arm"
+    root = Path(__file__).resolve().parents[1]
+    literal = re.compile(r'"(sweep\.(role|id|arms|tasks|status|trials|failed)|ablation\.(arm|factor)|trial\.'
+                         r'(key|status|error)|git\.commit|pretrain\.(key|reused)|cost/[a-z_]+|ssamba\.sweep)"')
+    offenders = [f"{p.relative_to(root)}:{i}" for p in [*root.glob("ssamba/**/*.py"), *root.glob("ablations/*.py")]
+                 if p.name != "names.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    assert not offenders, offenders

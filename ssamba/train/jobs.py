@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ssamba import names as N
 from ssamba.config import AugmentConfig, ExperimentConfig, ModelConfig, from_flat, to_flat
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import grid_of, is_ours, load_checkpoint, read_checkpoint, safe_load, transfer_encoder
@@ -140,7 +141,7 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     final.update(test)
     headline = test.get(f"{task.prefix}/test_{ft.metric}", final.get(f"{task.prefix}/best_{ft.metric}"))
     if headline is not None:
-        final[f"{task.prefix}/final"] = headline  # the task's headline number (test if any, else best validation)
+        final[f"{task.prefix}/{N.FINAL}"] = headline  # the task's headline number (test if any, else best validation)
     res.last_eval = final
     return res
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssamba import names as N
 from ssamba.config import FinetuneConfig, PretrainConfig
 from ssamba.errors import ConfigError
 from ssamba.masking import make_masks
@@ -26,7 +27,7 @@ class PretrainTask:
     """Masked spectrogram patch modelling: ``loss = nce + mse_weight * mse`` over masked patches."""
 
     kind = "pretrain"
-    prefix = "pretrain"
+    prefix = N.PRETRAIN
     metric = "acc"  # masked-patch InfoNCE accuracy on the validation split
 
     def __init__(self, cfg: PretrainConfig, grid: tuple[int, int], seed: int):
@@ -88,7 +89,7 @@ class FinetuneTask:
 
     def __init__(self, cfg: FinetuneConfig, num_classes: int):
         self.cfg, self.num_classes = cfg, num_classes
-        self.prefix = f"ft/{cfg.task}"
+        self.prefix = N.ft(cfg.task)
         self.metric = cfg.metric
 
     def loss(self, model, batch: dict, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

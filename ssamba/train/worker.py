@@ -24,9 +24,38 @@ from typing import Any, Callable
 
 import torch
 
+from ssamba import names as N
 from ssamba.config import ExperimentConfig, from_flat, to_flat
 from ssamba.files import file_lock, write_json_atomic
 from ssamba.train.jobs import run_finetune, run_pretrain
+
+
+class RunLog:
+    """The trial's MLflow run as a rank sees it: rank 0 writes through the tracker, other ranks (and a
+    trial without a run) do nothing, so the stage code calls it unconditionally."""
+
+    def __init__(self, tracker, run_id: str | None):
+        self.tracker, self.run_id = tracker, run_id
+        self.on = tracker is not None and bool(run_id)
+
+    def metric_history(self, key: str) -> list:
+        return self.tracker.metric_history(self.run_id, key) if self.on else []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.on:
+            self.tracker.log_metrics(self.run_id, metrics, step=step)
+
+    def log_metrics_once(self, metrics: dict, step: int) -> None:
+        if self.on:
+            self.tracker.log_metrics_once(self.run_id, metrics, step=step)
+
+    def log_dict(self, obj: dict, path: str) -> None:
+        if self.on:
+            self.tracker.log_dict(self.run_id, obj, path)
+
+    def log_artifact(self, local: Path, folder: str) -> None:
+        if self.on:
+            self.tracker.log_artifact(self.run_id, local, folder)
 
 
 def shared_pretraining(pdir: Path, compute: Callable[[], dict], *, owner: str, is_main: bool = True,
@@ -50,7 +79,7 @@ def shared_pretraining(pdir: Path, compute: Callable[[], dict], *, owner: str, i
             own = stored.get("trial") == owner
             log(f"reusing pretraining {pdir.name}" + (" (computed by this trial before a restart)" if own else ""))
             # its cost was paid by the trial that computed it: not counted again here
-            return {**{k: v for k, v in stored.items() if own or not k.startswith("cost/")}, "reused": not own}
+            return {**{k: v for k, v in stored.items() if own or not k.startswith(N.COST_PREFIX)}, "reused": not own}
         out = compute()
         if is_main:
             write_json_atomic(done, {**out, "trial": owner})
@@ -80,7 +109,7 @@ def trial_worker(job: dict[str, Any]) -> None:
         from ssamba.tracking import Tracker
 
         tracker = Tracker(job["mlflow_uri"])
-    run_id = job.get("run_id")
+    run = RunLog(tracker, job.get("run_id"))
     log = (lambda msg: print(f"[{job['trial_name']}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
 
     def reporter():
@@ -89,11 +118,11 @@ def trial_worker(job: dict[str, Any]) -> None:
         def report(metrics: dict[str, float], _ckpt_dir) -> None:
             key = next((k for k in metrics if k.endswith("/step")), "")
             step = int(metrics.get(key, 0))
-            if tracker is not None and run_id:
+            if run.on:
                 if key not in logged:
-                    logged[key] = max((s for s, _ in tracker.metric_history(run_id, key)), default=-1) if key else -1
+                    logged[key] = max((s for s, _ in run.metric_history(key)), default=-1) if key else -1
                 if step > logged[key]:  # a restarted stage does not log an evaluation twice
-                    tracker.log_metrics(run_id, metrics, step=step)
+                    run.log_metrics(metrics, step=step)
                     logged[key] = step
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         return report
@@ -101,14 +130,13 @@ def trial_worker(job: dict[str, Any]) -> None:
     def resumed(stage: str):
         def on_resume(step: int) -> None:
             log(f"{stage} resumed from its last checkpoint at step {step}")
-            if tracker is not None and run_id:
-                tracker.log_metrics(run_id, {f"{stage}/resumed_from_step": step}, step=step)
+            run.log_metrics({f"{stage}/resumed_from_step": step}, step=step)
         return on_resume
 
     def list_skipped(stage: str, skipped: dict[str, str]) -> None:
-        if tracker is not None and run_id and skipped:
-            tracker.log_dict(run_id, {"stage": stage, "count": len(skipped), "clips": skipped},
-                             f"skipped_clips/{stage.replace('/', '_')}.json")
+        if skipped:
+            run.log_dict({"stage": stage, "count": len(skipped), "clips": skipped},
+                         f"skipped_clips/{stage.replace('/', '_')}.json")
 
     results: dict[str, Any] = {}
     # ---- stage 1: pretraining (shared by key)
@@ -121,9 +149,9 @@ def trial_worker(job: dict[str, Any]) -> None:
             owner=job["trial_name"], is_main=rank == 0, agree=_broadcast if world > 1 else (lambda x: x),
             drop_resume_state=job.get("keep_checkpoints", "best") != "all", log=log)
         pre_res = results["pretrain"]
-        if tracker is not None and run_id and not pre_res.get("reused"):
-            tracker.log_metrics_once(run_id, {k: v for k, v in pre_res.items() if k.startswith("cost/")},
-                                     step=int(pre_res.get("pretrain/step", 0)))
+        if not pre_res.get("reused"):
+            run.log_metrics_once({k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
+                                 step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)))
         list_skipped("pretrain", pre_res.get("skipped_clips") or {})
         if world > 1:
             import torch.distributed as dist
@@ -135,17 +163,17 @@ def trial_worker(job: dict[str, Any]) -> None:
         tcfg = from_flat(ExperimentConfig, task["config"])
         t0 = time.perf_counter()
         res = run_finetune(tcfg, task["dir"], init=init, report=reporter(), log=log, rank=rank, world=world,
-                           device=device, wrap_model=wrap, on_resume=resumed(f"ft/{task['name']}"))
+                           device=device, wrap_model=wrap, on_resume=resumed(N.ft(task["name"])))
         cost = stage_cost(time.perf_counter() - t0, world, job["device_share"], res.samples)
         final = dict(res.last_eval)
-        final.update({f"cost/ft_{task['name']}_{k}": v for k, v in cost.items()})
-        results[f"ft/{task['name']}"] = final
-        if tracker is not None and run_id:  # what the per-evaluation reports did not already log
-            tracker.log_metrics_once(run_id, {k: v for k, v in final.items() if "/best_" in k or "/test_" in k
-                                              or k.endswith("/final") or k.startswith("cost/")}, step=res.steps)
-            list_skipped(f"ft/{task['name']}", dict(res.skipped.skipped))
-            if res.best_path is not None and job.get("log_checkpoints", True):
-                tracker.log_artifact(run_id, res.best_path, f"checkpoints/ft_{task['name']}")
+        final.update({f"{N.COST_PREFIX}ft_{task['name']}_{k}": v for k, v in cost.items()})
+        results[N.ft(task["name"])] = final
+        # what the per-evaluation reports did not already log
+        run.log_metrics_once({k: v for k, v in final.items() if "/best_" in k or "/test_" in k
+                              or N.is_final(k) or k.startswith(N.COST_PREFIX)}, step=res.steps)
+        list_skipped(N.ft(task["name"]), dict(res.skipped.skipped))
+        if res.best_path is not None and job.get("log_checkpoints", True):
+            run.log_artifact(res.best_path, f"checkpoints/ft_{task['name']}")
     if rank == 0:
         write_json_atomic(Path(job["result_file"]), results)
 
@@ -156,7 +184,7 @@ def _pretrain(cfg, pdir: Path, world: int, job: dict, device, wrap, report, on_r
                        on_resume=on_resume)
     cost = stage_cost(time.perf_counter() - t0, world, job["device_share"], res.samples)
     out = dict(res.last_eval)
-    out.update({f"cost/pretrain_{k}": v for k, v in cost.items()})
+    out.update({f"{N.COST_PREFIX}pretrain_{k}": v for k, v in cost.items()})
     out.update({"config": to_flat(cfg), "skipped_clips": dict(res.skipped.skipped)})
     return out
 

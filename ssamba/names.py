@@ -1,0 +1,65 @@
+"""Every name the runs are recorded under in MLflow: tags, metric names and prefixes, artifact folders.
+
+Writers (the sweep driver, the trial, the Ray Train worker, the jobs) and readers (``ablations``) use
+these, so that a name is spelled once. The layout they make is described in docs/architecture.md
+section 5.5. Params are the dotted config keys themselves (``model.norm``); in the run tables that
+``Tracker.runs`` returns, columns are ``params.<key>``, ``tags.<key>`` and ``metrics.<key>``.
+"""
+
+from __future__ import annotations
+
+# experiments
+EXPERIMENT_MARK = "ssamba.sweep"  # tag "1" on every experiment a sweep created
+
+# tags of runs
+ROLE = "sweep.role"  # PARENT or TRIAL
+PARENT, TRIAL = "parent", "trial"
+SWEEP_ID = "sweep.id"
+SWEEP_ARMS = "sweep.arms"  # JSON list, the arms in the script's order
+SWEEP_REFERENCE = "sweep.reference_arm"
+SWEEP_TASKS = "sweep.tasks"  # JSON list of the fine-tuning tasks
+SWEEP_PRESET = "sweep.preset"
+SWEEP_RAY = "sweep.ray"  # how Ray was reached (local, address)
+SWEEP_STATUS = "sweep.status"  # finished | interrupted | ...
+SWEEP_TRIALS = "sweep.trials"
+SWEEP_FAILED = "sweep.failed"
+FACTOR = "ablation.factor"
+ARM = "ablation.arm"
+SEED = "seed"
+GIT_COMMIT = "git.commit"
+TRIAL_KEY = "trial.key"
+TRIAL_STATUS = "trial.status"  # running | finished | failed
+TRIAL_ERROR = "trial.error"
+PRETRAIN_KEY = "pretrain.key"
+PRETRAIN_REUSED = "pretrain.reused"  # "true" when another trial computed the shared pretraining
+PRETRAIN_COMPUTED_BY = "pretrain.computed_by"  # that trial's name
+MLFLOW_PARENT = "mlflow.parentRunId"
+
+# metrics
+PRETRAIN = "pretrain"  # prefix of the pretraining stage's metrics: pretrain/<name>
+COST_WALL = "cost/wall_s"
+COST_DEVICE_HOURS = "cost/device_hours"
+COST_SAMPLES = "cost/samples_per_s"
+COST_PREFIX = "cost/"
+FINAL = "final"  # ft/<task>/final: the task's headline number (test if any, else best validation)
+
+
+def ft(task: str) -> str:
+    """Prefix of a fine-tuning task's metrics: ``ft/<task>``."""
+    return f"ft/{task}"
+
+
+def ft_final(task: str) -> str:
+    """``ft/<task>/final``."""
+    return f"{ft(task)}/{FINAL}"
+
+
+def is_final(metric: str) -> bool:
+    return metric.startswith("ft/") and metric.endswith(f"/{FINAL}")
+
+
+def column(kind: str, name: str) -> str:
+    """The column of a run table (``Tracker.runs``): ``tags.<name>``, ``params.<name>`` or ``metrics.<name>``."""
+    if kind not in ("tags", "params", "metrics"):
+        raise ValueError(f"kind must be tags, params or metrics; got {kind!r}")
+    return f"{kind}.{name}"
