@@ -1,9 +1,9 @@
 """The sweep driver: a factor's arms x seeds as Ray Tune trials (+ Optuna for named hyper-parameters).
 
-A sweep script is data plus one call (``run_sweep_cli(FACTOR)``). This module parses the shared
-options, validates every trial's config before Ray starts, starts (or joins) Ray, opens the MLflow
-experiment and the sweep's parent run, runs the Tuner (or restores a killed one with ``--resume``),
-and prints the ablation table. Ray lives here, in ``ssamba/trial.py`` and ``ssamba/train/worker.py``.
+A sweep script is data plus one call (``sweeps/_factors.main(FACTOR)``, i.e. ``run_sweep_cli`` with the
+ablation table's renderer). This module parses the shared options, validates every trial's config before
+Ray starts, starts (or joins) Ray, opens the MLflow experiment and the sweep's parent run, runs the Tuner
+(or restores a killed one with ``--resume``), and prints the table it is given a renderer for. Ray lives here, in ``ssamba/trial.py`` and ``ssamba/train/worker.py``.
 """
 
 from __future__ import annotations
@@ -382,8 +382,13 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     return SweepResult(sweep_id, experiment, exp_id, parent_id, tracker.uri, sweep_dir, trials)
 
 
-def run_sweep_cli(factor: Factor, argv: list[str] | None = None) -> int:
-    """Entry point of a sweep script: run the sweep, then print its ablation table."""
+def run_sweep_cli(factor: Factor, argv: list[str] | None = None,
+                  summarize: Callable[[str, str], str] | None = None) -> int:
+    """Entry point of a sweep script: run the sweep, then print its ablation table.
+
+    ``summarize(mlflow_uri, sweep_id)`` renders the table (the scripts pass ``ablations.summarize.
+    summarize_sweep``: the reporting layer sits above this one, which does not import it); without it a
+    plain table of the trials' final metrics is printed."""
     args = build_parser(factor).parse_args(argv)
     try:
         res = run_sweep(factor, args)
@@ -391,12 +396,7 @@ def run_sweep_cli(factor: Factor, argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = [t for t in res.trials if t["error"]]
-    try:
-        from ablations.summarize import summarize_sweep
-
-        print(summarize_sweep(res.mlflow_uri, res.sweep_id))
-    except ImportError:
-        print(_plain_table(res))
+    print(summarize(res.mlflow_uri, res.sweep_id) if summarize is not None else _plain_table(res))
     print(f"MLflow: run `mlflow ui --backend-store-uri {res.mlflow_uri}` (or plain `mlflow ui` here) and open "
           f"experiment {res.experiment!r}; sweep id {res.sweep_id}")
     if failed:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ablations.summarize import summarize_sweep
 from ssamba.model.layers import grid_shape
-from ssamba.sweep import Factor
+from ssamba.sweep import Factor, run_sweep_cli
 
 OFFICIAL_PATCHES = 512  # 128 x 1024 input, 16 x 16 patches
 
@@ -42,3 +43,8 @@ MASKING_STRATEGY = Factor(
           "frame": {"pretrain.mask_strategy": "frame"}},
     reference="cluster",
 )
+
+
+def main(factor: Factor, argv: list[str] | None = None) -> int:
+    """A sweep script's whole job: run the sweep of ``factor``, then print its ablation table."""
+    return run_sweep_cli(factor, argv, summarize=summarize_sweep)

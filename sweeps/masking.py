@@ -6,9 +6,7 @@ from pathlib import Path
 _here = Path(__file__).resolve().parent
 sys.path[:0] = [str(_here), str(_here.parent)]  # sweeps/_factors.py and this checkout's ssamba
 
-from _factors import MASKING  # noqa: E402
-
-from ssamba.sweep import run_sweep_cli  # noqa: E402
+from _factors import MASKING, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_sweep_cli(MASKING))
+    sys.exit(main(MASKING))
