@@ -82,7 +82,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 ** 30, repeats: int = 1
     return 2 * nbytes / statistics.median(times)
 
 
-def _time(fn, warmup: int, repeats: int) -> float:
+def median_ms(fn, warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA stream (device events), after ``warmup`` untimed runs."""
     for _ in range(warmup):
         fn()
     times = []
@@ -113,7 +114,7 @@ def _measure(model, tokens: int, batch: int, dtype: str, graphed: bool, device, 
                         model.encode(x)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            out[key] = _time(fn, 3, repeats)
+            out[key] = median_ms(fn, 3, repeats)
             if b == 1:
                 out["peak_mem_bytes"] = torch.cuda.max_memory_allocated()
         except Exception as exc:  # noqa: BLE001 - an out-of-memory point is recorded, not fatal

@@ -27,12 +27,13 @@ Results go to ``train_ladder.json`` / ``train_ladder.md`` under ``--out``.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ssamba.bench_ladder import median_ms
 
 GEOMETRIES = {
     # name: (frames, fstride, tstride, task)
@@ -136,20 +137,6 @@ def make_step(model, geometry: str, batch: int, dtype: str, device: torch.device
     return graph.replay
 
 
-def time_step(step, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def measure(model, geometry: str, batch: int, dtype: str, device, warmup: int, repeats: int,
             graphed: bool = False) -> dict:
     from ssamba.bench import free_memory, is_oom
@@ -159,7 +146,7 @@ def measure(model, geometry: str, batch: int, dtype: str, device, warmup: int, r
         step = make_step(model, geometry, batch, dtype, device, graphed)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        ms = time_step(step, warmup, repeats)
+        ms = median_ms(step, warmup, repeats)
         return {"step_ms": ms, "samples_s": batch * 1e3 / ms, "peak_mem_bytes": torch.cuda.max_memory_allocated()}
     except Exception as exc:  # noqa: BLE001 - out of memory is a result; anything else is reported
         if not is_oom(exc):
@@ -224,7 +211,7 @@ def matmul_peak(device: torch.device, dtype: str, size: int = 8192, repeats: int
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     a = torch.randn(size, size, device=device).to(dt)
     b = torch.randn(size, size, device=device).to(dt)
-    ms = time_step(lambda: a @ b, 2, repeats)
+    ms = median_ms(lambda: a @ b, 2, repeats)
     a = b = None  # noqa: F841 - free the operands (the closure reads these names)
     torch.cuda.empty_cache()
     return 2 * size ** 3 / (ms / 1e3)
