@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ssamba.config import ModelConfig, model_preset
+from ssamba.config import SCAN_BACKENDS, ModelConfig, model_preset
 from ssamba.files import write_text_atomic
 
 DEFAULT_TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 22000, 32768, 65536]
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--no-train", action="store_true", help="skip the training-step timing")
     add("--train-tokens", type=int, default=512)
     add("--train-batch", type=int, default=8)
-    add("--scan-backend", default="auto", choices=["auto", "reference", "cuda"])
+    add("--scan-backend", default="auto", choices=list(SCAN_BACKENDS))
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     add("--out", default="bench_results")
     add("--resume", action="store_true", help="keep the points (and OOM stops) already in the results file")

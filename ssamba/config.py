@@ -19,6 +19,11 @@ from ssamba.errors import ConfigError
 FBANK_CODE_VERSION = 1
 
 
+# The choices of the settings that take a name (each list spelled here once; CLIs and modules import it).
+SCAN_BACKENDS = ("auto", "reference", "cuda")
+MASK_STRATEGIES = ("cluster", "random", "frame")
+
+
 @dataclass(frozen=True)
 class FrontendConfig:
     """Waveform -> log-mel filterbank, exactly the official call (docs/model.md section 1.2).
@@ -127,8 +132,8 @@ class ModelConfig:
         checks = [
             (self.arch in ("ssamba", "ssast"), f"model.arch must be 'ssamba' or 'ssast', got {self.arch!r}"),
             (self.norm in ("layernorm", "rmsnorm"), f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
-            (self.scan_backend in ("auto", "reference", "cuda"),
-             f"model.scan_backend must be auto, reference or cuda, got {self.scan_backend!r}"),
+            (self.scan_backend in SCAN_BACKENDS,
+             f"model.scan_backend must be one of {', '.join(SCAN_BACKENDS)}, got {self.scan_backend!r}"),
             (self.attention in ("fused", "materialized"),
              f"model.attention must be 'fused' or 'materialized', got {self.attention!r}"),
             (self.pooling in ("mean", "cls"), f"model.pooling must be 'mean' or 'cls', got {self.pooling!r}"),
@@ -226,8 +231,9 @@ class PretrainConfig:
     def __post_init__(self):
         if self.fault_nan_at_step < 0:
             raise ConfigError(f"pretrain.fault_nan_at_step must be >= 0 (0 = off), got {self.fault_nan_at_step}")
-        if self.mask_strategy not in ("cluster", "random", "frame"):
-            raise ConfigError(f"pretrain.mask_strategy must be cluster, random or frame, got {self.mask_strategy!r}")
+        if self.mask_strategy not in MASK_STRATEGIES:
+            raise ConfigError(f"pretrain.mask_strategy must be one of {', '.join(MASK_STRATEGIES)}, "
+                              f"got {self.mask_strategy!r}")
         if self.passes not in (1, 2):
             raise ConfigError(f"pretrain.passes must be 1 or 2, got {self.passes}")
         if self.mask_count <= 0:

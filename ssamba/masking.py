@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STRATEGIES = ("cluster", "random", "frame")
+from ssamba.config import MASK_STRATEGIES as STRATEGIES  # the one list of the choices
 
 
 def cluster_mask(n_patches: int, t_grid: int, count: int, rng: np.random.Generator) -> np.ndarray:

@@ -596,3 +596,11 @@ def test_progress_bar_runs(tmp_path, capsys):
     m = import_folders(tmp_path, progress=True)
     assert len(m) == 1
     assert "reading headers" in capsys.readouterr().err
+
+
+def test_cli_layouts_are_the_importers():
+    """The CLI's layout choices (kept import-free for a fast --help) are exactly the registered importers."""
+    from ssamba.data.__main__ import LAYOUTS
+    from ssamba.data.importers import IMPORTERS
+
+    assert LAYOUTS == tuple(IMPORTERS)

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ssamba.config import SCAN_BACKENDS
 from ssamba.errors import ConfigError
 from ssamba.model.scan import causal_conv1d_ref, selective_scan_ref
 
@@ -104,7 +105,7 @@ def resolve_backend(name: str) -> str:
             warnings.warn(f"mamba-ssm kernels not found: using the pure-PyTorch scan (slow on GPU). {BUILD_HINT}")
             _warned = True
         return "reference"
-    raise ConfigError(f"model.scan_backend must be auto, reference or cuda, got {name!r}")
+    raise ConfigError(f"model.scan_backend must be one of {', '.join(SCAN_BACKENDS)}, got {name!r}")
 
 
 def scan_fn(backend: str) -> Callable:
