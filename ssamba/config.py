@@ -24,6 +24,19 @@ SCAN_BACKENDS = ("auto", "reference", "cuda")
 MASK_STRATEGIES = ("cluster", "random", "frame")
 
 
+def grid_shape(input_fdim: int, input_tdim: int, patch: int, fstride: int, tstride: int) -> tuple[int, int]:
+    """Patch grid ``(F', T')`` of a ``(T, F)`` spectrogram: ``((F - p) // fstride + 1, (T - p) // tstride + 1)``."""
+    if input_fdim < patch or input_tdim < patch:
+        raise ValueError(f"input {input_fdim} mel bins x {input_tdim} frames is smaller than one {patch}x{patch} patch")
+    return (input_fdim - patch) // fstride + 1, (input_tdim - patch) // tstride + 1
+
+
+def max_mask_count(strategy: str, n_patches: int) -> int:
+    """The most patches ``strategy`` can mask of ``n_patches``: cluster masks never use patch 0 and need more
+    than ``count`` candidates (``n - 2``); random and frame masks can take every patch (``n``)."""
+    return n_patches - 2 if strategy == "cluster" else n_patches
+
+
 @dataclass(frozen=True)
 class FrontendConfig:
     """Waveform -> log-mel filterbank, exactly the official call (docs/model.md section 1.2).
@@ -297,6 +310,22 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+
+    def check_pretraining(self) -> None:
+        """The pretraining settings against each other: the mask count against the patch grid it masks.
+        The sweep driver calls it for every trial before Ray starts, and ``run_pretrain`` before it trains
+        (not at construction: a fine-tuning-only config need not make a valid pretraining)."""
+        m, p = self.model, self.pretrain
+        try:
+            f, t = grid_shape(self.frontend.num_mel_bins, p.target_length, m.patch_size, m.fstride, m.tstride)
+        except ValueError as exc:
+            raise ConfigError(f"pretrain.target_length {p.target_length}: {exc}") from None
+        n = f * t
+        if p.mask_count > max_mask_count(p.mask_strategy, n):
+            raise ConfigError(
+                f"pretrain.mask_count {p.mask_count} is too large for {n} patches (grid {f} x {t}, strategy "
+                f"{p.mask_strategy}); it must be at most {max_mask_count(p.mask_strategy, n)}. Lower it or "
+                f"lengthen pretrain.target_length")
 
 
 # ------------------------------------------------------------------------------ dotted keys

@@ -49,6 +49,7 @@ def build_job(ctx: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Everything a trial needs, as plain data (also used by the driver to validate before Ray starts)."""
     arm, seed, overrides = trial_overrides(ctx, params)
     cfg = apply_overrides(preset(ctx["preset"]), overrides)
+    cfg.check_pretraining()  # every trial pretrains (or reuses a pretraining of this config)
     use_gpu = ctx["gpus_per_trial"] > 0
     # settings that depend on the device, resolved here so that the logged params are the values used
     cfg = replace(cfg, data=replace(cfg.data, num_workers=cfg.data.resolved_num_workers("cuda" if use_gpu else "cpu")))

@@ -349,3 +349,26 @@ def test_check_masks_rejects_duplicates(masks):
 def test_check_masks_rejects_wrong_shape_or_dtype(masks):
     with pytest.raises(ValueError, match=r"\(B, M\) integer tensor"):
         check_masks(masks, N)
+
+
+def test_mask_count_checked_once_against_the_grid():
+    """One rule (``max_mask_count``) for the config check, the task and the mask functions."""
+    import numpy as np
+
+    from ssamba.config import apply_overrides, max_mask_count
+    from ssamba.errors import ConfigError
+    from ssamba.masking import cluster_mask, random_mask
+    from ssamba.presets import preset
+
+    assert max_mask_count("cluster", 64) == 62 and max_mask_count("random", 64) == 64
+    rng = np.random.default_rng(0)
+    assert len(cluster_mask(64, 8, 62, rng)) == 62 and len(random_mask(64, 64, rng)) == 64
+    with pytest.raises(ValueError):
+        cluster_mask(64, 8, 63, rng)
+    cfg = apply_overrides(preset("demo"), {"pretrain.mask_count": 62})
+    cfg.check_pretraining()  # demo: 8 x 8 patches
+    bad = apply_overrides(preset("demo"), {"pretrain.mask_count": 63})  # building it is fine (fine-tuning only)
+    with pytest.raises(ConfigError, match=r"mask_count 63 is too large for 64 patches .* at most 62"):
+        bad.check_pretraining()
+    ok = apply_overrides(preset("demo"), {"pretrain.mask_count": 64, "pretrain.mask_strategy": "random"})
+    ok.check_pretraining()

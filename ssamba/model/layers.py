@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-
-def grid_shape(input_fdim: int, input_tdim: int, patch: int, fstride: int, tstride: int) -> tuple[int, int]:
-    """Patch grid ``(F', T')`` of a ``(T, F)`` spectrogram: ``((F - p) // fstride + 1, (T - p) // tstride + 1)``."""
-    if input_fdim < patch or input_tdim < patch:
-        raise ValueError(f"input {input_fdim} mel bins x {input_tdim} frames is smaller than one {patch}x{patch} patch")
-    return (input_fdim - patch) // fstride + 1, (input_tdim - patch) // tstride + 1
+from ssamba.config import grid_shape  # noqa: F401 - defined with the config (pure); the model's layers use it
 
 
 class PatchEmbed(nn.Module):

@@ -47,6 +47,7 @@ def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: R
     seed_everything(cfg.seed)
     device = device or pick_device(cfg.device)
     cfg = resolve_runtime(cfg, device, log)
+    cfg.check_pretraining()
     is_main = rank == 0
     p = cfg.pretrain
     manifest = load_manifest(cfg.data.manifest, log=log)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ssamba import names as N
-from ssamba.config import FinetuneConfig, PretrainConfig
+from ssamba.config import FinetuneConfig, PretrainConfig, max_mask_count
 from ssamba.errors import ConfigError
 from ssamba.masking import make_masks
 from ssamba.train.metrics import accuracy, mean_average_precision
@@ -33,11 +33,11 @@ class PretrainTask:
     def __init__(self, cfg: PretrainConfig, grid: tuple[int, int], seed: int):
         self.cfg, self.grid, self.seed = cfg, grid, seed
         n = grid[0] * grid[1]
-        limit = n - 1 if cfg.mask_strategy == "cluster" else n + 1  # cluster masks never use patch 0
-        if cfg.mask_count >= limit:
+        most = max_mask_count(cfg.mask_strategy, n)  # (ExperimentConfig checks this too; a task may be built alone)
+        if cfg.mask_count > most:
             raise ConfigError(
                 f"pretrain.mask_count {cfg.mask_count} is too large for {n} patches (grid {grid[0]} x {grid[1]}, "
-                f"strategy {cfg.mask_strategy}); it must be below {limit}. Lower it or lengthen pretrain.target_length")
+                f"strategy {cfg.mask_strategy}); it must be at most {most}. Lower it or lengthen pretrain.target_length")
 
     def masks(self, batch: int, rng: np.random.Generator, device) -> torch.Tensor:
         f, t = self.grid
