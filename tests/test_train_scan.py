@@ -310,3 +310,17 @@ def test_failed_self_check_falls_back_with_one_warning(monkeypatch):
         assert TS.train_scan_fn() is None  # said once
     monkeypatch.setattr(TS, "_checked", lambda arch, index: "")
     assert TS.train_scan_fn() is TS.train_scan
+
+
+def test_first_use_check_runs_in_fp32_with_gradients_whatever_the_callers_context(monkeypatch):
+    seen = {}
+
+    def record(device):
+        seen.update(grad=torch.is_grad_enabled(), inference=torch.is_inference_mode_enabled(),
+                    autocast=torch.is_autocast_enabled("cuda"))
+        return ""
+
+    monkeypatch.setattr(TS, "self_check", record)
+    with torch.inference_mode():
+        assert TS._checked.__wrapped__("sm_test", 0) == ""
+    assert seen == {"grad": True, "inference": False, "autocast": False}

@@ -134,7 +134,9 @@ def self_check(device: torch.device | None = None) -> str:
 @functools.lru_cache(maxsize=None)
 def _checked(arch: str, index: int) -> str:
     try:
-        return self_check(torch.device("cuda", index))
+        # whatever the caller's context (autocast, no_grad, inference mode): fp32 with gradients
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False):
+            return self_check(torch.device("cuda", index))
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot even run is not used
         return f"{type(exc).__name__}: {exc}"
 
