@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ssamba.config import ModelConfig
 from ssamba.model.chunk_scan import chunk_scan_fn
 from ssamba.model.kernels import combine_gate_fn, combine_gate_train_fn, conv_fn, scan_fn
-from ssamba.model.train_scan import supported as train_supported
+from ssamba.model.train_scan import supported as train_scan_refuses  # "" when it takes the shape, else why
 from ssamba.model.train_scan import train_scan_fn
 
 
@@ -175,7 +175,7 @@ class Mamba(nn.Module):
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, bmat, *A_logs, *Ds, *biases))
         cs = chunk_scan_fn(u.device, b * ch, lp) if self.chunk_scan and not needs_grad else None
         ts = train_scan_fn(u.device) if self.train_scan and cs is None else None
-        if ts is not None and train_supported(ch, g, di, n, b):
+        if ts is not None and train_scan_refuses(ch, g, di, n, b):
             ts = None
         if cs is not None:  # inference: the kernel reads each direction's parameters where they are
             def sets(ts):

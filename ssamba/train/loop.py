@@ -220,6 +220,7 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
         pending = None
         if not bool(torch.isfinite(loss_t)):
             ds = train_loader.dataset
+            idx = idx.tolist()
             paths = [ds.paths[i] for i in idx] if hasattr(ds, "paths") else idx
             raise NonFiniteLossError(
                 f"[{task.prefix}] non-finite loss {float(loss_t)} at step {at_step} (epoch {at_epoch}, batch "
@@ -248,11 +249,11 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
             if settings.fault_nan_at_step and step == settings.fault_nan_at_step:
                 loss = loss * float("nan")  # fault injection (testing hook)
                 parts = {**parts, "loss": loss.detach()}
-            # the finite check of this loss waits until the next batch's work is queued (reading it back now
-            # would leave the GPU idle while the host launches the backward); no optimizer step is taken
-            # before the check
+            # the finite check of this loss waits until its backward is queued (reading it back now would
+            # leave the GPU idle while the host launches the backward): it runs before the optimizer step
+            # (or the next micro-batch), so a non-finite loss never reaches the weights
             check_finite()
-            pending = (loss.detach(), step, epoch, batch_in_epoch - 1, batch["index"][:4].tolist())
+            pending = (loss.detach(), step, epoch, batch_in_epoch - 1, batch["index"][:4])  # read only on failure
             (loss / settings.grad_accum).backward()
             for k, v in parts.items():
                 train_window[k] = train_window[k] + v if k in train_window else v
