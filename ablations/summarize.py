@@ -5,7 +5,7 @@
     python -m ablations.summarize --sweep-id 20261101-1200-ab12 --plot plots/
 
 The summary itself is :func:`ablations.table.summarize` (pure); rendering is :mod:`ablations.render`.
-This file does the I/O only: collecting runs through :class:`ssamba.tracking.Tracker`, writing files,
+This file does the I/O only: collecting runs through :class:`ssamba.sweep.tracking.Tracker`, writing files,
 and logging the table (and plots) as artifacts of each contributing sweep's parent run under
 ``summary/`` (``--no-log`` skips that).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ablations.render import FORMATS, plot_all, render, table_filename
 from ablations.table import FactorTable, SummaryError, summarize
-from ssamba.errors import SSAMBAError
+from ssamba.base.errors import SSAMBAError
 
 ARTIFACT_DIR = "summary"
 
@@ -89,7 +89,7 @@ def log_artifacts(tracker, tables: list[FactorTable], fmt_name: str, plots: dict
 
 def summarize_sweep(mlflow_uri: str, sweep_id: str, *, log: bool = True, plot_dir: str | Path | None = None) -> str:
     """The Markdown table of one sweep (what a sweep script prints at its end); logged on its parent run."""
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     tracker = Tracker(mlflow_uri)
     runs = collect_runs(tracker, [], sweep_id)
@@ -105,7 +105,7 @@ def summarize_sweep(mlflow_uri: str, sweep_id: str, *, log: bool = True, plot_di
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ssamba.tracking import Tracker  # imports mlflow: only when the CLI runs
+    from ssamba.sweep.tracking import Tracker  # imports mlflow: only when the CLI runs
 
     try:
         tracker = Tracker(args.mlflow_uri)

@@ -1,6 +1,6 @@
 """Pure summary of ablation runs: a DataFrame of MLflow runs -> one :class:`FactorTable` per factor.
 
-Input: the frame ``ssamba.tracking.Tracker.runs_frame`` returns (``run_id``, ``status``,
+Input: the frame ``ssamba.sweep.tracking.Tracker.runs_frame`` returns (``run_id``, ``status``,
 ``start_time``, ``params.<dotted key>``, ``tags.<key>``, ``metrics.<key>``), parents and trials of one
 or more sweeps. No I/O happens here.
 
@@ -33,8 +33,8 @@ from typing import Any
 
 import pandas as pd
 
-from ssamba import names as N
-from ssamba.errors import SSAMBAError
+from ssamba.base import names as N
+from ssamba.base.errors import SSAMBAError
 
 # Params that vary between runs without changing what is measured: never used to split rows.
 NOISE_PARAMS = frozenset({

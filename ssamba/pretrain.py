@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssamba.cli import add_config_args, out_dir, print_config, resolve_config
-from ssamba.errors import SSAMBAError
+from ssamba.base.errors import SSAMBAError
+from ssamba.config.cli import add_config_args, out_dir, print_config, resolve_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,10 +9,10 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 
-from ssamba.audio import decode, fbank, file_fbank, load_waveform, normalize, pad_or_crop
-from ssamba.augment import mix_labels, mix_waveforms, noise_and_roll, sample_mixup_lambda, spec_augment
+from ssamba.base.errors import AudioError
 from ssamba.config import FrontendConfig
-from ssamba.errors import AudioError
+from ssamba.data.audio import decode, fbank, file_fbank, load_waveform, normalize, pad_or_crop
+from ssamba.data.augment import mix_labels, mix_waveforms, noise_and_roll, sample_mixup_lambda, spec_augment
 from tests.conftest import write_tone
 
 

@@ -1,4 +1,4 @@
-"""The encoder benchmark (ssamba.bench) on CPU: tiny token counts, small models, fake OOMs."""
+"""The encoder benchmark (python -m ssamba.bench) on CPU: tiny token counts, small models, fake OOMs."""
 
 from __future__ import annotations
 
@@ -8,18 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ssamba import bench
-from ssamba.bench import (
-    Bench,
-    Settings,
-    compare,
-    find_max_batch,
-    fits,
-    headline,
-    model_config,
-    parse_tokens,
-    sweep_lengths,
-)
+from ssamba.bench import __main__ as cli
+from ssamba.bench import encoder as bench
+from ssamba.bench.encoder import Bench, Settings, compare, headline, model_config, parse_tokens, sweep_lengths
+from ssamba.bench.timing import find_max_batch, fits
 
 MODELS = "ssamba-test-bi,ssast-test-mat,ssast-test-fused"
 
@@ -39,7 +31,7 @@ def _ok(tokens, ms, mem, thr, batch=1):
 
 
 def test_cpu_run_json_table_headline_plots(tmp_path, capsys):
-    res = bench.main(["--device", "cpu", "--models", MODELS, "--tokens", "16,32", "--dtypes", "fp32,bf16",
+    res = cli.main(["--device", "cpu", "--models", MODELS, "--tokens", "16,32", "--dtypes", "fp32,bf16",
                       "--warmup", "1", "--repeats", "2", "--max-batch", "3", "--train-tokens", "32",
                       "--train-batch", "2", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -73,15 +65,15 @@ def test_cpu_run_json_table_headline_plots(tmp_path, capsys):
 
     # --resume keeps every point and measures nothing again; --replot redoes only the report
     before = (tmp_path / "results.json").read_text()
-    res2 = bench.main(["--device", "cpu", "--models", MODELS, "--tokens", "16,32", "--dtypes", "fp32,bf16",
+    res2 = cli.main(["--device", "cpu", "--models", MODELS, "--tokens", "16,32", "--dtypes", "fp32,bf16",
                        "--train-tokens", "32", "--out", str(tmp_path), "--resume"])
     assert res2["inference"] == json.loads(before)["inference"] and res2["train"] == json.loads(before)["train"]
-    res3 = bench.main(["--replot", "--out", str(tmp_path)])
+    res3 = cli.main(["--replot", "--out", str(tmp_path)])
     assert [h["line"] for h in res3["headline"]] == [h["line"] for h in res2["headline"]]
 
 
 def test_paper_protocol(tmp_path):
-    res = bench.main(["--device", "cpu", "--models", "ssamba-test-uni,ssast-test-fused", "--tokens", "16",
+    res = cli.main(["--device", "cpu", "--models", "ssamba-test-uni,ssast-test-fused", "--tokens", "16",
                       "--paper-protocol", "--out", str(tmp_path)])
     s = res["meta"]["settings"]
     assert (s["dtypes"], s["batch"], s["warmup"], s["repeats"], s["reduce"]) == (["fp32"], 2, 0, 5, "mean")
@@ -222,9 +214,8 @@ def test_names_and_tokens():
 
 
 def test_train_ladder_batch_search_and_floors():
-    from ssamba import bench_train as T
-    from ssamba.bench import model_config
-    from ssamba.bench_ladder import floor_bytes
+    from ssamba.bench import training as T
+    from ssamba.bench.ladder import floor_bytes
 
     for limit in (1, 31, 32, 77, 100, 600, 5000):
         got = T.search_batch(lambda b: b <= limit, 32, 2048)
@@ -240,7 +231,7 @@ def test_train_ladder_batch_search_and_floors():
 
 
 def test_train_ladder_table_relates_ssamba_to_ssast_of_its_size_batch_and_dtype():
-    from ssamba import bench_train as T
+    from ssamba.bench import training as T
 
     P = T.Point
     pts = [P("ssamba-tiny-bi", "pretrain", "bf16", 2, "scan", 32, 40.0, 800.0, 2 ** 30).__dict__,

@@ -1,4 +1,4 @@
-"""The chunked inference scan (ssamba/model/chunk_scan.py) on CPU: its three-pass chunk algebra and its
+"""The chunked inference scan (ssamba/ops/chunk_scan.py) on CPU: its three-pass chunk algebra and its
 parameter/group indexing against the reference scan, its use by the fast mixer, the chunk planning, the
 build (where nvcc exists) and the ctypes mirror of the kernel's parameter struct. The CUDA kernel itself
 is checked against the reference in tests/test_gpu.py."""
@@ -13,11 +13,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import ssamba.model.chunk_scan as CS
 import ssamba.model.mixer as mixer_mod
+import ssamba.ops.chunk_scan as CS
 from ssamba.config import model_preset
 from ssamba.model.mixer import Mamba
-from ssamba.model.scan import selective_scan_ref
+from ssamba.ops.scan import selective_scan_ref
 
 
 def inputs(b=2, ch=12, L=100, n=4, groups=None, rows=None, seed=0):

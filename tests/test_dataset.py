@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ssamba.audio import file_fbank, normalize, pad_or_crop
+from ssamba.base.errors import AudioError, ManifestError
 from ssamba.config import AugmentConfig, FrontendConfig
+from ssamba.data.audio import file_fbank, normalize, pad_or_crop
 from ssamba.data.dataset import ClipDataset, SkipLog, collate
 from ssamba.data.features import FeatureCache
 from ssamba.data.manifest import Manifest
-from ssamba.errors import AudioError, ManifestError
 from tests.conftest import write_tone
 
 FE = FrontendConfig(target_length=128, mean=-6.0, std=3.0)

@@ -13,11 +13,11 @@ import pytest
 import soundfile as sf
 import torch
 
-from ssamba.audio import file_fbank
+from ssamba.base.errors import ConfigError
 from ssamba.data import demo
+from ssamba.data.audio import file_fbank
 from ssamba.data.demo import CLASSES, N_VOICES, make_demo_corpus
 from ssamba.data.manifest import read_manifest
-from ssamba.errors import ConfigError
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -108,7 +108,7 @@ def test_floor_bytes_counts_each_unfused_op_once():
     """Hand count for D=4, d_inner=8, N=2, R=1, one bidirectional layer, bf16, 9 patches + cls:
     per token 424 B (add+norm 32, in_proj 40, conv 64, x_proj 52, dt_proj 36, scan 112, combine 64,
     out_proj 24) + final norm 48 B; weights 344 elements x 2 B."""
-    from ssamba.bench_ladder import floor_bytes
+    from ssamba.bench.ladder import floor_bytes
 
     c = replace(model_preset("test", "ssamba"), embed_dim=4, d_state=2, expand=2, depth=1, layer_pairing=False,
                 residual_in_fp32=False, bimamba=True)

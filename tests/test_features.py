@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ssamba.audio import file_fbank
 from ssamba.config import FrontendConfig
+from ssamba.data.audio import file_fbank
 from ssamba.data.features import FeatureCache, compute_stats
 from ssamba.data.manifest import Manifest
 from tests.conftest import write_tone

@@ -1,4 +1,4 @@
-"""ssamba.files: atomic writes and the inter-process lock."""
+"""ssamba.base.files: atomic writes and the inter-process lock."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ssamba.files import atomic_path, file_lock, write_json_atomic
+from ssamba.base.files import atomic_path, file_lock, write_json_atomic
 
 
 def test_atomic_path_replaces_whole_or_leaves_the_old_file(tmp_path):

@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from ssamba.config import model_preset
-from ssamba.masking import make_masks
 from ssamba.model.audio_model import AudioModel, Geometry
-from ssamba.model.scan import causal_conv1d_ref, selective_scan_ref
+from ssamba.model.masking import make_masks
+from ssamba.ops.scan import causal_conv1d_ref, selective_scan_ref
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,14 +67,14 @@ def _import_error(module: str, attr: str) -> str:
         getattr(__import__(module, fromlist=[attr]), attr)
     except Exception as e:  # noqa: BLE001 - the reason is what we want
         return f"{type(e).__name__}: {e}"
-    return "imports directly, but ssamba.model.kernels does not find it"
+    return "imports directly, but ssamba.ops.backends does not find it"
 
 
 @pytest.fixture(scope="module")
 def cuda_scan():
     """mamba-ssm's selective_scan_fn, as the model's cuda backend resolves it."""
-    from ssamba.errors import ConfigError
-    from ssamba.model.kernels import resolve_backend, scan_fn
+    from ssamba.base.errors import ConfigError
+    from ssamba.ops.backends import resolve_backend, scan_fn
 
     try:
         resolve_backend("cuda")
@@ -89,7 +89,7 @@ def cuda_scan():
 
 @pytest.fixture(scope="module")
 def cuda_conv(cuda_scan):
-    from ssamba.model.kernels import conv_fn
+    from ssamba.ops.backends import conv_fn
 
     fn = conv_fn("cuda")
     if fn is causal_conv1d_ref:
@@ -462,8 +462,8 @@ def _tokens_model(geom, **over):
 @pytest.mark.parametrize("geom", [Geometry(128, 1024), Geometry(128, 2000)], ids=["513tok", "1001tok-padded"])
 def test_fast_path_matches_per_direction_path(cuda_scan, geom):
     """One scan for both directions + pairs without flips + padding + fused add-norm == the per-direction path."""
-    from ssamba.model.kernels import add_norm_fn
     from ssamba.model.mixer import padded_length
+    from ssamba.ops.backends import add_norm_fn
 
     model, set_speedups = _tokens_model(geom)
     n_tok = 1 + model.num_patches
@@ -488,7 +488,7 @@ def test_fast_path_matches_per_direction_path(cuda_scan, geom):
 
 
 def test_cuda_graph_replays_the_eager_forward(cuda_scan):
-    from ssamba.model.graphs import GraphedInference
+    from ssamba.ops.graphs import GraphedInference
 
     model, set_speedups = _tokens_model(Geometry(128, 1024))
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -508,7 +508,7 @@ def test_cuda_graph_replays_the_eager_forward(cuda_scan):
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "rows-1024-apart"])
 @pytest.mark.parametrize("revs", [[False, True], [True, False], [False], [True]])
 def test_triton_combine_gate_matches_torch(revs, strided):
-    from ssamba.model.kernels import combine_gate_fn
+    from ssamba.ops.backends import combine_gate_fn
 
     fn = combine_gate_fn()
     if fn is None:
@@ -527,7 +527,7 @@ def test_triton_combine_gate_matches_torch(revs, strided):
 
 
 # --------------------------------------------------------------------------------------------------
-# chunked inference scan (ssamba/model/chunk_scan.py)
+# chunked inference scan (ssamba/ops/chunk_scan.py)
 # --------------------------------------------------------------------------------------------------
 
 CHUNK_CASES = [
@@ -571,7 +571,7 @@ def chunk_inputs(b, ch, L, N, dtype, groups, layout, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=[c[0] for c in CHUNK_CASES])
 def test_chunk_scan_matches_reference(cuda_scan, case, dtype, kernel):
-    from ssamba.model.chunk_scan import chunk_scan_fn, plan_chunk_len
+    from ssamba.ops.chunk_scan import chunk_scan_fn, plan_chunk_len
 
     fn = chunk_scan_fn(torch.device("cuda"))
     assert fn is not None, "the chunked scan did not build (see the warning)"
@@ -596,7 +596,7 @@ def test_chunk_scan_matches_reference(cuda_scan, case, dtype, kernel):
 
 def test_chunk_scan_parameter_rows_and_groups(cuda_scan):
     """The fast mixer's call: channels (direction, batch, i), parameters per (direction, i), B/C per group."""
-    from ssamba.model.chunk_scan import chunk_scan
+    from ssamba.ops.chunk_scan import chunk_scan
 
     dirs, batch, di = 2, 3, 128
     ch = dirs * batch * di
@@ -616,7 +616,7 @@ def test_chunk_scan_parameter_rows_and_groups(cuda_scan):
 
 
 def test_encoder_with_chunk_scan_matches_mamba_scan(cuda_scan, monkeypatch):
-    import ssamba.model.chunk_scan as CS
+    import ssamba.ops.chunk_scan as CS
 
     monkeypatch.setattr(CS, "MIN_THREADS_PER_SM", 0)  # 513 tokens is below where the mixer would use it
     calls = []
@@ -646,7 +646,7 @@ def test_encoder_with_chunk_scan_matches_mamba_scan(cuda_scan, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# training scan (ssamba/model/train_scan.py) and every recipe geometry at its recipe batch
+# training scan (ssamba/ops/train_scan.py) and every recipe geometry at its recipe batch
 # --------------------------------------------------------------------------------------------------
 
 TRAIN_SCAN_CASES = [  # id, batch, directions, channels per direction, length
@@ -674,7 +674,7 @@ def _train_scan_inputs(b, g, di, L, dtype, seed=0):
 @pytest.mark.parametrize("case", TRAIN_SCAN_CASES, ids=[c[0] for c in TRAIN_SCAN_CASES])
 def test_train_scan_matches_reference(case, dtype):
     """Output and every gradient of the training scan against the reference scan in float64."""
-    from ssamba.model.train_scan import train_scan_fn
+    from ssamba.ops.train_scan import train_scan_fn
 
     fn = train_scan_fn()
     if fn is None:
@@ -708,7 +708,7 @@ def test_train_scan_matches_reference(case, dtype):
 
 def _recipe_cases():
     from ssamba.config import PretrainConfig
-    from ssamba.presets import TASK_RECIPES
+    from ssamba.config.presets import TASK_RECIPES
 
     geoms = {"pretrain": (1024, 16, 16, PretrainConfig().batch_size)}
     for task in ("audioset20k", "esc50", "speechcommands", "urbansound8k", "fsdd"):

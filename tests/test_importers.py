@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from ssamba.base.errors import ConfigError, ManifestError, SSAMBAError
 from ssamba.data.importers import (
     AUDIO_EXTENSIONS,
     IMPORTERS,
@@ -26,7 +27,6 @@ from ssamba.data.importers import (
     speaker_disjoint_split,
 )
 from ssamba.data.manifest import Manifest, read_manifest
-from ssamba.errors import ConfigError, ManifestError, SSAMBAError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ESC10 = DATA / "esc10"

@@ -21,21 +21,14 @@ from pathlib import Path
 
 import pytest
 
-import ssamba.kernels as K
-from ssamba.kernels import (
-    PACKAGES,
-    Arch,
-    KernelBuildError,
-    count_sources,
-    extract_sdist,
-    fetch_instructions,
-    find_sdist,
-    main,
-    parse_arch,
-    parse_packages,
-    restrict_gencode,
-    split_jobs,
-)
+import ssamba.kernels.build as K
+import ssamba.kernels.check as KC
+import ssamba.kernels.toolchain as KT
+from ssamba.base.errors import KernelBuildError
+from ssamba.kernels.__main__ import main
+from ssamba.kernels.packages import PACKAGES, Arch, KernelPackage, parse_arch, parse_packages
+from ssamba.kernels.setup_patch import count_sources, restrict_gencode, setup_imports, split_jobs
+from ssamba.kernels.sources import extract_sdist, fetch_instructions, find_sdist
 
 REPO = Path(__file__).resolve().parents[1]
 H100 = [Arch(9, 0)]
@@ -301,7 +294,7 @@ def test_real_setup_py_counts_and_imports():
             member = next(m for m in tf.getmembers() if m.name.count("/") == 1 and m.name.endswith("/setup.py"))
             text = tf.extractfile(member).read().decode()
         assert count_sources(text) >= n_min
-        assert {"torch", "setuptools"} <= set(K.setup_imports(text))
+        assert {"torch", "setuptools"} <= set(setup_imports(text))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -615,8 +608,8 @@ def test_preflight_cuda_headers_and_scratch_cleanup(fake_build, capsys, monkeypa
 
 def test_setup_py_imports_are_checked(fake_build, capsys, monkeypatch):
     sd, wheels, _ = fake_build
-    real = K.setup_imports
-    monkeypatch.setattr(K, "setup_imports", lambda src: real(src) + ["no_such_module_for_ssamba"])
+    real = KT.setup_imports
+    monkeypatch.setattr(KT, "setup_imports", lambda src: real(src) + ["no_such_module_for_ssamba"])
     rc = main(["build", "--sdist-dir", str(sd), "--arch", "9.0", "--wheel-dir", str(wheels), "--no-install"])
     assert rc == 1 and "imports no_such_module_for_ssamba, not installed here" in capsys.readouterr().err
 
@@ -632,9 +625,9 @@ def test_import_without_package_init(tmp_path, monkeypatch):
     try:
         with pytest.raises(ModuleNotFoundError) as exc:
             __import__("fake_kernelpkg.ops.iface")
-        hint = K._import_hint(exc.value, K.KernelPackage("x", "fake_kernelpkg", "1", "X", "x_cuda"))
+        hint = KC._import_hint(exc.value, KernelPackage("x", "fake_kernelpkg", "1", "X", "x_cuda"))
         assert "needs the module 'no_such_dependency_xyz'" in hint
-        mod = K._import_without_package_init("fake_kernelpkg", "fake_kernelpkg.ops.iface")
+        mod = KC._import_without_package_init("fake_kernelpkg", "fake_kernelpkg.ops.iface")
         assert mod.VALUE == 42
     finally:
         for name in [m for m in sys.modules if m.startswith("fake_kernelpkg")]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ssamba.config import model_preset
-from ssamba.masking import make_masks
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.heads import gather_masked, info_nce, masked_mse, patch_targets
+from ssamba.model.masking import make_masks
 
 # A hand case (B=1, M=3, K=2). S = target @ pred^T =
 #   [[-1, -2,  0],

@@ -6,8 +6,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from ssamba.base.errors import ManifestError
 from ssamba.data.manifest import Manifest, read_manifest
-from ssamba.errors import ManifestError
 from tests.conftest import write_tone
 
 

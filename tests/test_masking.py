@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssamba.masking import STRATEGIES, check_masks, cluster_mask, frame_mask, make_masks, random_mask
+from ssamba.model.masking import STRATEGIES, check_masks, cluster_mask, frame_mask, make_masks, random_mask
 
 # The official pretraining geometry: 128 x 1024 fbank, 16 x 16 patches, stride 16.
 F_GRID, T_GRID = 8, 64
@@ -355,10 +355,10 @@ def test_mask_count_checked_once_against_the_grid():
     """One rule (``max_mask_count``) for the config check, the task and the mask functions."""
     import numpy as np
 
+    from ssamba.base.errors import ConfigError
     from ssamba.config import apply_overrides, max_mask_count
-    from ssamba.errors import ConfigError
-    from ssamba.masking import cluster_mask, random_mask
-    from ssamba.presets import preset
+    from ssamba.config.presets import preset
+    from ssamba.model.masking import cluster_mask, random_mask
 
     assert max_mask_count("cluster", 64) == 62 and max_mask_count("random", 64) == 64
     rng = np.random.default_rng(0)

@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ssamba.base.errors import ConfigError
 from ssamba.config import ModelConfig, apply_overrides, model_preset
-from ssamba.errors import ConfigError
-from ssamba.masking import make_masks
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.encoder import MambaEncoder
 from ssamba.model.layers import official_drop_path_rates
+from ssamba.model.masking import make_masks
 from ssamba.model.mixer import Mamba
 
 SMALL_GEOM = Geometry(128, 128)  # 8 x 8 patches at stride 16

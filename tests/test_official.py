@@ -225,7 +225,7 @@ def test_official_file_round_trip(tmp_path):
 
 def test_finetune_starts_from_an_official_pretraining_file(small_demo, tmp_path):
     from ssamba.config import apply_overrides
-    from ssamba.presets import preset
+    from ssamba.config.presets import preset
     from ssamba.train.jobs import run_finetune
 
     path = tmp_path / "amba_tiny_300.pth"

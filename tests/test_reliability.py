@@ -53,7 +53,7 @@ def _tree_bytes(folder: Path) -> int:
 
 
 def _runs(uri: str):
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     t = Tracker(uri)
     df = t.runs_frame(t.sweep_experiments())
@@ -80,8 +80,8 @@ def _assert_nothing_logged_twice(tracker, run_id: str) -> None:
 
 def _pretrain_key(sets: dict, arm: dict, seed: int = 0) -> str:
     from ssamba.config import apply_overrides, to_flat
-    from ssamba.presets import preset
-    from ssamba.trial import pretrain_key
+    from ssamba.config.presets import preset
+    from ssamba.sweep.trial import pretrain_key
 
     return pretrain_key(to_flat(apply_overrides(preset("smoke"), {**sets, **arm, "seed": seed})))
 
@@ -125,7 +125,7 @@ def local_ray(cache_env):
 
 
 def _run_sweep(factor, argv: list[str]):
-    from ssamba.sweep import build_parser, run_sweep
+    from ssamba.sweep.driver import build_parser, run_sweep
 
     return run_sweep(factor, build_parser(factor).parse_args(argv))
 
@@ -134,7 +134,7 @@ def _run_sweep(factor, argv: list[str]):
 _RACER = r"""
 import json, sys, time
 from pathlib import Path
-from ssamba.train.worker import shared_pretraining
+from ssamba.sweep.worker import shared_pretraining
 
 pdir, log, me, go, work = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4]), float(sys.argv[5])
 fail = sys.argv[6] == "fail"  # the computation dies before DONE: the next racer must compute it again
@@ -327,7 +327,7 @@ def test_feature_shard_killed_mid_write_is_never_served(tmp_path):
 _SHARED_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from ssamba.sweep import Factor, run_sweep_cli
+from ssamba.sweep.driver import Factor, run_sweep_cli
 
 SHARED = Factor(name="shared", arms={{"a": {{"finetune.lr": 1e-3}}, "b": {{"finetune.lr": 2e-3}}}}, reference="a",
                 description="two fine-tunings of one shared pretraining")
@@ -403,7 +403,7 @@ def test_worker_killed_mid_pretraining_resumes_within_the_retry_bound(small_demo
     Trial ``once``: its worker is killed -9 once after the first checkpoint: the pretraining continues
     from that checkpoint, the trial finishes in its one MLflow run, nothing logged twice. Trial ``twice``:
     killed again after its restart made progress: past the bound, the trial fails."""
-    from ssamba.sweep import Factor
+    from ssamba.sweep.driver import Factor
 
     arms = {"once": {"pretrain.lr": 1e-3}, "twice": {"pretrain.lr": 2e-3}}
     factor = Factor(name="workerkill", arms=arms, reference="once")
@@ -481,8 +481,8 @@ def _checkpoint_bounds() -> dict[str, int]:
     64 KiB for its config, statistics and pickle framing."""
     from dataclasses import replace
 
+    from ssamba.config.presets import preset
     from ssamba.model.audio_model import AudioModel, Geometry
-    from ssamba.presets import preset
 
     cfg = preset("smoke")
     pre = AudioModel(cfg.model, Geometry(128, cfg.pretrain.target_length), num_classes=0, pretrain_heads=True)
@@ -506,7 +506,7 @@ def test_checkpoint_retention_bounds_the_sweep_storage(small_demo, local_ray, tm
     ``best``: the two best; ``none``: nothing, the pretraining too once the sweep finished) from the
     model size (:func:`_checkpoint_bounds`), plus 256 KiB of bookkeeping per trial. MLflow artifacts hold
     the two best checkpoints in every setting (``log_checkpoints`` on)."""
-    from ssamba.sweep import Factor
+    from ssamba.sweep.driver import Factor
 
     factor = Factor(name="retention", arms={"one": {}}, reference="one")
     bounds = _checkpoint_bounds()
@@ -560,7 +560,7 @@ def broken_manifest(small_demo, tmp_path_factory) -> tuple[Path, dict[str, str]]
 def fault_sweep(broken_manifest, local_ray, tmp_path_factory):
     """One sweep, three arms on the broken manifest: ``ok`` (bad clips skipped), ``strict``
     (``data.strict=true``) and ``nan`` (``pretrain.fault_nan_at_step=2``); no retries."""
-    from ssamba.sweep import Factor
+    from ssamba.sweep.driver import Factor
 
     manifest, victims = broken_manifest
     factor = Factor(name="faults", reference="ok", arms={

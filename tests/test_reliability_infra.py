@@ -4,7 +4,7 @@
   whose only interface is loopback; a smoke sweep spreads its trials over both; the worker node is
   killed (raylet and children, by pid) while it trains a trial; the lost trial is retried on the head
   and the sweep completes with every arm finished in MLflow;
-- eight concurrent writers (Ray tasks, one MLflow run each, ``ssamba.tracking.Tracker``) log per-step
+- eight concurrent writers (Ray tasks, one MLflow run each, ``ssamba.sweep.tracking.Tracker``) log per-step
   metrics to the default sqlite store and to an ``mlflow server`` on PostgreSQL (started here on
   127.0.0.1): every point is counted back, none lost, no errors;
 - safe defaults: a checkpoint holding a pickled object is refused; every ``torch.load`` of the code is
@@ -102,7 +102,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path | Non
 
 
 def _runs(uri: str):
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     t = Tracker(uri)
     df = t.runs_frame(t.sweep_experiments())
@@ -271,7 +271,7 @@ WRITERS, STEPS, KEYS = 8, 100, ("loss", "acc", "lr")
 
 def _writer(uri: str, experiment_id: str, index: int, steps: int, barrier: str) -> dict:
     """One 'trial': its own run, ``steps`` steps of per-step metrics, every exception counted."""
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     t = Tracker(uri)
     run_id, _ = t.get_or_create_run(experiment_id, key_tags={"writer": str(index)}, name=f"writer-{index}")
@@ -304,7 +304,7 @@ def _writers_main(uri: str, experiment_id: str, steps: int, barrier: str, out: s
 
 
 def _concurrent_logging(uri: str, label: str, tmp_path: Path, ray_tmp: Path) -> dict:
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     tracker = Tracker(uri)
     exp = tracker.experiment(f"concurrent-{label}")
@@ -392,8 +392,8 @@ def postgres():
 def test_concurrent_logging_to_an_mlflow_server_on_postgres(tmp_path, ray_tmp, postgres):
     port = _free_port()
     log = tmp_path / "server.log"
-    with open(log, "w") as out:  # the README's command: python -m ssamba.tracking ui
-        server = subprocess.Popen([PY, "-m", "ssamba.tracking", "ui", "--backend-store-uri", postgres,
+    with open(log, "w") as out:  # the README's command: python -m ssamba.sweep.tracking ui
+        server = subprocess.Popen([PY, "-m", "ssamba.sweep.tracking", "ui", "--backend-store-uri", postgres,
                                    "--port", str(port), "--", "--artifacts-destination", str(tmp_path / "artifacts")],
                                   cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -469,7 +469,7 @@ def test_every_torch_load_in_the_code_is_weights_only():
 def test_the_mlflow_ui_command_binds_loopback(tmp_path):
     import psutil
 
-    from ssamba.tracking import ui_command
+    from ssamba.sweep.tracking import ui_command
 
     assert ui_command("sqlite:////x.db", host="0.0.0.0")[6:8] == ["--host", "0.0.0.0"]  # a flag says otherwise
     with pytest.raises(ValueError, match="database store"):
@@ -477,14 +477,14 @@ def test_the_mlflow_ui_command_binds_loopback(tmp_path):
     port = _free_port()
     log = tmp_path / "ui.log"
     with open(log, "w") as out:
-        ui = subprocess.Popen([PY, "-m", "ssamba.tracking", "ui", "--backend-store-uri",
+        ui = subprocess.Popen([PY, "-m", "ssamba.sweep.tracking", "ui", "--backend-store-uri",
                                f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
                               cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         up = _wait_http(f"http://127.0.0.1:{port}/health", ui, 120, log)
         root = psutil.Process(ui.pid)
         bound = _listening([root] + root.children(recursive=True))
-        print(f"\n`python -m ssamba.tracking ui` up in {up:.1f} s, listening on {sorted(set(bound))}")
+        print(f"\n`python -m ssamba.sweep.tracking ui` up in {up:.1f} s, listening on {sorted(set(bound))}")
         assert any(p == port for *_, p in bound)
         assert all(ip in LOOPBACK for *_, ip, _ in bound), bound
     finally:
@@ -498,7 +498,7 @@ SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-secret-4f9a8c7e", "MLFLOW_TRACKING_PASS
 @pytest.mark.reliability
 @pytest.mark.timeout(120)
 def test_tracker_scrubs_secrets_from_params_and_tags(tmp_path, monkeypatch):
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
@@ -517,12 +517,10 @@ def test_tracker_scrubs_secrets_from_params_and_tags(tmp_path, monkeypatch):
 def test_sweep_binds_loopback_and_logs_no_secrets(cache_env, tmp_path, ray_tmp):
     import psutil
 
-    sys.path.insert(0, str(ROOT / "sweeps"))
-    import _factors
+    from ssamba.sweep.driver import build_parser
+    from ssamba.sweep.factors import NORM
 
-    from ssamba.sweep import build_parser
-
-    assert build_parser(_factors.NORM).parse_args([]).dashboard_host == "127.0.0.1"
+    assert build_parser(NORM).parse_args([]).dashboard_host == "127.0.0.1"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _env(ray_tmp, SSAMBA_CACHE=str(cache_env), **SECRETS)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the sweep sets it itself for its local Ray
@@ -553,7 +551,7 @@ def test_sweep_binds_loopback_and_logs_no_secrets(cache_env, tmp_path, ray_tmp):
     print(f"not on loopback: {others or 'nothing'} (+ torch.distributed's store in the Train worker: {rendezvous})")
     assert others == []
     # no secret of the environment in any param, tag or experiment tag of the sweep
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     t = Tracker(uri)
     exps = t.sweep_experiments()

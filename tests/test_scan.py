@@ -1,4 +1,4 @@
-"""Tests of ssamba.model.scan: the fast selective scan against the naive per-step specification.
+"""Tests of ssamba.ops.scan: the fast selective scan against the naive per-step specification.
 
 Run with ``pytest tests/test_scan.py -s`` to see the largest differences per case.
 """
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ssamba.model.scan as scan_mod
-from ssamba.model.scan import (
+import ssamba.ops.scan as scan_mod
+from ssamba.ops.scan import (
     causal_conv1d_ref,
     clear_workspace,
     selective_scan_naive,

@@ -258,7 +258,7 @@ def test_plot_writes_a_png(tmp_path):
 # ------------------------------------------------------------------------------ the CLI on a real store
 def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
     from ablations.summarize import main, parse_reference
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tr = Tracker(uri)
@@ -321,11 +321,11 @@ def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
 
 
 def test_mlflow_names_are_spelled_once():
-    """Writers and the ablation table use ssamba.names: no tag or metric-name literal is written twice."""
+    """Writers and the ablation table use ssamba.base.names: no tag or metric-name literal is written twice."""
     import re
     from pathlib import Path
 
-    from ssamba import names as N
+    from ssamba.base import names as N
 
     assert N.ft_final("esc50") == "ft/esc50/final" and N.is_final("ft/esc50/final") and not N.is_final("ft/x/acc")
     assert N.column("tags", N.ARM) == "tags.ablation.arm"

@@ -36,7 +36,7 @@ def _env(cache_env, ray_tmp: Path) -> dict:
 
 
 def _trials(uri):
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     t = Tracker(uri)
     df = t.runs_frame(t.sweep_experiments())

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "sweeps"))
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,7 @@ def local_ray(cache_env):
 
 
 def _store(uri):
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     t = Tracker(uri)
     return t, t.runs_frame(t.sweep_experiments())
@@ -37,11 +35,12 @@ def _store(uri):
 @pytest.mark.parametrize("factor_name,n_arms", [("MASKING", 3), ("DIRECTION", 2), ("NORM", 2),
                                                 ("MASKING_STRATEGY", 3)])
 def test_smoke_sweep_end_to_end(local_ray, tmp_path, factor_name, n_arms, capsys):
-    import _factors
+    from ablations.run import main
+    from ssamba.sweep import factors
 
-    factor = getattr(_factors, factor_name)
+    factor = getattr(factors, factor_name)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc = _factors.main(factor, ["--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
+    rc = main(factor.name, ["--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
                                 "--mlflow-uri", uri])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -72,16 +71,3 @@ def test_smoke_sweep_end_to_end(local_ray, tmp_path, factor_name, n_arms, capsys
     if factor.name == "masking":  # 250/300/400 of 512 scaled to 64 patches
         counts = dict(zip(trials["tags.ablation.arm"], trials["params.pretrain.mask_count"].astype(int)))
         assert counts == {"250": 31, "300": 38, "400": 50}
-
-
-def test_imports_point_one_way():
-    """The runtime package never imports the reporting layer (ablations) or the scripts (sweeps): those sit
-    above it. Checked on the source (imports inside functions included)."""
-    import re
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    bad = [f"{p.relative_to(root)}:{i}" for p in root.glob("ssamba/**/*.py")
-           for i, line in enumerate(p.read_text().splitlines(), 1)
-           if re.match(r"\s*(from|import)\s+(ablations|sweeps|_factors)\b", line)]
-    assert not bad, bad

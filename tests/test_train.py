@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from ssamba.base.errors import AudioError, ConfigError
 from ssamba.config import apply_overrides
+from ssamba.config.presets import preset
 from ssamba.data.manifest import read_manifest
-from ssamba.errors import AudioError, ConfigError
 from ssamba.model.checkpoints import load_checkpoint, read_checkpoint
-from ssamba.presets import preset
 from ssamba.train.jobs import run_finetune, run_pretrain
 from ssamba.train.loop import NonFiniteLossError
 
@@ -128,9 +128,9 @@ def test_gradient_accumulation_matches_the_larger_batch(small_demo, tmp_path):
 
 
 def test_loader_workers_auto_resolves_by_device():
+    from ssamba.base.errors import ConfigError
     from ssamba.config import GPU_LOADER_WORKERS, DataConfig
-    from ssamba.errors import ConfigError
-    from ssamba.presets import preset
+    from ssamba.config.presets import preset
     from ssamba.train.jobs import resolve_runtime
 
     assert DataConfig().num_workers == -1
@@ -147,7 +147,7 @@ def test_loader_workers_auto_resolves_by_device():
 def test_trial_logs_the_resolved_loader_workers():
     """A GPU trial's params carry the loader processes it runs with, not the -1 of 'auto'."""
     from ssamba.config import GPU_LOADER_WORKERS
-    from ssamba.trial import build_job
+    from ssamba.sweep.trial import build_job
 
     ctx = {"preset": "smoke", "overrides": {}, "arms": {"a": {}}, "cells": [{"arm": "a", "seed": 0}], "sweep_id": "x",
            "storage": "/tmp/s", "tasks": {}, "workers_per_trial": 1, "cpus_per_worker": 1, "mlflow_uri": "sqlite:///x.db"}

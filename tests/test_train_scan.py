@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from ssamba.model import train_scan as TS
-from ssamba.model.scan import selective_scan_ref
+from ssamba.ops import train_scan as TS
+from ssamba.ops.scan import selective_scan_ref
 
 
 def _inputs(b, ch, L, groups, sets, seed=0):
@@ -202,7 +202,7 @@ def test_fast_mixer_trains_through_the_training_scan(monkeypatch, reverse):
 
 def _recipe_batches():
     from ssamba.config import PretrainConfig
-    from ssamba.presets import TASK_RECIPES
+    from ssamba.config.presets import TASK_RECIPES
 
     return {"pretrain": PretrainConfig().batch_size, **{k: v["finetune.batch_size"] for k, v in TASK_RECIPES.items()}}
 
@@ -228,7 +228,7 @@ def test_fast_path_calls_conv_and_scan_with_that_shape(monkeypatch):
     from ssamba.config import model_preset
     from ssamba.model import mixer as mixer_mod
     from ssamba.model.mixer import Mamba, fast_launch_shape
-    from ssamba.model.scan import causal_conv1d_ref, selective_scan_ref
+    from ssamba.ops.scan import causal_conv1d_ref, selective_scan_ref
 
     seen = {}
     m = Mamba(model_preset("demo"), "reference")
@@ -243,7 +243,7 @@ def test_fast_path_calls_conv_and_scan_with_that_shape(monkeypatch):
 
 _GATE_CHECK = r"""
 import torch
-from ssamba.model.triton_ops import combine_gate_train
+from ssamba.ops.triton_ops import combine_gate_train
 torch.manual_seed(0)
 worst = 0.0
 for revs in ([False, True], [True, False], [False], [True]):

@@ -13,8 +13,8 @@ import argparse
 import sys
 from collections import Counter
 
+from ssamba.base.errors import SSAMBAError
 from ssamba.config import FrontendConfig, apply_overrides, parse_set_args
-from ssamba.errors import SSAMBAError
 
 LAYOUTS = ("esc50", "esc10", "speech_commands", "fsdd", "ssast_json", "audioset_csv", "folders")
 
@@ -115,7 +115,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from ssamba.data.bench import run_bench
+    from ssamba.bench.data import run_bench
 
     run_bench(args.manifest, limit=args.limit, workers=args.workers, frontend=_frontend(args))
     return 0

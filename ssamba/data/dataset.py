@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ssamba.audio import fbank as compute_fbank
-from ssamba.audio import load_waveform, normalize, pad_or_crop
-from ssamba.augment import mix_labels, mix_waveforms, noise_and_roll, sample_mixup_lambda, spec_augment
+from ssamba.base.errors import AudioError, ManifestError
 from ssamba.config import AugmentConfig, FrontendConfig
+from ssamba.data.audio import fbank as compute_fbank
+from ssamba.data.audio import load_waveform, normalize, pad_or_crop
+from ssamba.data.augment import mix_labels, mix_waveforms, noise_and_roll, sample_mixup_lambda, spec_augment
 from ssamba.data.features import CachedFeatures
 from ssamba.data.manifest import Manifest
-from ssamba.errors import AudioError, ManifestError
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,9 @@ import pandas as pd
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from ssamba.base.errors import ConfigError
+from ssamba.base.paths import cache_dir
 from ssamba.data.manifest import Manifest
-from ssamba.errors import ConfigError
-from ssamba.paths import cache_dir
 
 # Bumped whenever the generator changes the audio it writes for given parameters (cache key).
 VERSION = 1

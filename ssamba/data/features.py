@@ -28,12 +28,12 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from ssamba.audio import file_fbank
+from ssamba.base.errors import AudioError
+from ssamba.base.files import atomic_path
+from ssamba.base.paths import cache_dir
 from ssamba.config import FrontendConfig
+from ssamba.data.audio import file_fbank
 from ssamba.data.manifest import Manifest
-from ssamba.errors import AudioError
-from ssamba.files import atomic_path
-from ssamba.paths import cache_dir
 
 SHARD_SCHEMA = pa.schema([
     ("path", pa.string()),

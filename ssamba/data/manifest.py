@@ -32,8 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ssamba.errors import ManifestError
-from ssamba.files import atomic_path
+from ssamba.base.errors import ManifestError
+from ssamba.base.files import atomic_path
 
 SCHEMA_VERSION = 1
 META_KEY = b"ssamba"

@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from ssamba.config import ModelConfig
-from ssamba.masking import check_masks
 from ssamba.model.heads import classifier_head, gather_masked, info_nce, masked_mse, patch_targets, pred_head
+from ssamba.model.masking import check_masks
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ssamba.base.errors import SSAMBAError
+from ssamba.base.files import atomic_path
 from ssamba.config import ModelConfig, from_flat, to_flat
-from ssamba.errors import SSAMBAError
-from ssamba.files import atomic_path
 from ssamba.model.audio_model import AudioModel, Geometry
 
 FORMAT = "ssamba-checkpoint"

@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from ssamba.config import ModelConfig
-from ssamba.model.kernels import add_norm_fn, resolve_backend
 from ssamba.model.layers import DropPath, PatchEmbed, grid_shape, make_norm, official_drop_path_rates
 from ssamba.model.mixer import Mamba
+from ssamba.ops.backends import add_norm_fn, resolve_backend
 
 
 def fused_add_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
@@ -133,8 +133,8 @@ def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: boo
     """Switch the encoder's speed-ups (same result; for benchmarks and tests). ``None`` leaves one as is.
 
     ``fused_norm=True`` needs the CUDA backend and mamba-ssm's Triton norm. ``chunk_scan`` (inference on
-    CUDA, fast path only) is used where it compiles (:mod:`ssamba.model.chunk_scan`); so is ``train_scan``
-    (with gradients, fast path only; :mod:`ssamba.model.train_scan`).
+    CUDA, fast path only) is used where it compiles (:mod:`ssamba.ops.chunk_scan`); so is ``train_scan``
+    (with gradients, fast path only; :mod:`ssamba.ops.train_scan`).
     """
     for m in model.modules():
         if isinstance(m, Mamba):

@@ -14,7 +14,7 @@ Two computations of the same function:
   directions are summed (``SiLU(z) * y_f + SiLU(z) * y_b = SiLU(z) * (y_f + y_b)``), and the length
   padded at the end to the scan kernel's chunk size when that costs little: every op is causal in
   its own time direction, so padding after the last step leaves the real steps unchanged;
-- at inference on CUDA the fast path's scan is the chunked scan (:mod:`ssamba.model.chunk_scan`), which
+- at inference on CUDA the fast path's scan is the chunked scan (:mod:`ssamba.ops.chunk_scan`), which
   splits the sequence across thread blocks; with gradients it is mamba-ssm's.
 
 ``forward(hidden, reverse=True)`` computes ``flip(mixer(flip(hidden)))`` without the two flips: for a
@@ -31,10 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssamba.config import ModelConfig
-from ssamba.model.chunk_scan import chunk_scan_fn
-from ssamba.model.kernels import combine_gate_fn, combine_gate_train_fn, conv_fn, scan_fn
-from ssamba.model.train_scan import supported as train_scan_refuses  # "" when it takes the shape, else why
-from ssamba.model.train_scan import train_scan_fn
+from ssamba.ops.backends import combine_gate_fn, combine_gate_train_fn, conv_fn, scan_fn
+from ssamba.ops.chunk_scan import chunk_scan_fn
+from ssamba.ops.train_scan import supported as train_scan_refuses  # "" when it takes the shape, else why
+from ssamba.ops.train_scan import train_scan_fn
 
 
 class Mamba(nn.Module):

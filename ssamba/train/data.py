@@ -7,11 +7,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch.utils.data import DataLoader
 
+from ssamba.base.errors import ManifestError
 from ssamba.config import AugmentConfig, ExperimentConfig, FrontendConfig
 from ssamba.data.dataset import ClipDataset, collate
 from ssamba.data.features import FeatureCache, compute_stats
 from ssamba.data.manifest import Manifest, read_manifest
-from ssamba.errors import ManifestError
 from ssamba.train.loop import EpochSampler
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from ssamba import names as N
+from ssamba.base import names as N
 from ssamba.config import AugmentConfig, ExperimentConfig, ModelConfig, from_flat, to_flat
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import grid_of, is_ours, load_checkpoint, read_checkpoint, safe_load, transfer_encoder

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ssamba.base.errors import SSAMBAError
+from ssamba.base.files import atomic_path
 from ssamba.data.dataset import SkipLog
-from ssamba.errors import SSAMBAError
-from ssamba.files import atomic_path
 from ssamba.model.checkpoints import save_checkpoint
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssamba import names as N
+from ssamba.base import names as N
+from ssamba.base.errors import ConfigError
 from ssamba.config import FinetuneConfig, PretrainConfig, max_mask_count
-from ssamba.errors import ConfigError
-from ssamba.masking import make_masks
+from ssamba.model.masking import make_masks
 from ssamba.train.metrics import accuracy, mean_average_precision
 from ssamba.train.schedules import MultiStepSchedule, PlateauSchedule, Schedule
 

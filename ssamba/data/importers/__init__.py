@@ -13,7 +13,7 @@ registered in :data:`IMPORTERS`, so that a caller can write ``IMPORTERS[name](ro
 * files a list or table names but that are absent on disk are counted and listed in ``notes``
   (never fatal, never silently dropped);
 * a root that does not exist, or a layout in which no audio is found, raises
-  :class:`~ssamba.errors.ManifestError` naming the root and the layout expected.
+  :class:`~ssamba.base.errors.ManifestError` naming the root and the layout expected.
 
 Listings in ``notes`` have the shape ``{"count": int, "items": [...], "truncated": bool}``;
 ``items`` holds at most :data:`MAX_LISTED` entries (``count`` is always the full number).

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ssamba.base.errors import ManifestError
 from ssamba.data.importers.common import (
     build_manifest,
     duplicates,
@@ -18,7 +19,6 @@ from ssamba.data.importers.common import (
     walk_audio,
 )
 from ssamba.data.manifest import Manifest
-from ssamba.errors import ManifestError
 
 
 # ================================================================================= label csv (AudioSet ontology)

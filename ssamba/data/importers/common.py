@@ -16,8 +16,8 @@ from typing import Any
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from ssamba.base.errors import ManifestError
 from ssamba.data.manifest import Manifest
-from ssamba.errors import ManifestError
 
 # One logger for the whole package (the name the single-module version had), so that callers
 # filtering on "ssamba.data.importers" see every importer's warnings.

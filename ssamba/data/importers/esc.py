@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ssamba.base.errors import ManifestError
 from ssamba.data.importers.common import (
     audio_in,
     build_manifest,
@@ -18,7 +19,6 @@ from ssamba.data.importers.common import (
     walk_audio,
 )
 from ssamba.data.manifest import Manifest
-from ssamba.errors import ManifestError
 
 _ESC_FOLDER = re.compile(r"^(\d+)\s*-\s*(.+?)\s*$")
 _ESC_FILE = re.compile(r"^(\d+)-([^-]+)-(.+)$")

@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ssamba.base.errors import ManifestError
 from ssamba.data.importers.common import audio_in, build_manifest, existing_dir, note_listing, rel_path, walk_audio
 from ssamba.data.manifest import Manifest
-from ssamba.errors import ManifestError
 
 SPLIT_DIR_NAMES = {
     "train": "train",

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ssamba.base.errors import ManifestError
 from ssamba.data.importers.common import (
     EXAMPLES_LISTED,
     audio_in,
@@ -17,7 +18,6 @@ from ssamba.data.importers.common import (
     rel_path,
 )
 from ssamba.data.manifest import Manifest
-from ssamba.errors import ManifestError
 
 # ================================================================================= Speech Commands
 _SC_EXPECTED = (

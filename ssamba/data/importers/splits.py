@@ -7,9 +7,9 @@ from typing import Iterable
 
 import numpy as np
 
+from ssamba.base.errors import ConfigError, ManifestError
 from ssamba.data.importers.speech import BACKGROUND_SPLIT
 from ssamba.data.manifest import Manifest
-from ssamba.errors import ConfigError, ManifestError
 
 SPEAKER_IMPORTERS = ("fsdd", "speech_commands")
 """Importers whose manifests fill the ``speaker`` column."""

@@ -24,9 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from ssamba import names as N
+from ssamba.base import names as N
+from ssamba.base.files import file_lock, write_json_atomic
 from ssamba.config import ExperimentConfig, from_flat, to_flat
-from ssamba.files import file_lock, write_json_atomic
 from ssamba.train.jobs import run_finetune, run_pretrain
 
 
@@ -95,7 +95,7 @@ def stage_cost(seconds: float, world: int, per_worker: float, samples: int) -> d
 
 
 def trial_worker(job: dict[str, Any]) -> None:
-    """Ray Train entry (``train_loop_per_worker``). ``job`` is built by :mod:`ssamba.trial`."""
+    """Ray Train entry (``train_loop_per_worker``). ``job`` is built by :mod:`ssamba.sweep.trial`."""
     import ray.train
     import ray.train.torch
 
@@ -106,7 +106,7 @@ def trial_worker(job: dict[str, Any]) -> None:
     wrap = ray.train.torch.prepare_model if world > 1 else None
     tracker = None
     if rank == 0 and job.get("mlflow_uri"):
-        from ssamba.tracking import Tracker
+        from ssamba.sweep.tracking import Tracker
 
         tracker = Tracker(job["mlflow_uri"])
     run = RunLog(tracker, job.get("run_id"))

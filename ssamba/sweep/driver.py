@@ -3,7 +3,7 @@
 A sweep script is data plus one call (``sweeps/_factors.main(FACTOR)``, i.e. ``run_sweep_cli`` with the
 ablation table's renderer). This module parses the shared options, validates every trial's config before
 Ray starts, starts (or joins) Ray, opens the MLflow experiment and the sweep's parent run, runs the Tuner
-(or restores a killed one with ``--resume``), and prints the table it is given a renderer for. Ray lives here, in ``ssamba/trial.py`` and ``ssamba/train/worker.py``.
+(or restores a killed one with ``--resume``), and prints the table it is given a renderer for. Ray lives here, in ``ssamba/sweep/trial.py`` and ``ssamba/sweep/worker.py``.
 """
 
 from __future__ import annotations
@@ -18,28 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ssamba import names as N
+from ssamba.base import names as N
+from ssamba.base.errors import ConfigError, SSAMBAError
 from ssamba.config import apply_overrides, parse_set_args, to_flat
-from ssamba.errors import ConfigError, SSAMBAError
-from ssamba.presets import PRESETS, TASK_RECIPES, default_seeds, preset
-from ssamba.trial import build_job
-
-Overrides = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Factor:
-    """An ablation factor: its arms in natural order (label -> config overrides) and the paper's arm.
-
-    ``scale`` maps an arm's overrides to the preset at hand (e.g. mask counts given for 512 patches
-    scaled to a smaller demo grid); it receives ``(label, overrides, experiment config)``.
-    """
-
-    name: str
-    arms: dict[str, Overrides]
-    reference: str
-    description: str = ""
-    scale: Callable[[str, Overrides, Any], Overrides] | None = None
+from ssamba.config.presets import PRESETS, TASK_RECIPES, default_seeds, preset
+from ssamba.sweep.factors import Factor, Overrides
+from ssamba.sweep.trial import build_job
 
 
 @dataclass
@@ -271,7 +255,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     else:
         sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 
-    from ssamba.tracking import Tracker
+    from ssamba.sweep.tracking import Tracker
 
     tracker = Tracker(args.mlflow_uri)
     experiment = args.experiment or f"ssamba-{factor.name}"
@@ -331,7 +315,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
         meta_file.write_text(json.dumps({"sweep_id": sweep_id, "factor": factor.name, "preset": args.preset,
                                          "experiment": experiment, "parent_run_id": parent_id}, indent=1))
 
-    from ssamba.trial import run_trial
+    from ssamba.sweep.trial import run_trial
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # Train's intermediate reports lack the final metric
     first_task = next(iter(tasks))
@@ -369,7 +353,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
             trials.append({"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None})
         status = "FINISHED" if all(t["error"] is None for t in trials) else "FAILED"
         if status == "FINISHED" and args.keep_checkpoints == "none":
-            from ssamba.trial import drop_pretrainings
+            from ssamba.sweep.trial import drop_pretrainings
 
             drop_pretrainings(sweep_dir)  # no trial left that could reuse them
         tracker.set_tags(parent_id, {N.SWEEP_STATUS: status.lower(), N.SWEEP_TRIALS: str(len(trials)),

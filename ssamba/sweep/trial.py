@@ -2,7 +2,7 @@
 
 The trial resolves its config (preset + sweep overrides + arm + seed + tuned values), gets or
 continues its MLflow child run (keyed by ``trial.key``, so a retried or resumed trial never
-duplicates its run), launches the workers (:func:`ssamba.train.worker.trial_worker`), then logs the
+duplicates its run), launches the workers (:func:`ssamba.sweep.worker.trial_worker`), then logs the
 final metrics and reports them to Tune. Ray Tune and Ray Train meet only here and in ``sweep.py``.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ssamba import names as N
+from ssamba.base import names as N
 from ssamba.config import apply_overrides, to_flat
-from ssamba.presets import preset
+from ssamba.config.presets import preset
 
 # Config sections that decide a pretraining (a shared pretraining is reused when these are equal).
 PRETRAIN_SECTIONS = ("frontend.", "augment.", "model.", "data.", "pretrain.")
@@ -90,8 +90,8 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ssamba.tracking import Tracker
-    from ssamba.train.worker import trial_worker
+    from ssamba.sweep.tracking import Tracker
+    from ssamba.sweep.worker import trial_worker
 
     job = build_job(ctx, params)
     tracker = Tracker(ctx["mlflow_uri"])

@@ -1,7 +1,7 @@
 """Triton kernels of the fast mixer path: the direction sum + gate, forward (inference) and with its
 backward (training, :func:`combine_gate_train`).
 
-Imported lazily (only on CUDA, through :func:`ssamba.model.kernels.combine_gate_fn`). The kernels also run
+Imported lazily (only on CUDA, through :func:`ssamba.ops.backends.combine_gate_fn`). The kernels also run
 under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU tensors, which is how the CPU tests check them.
 """
 

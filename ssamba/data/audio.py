@@ -16,8 +16,8 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.transforms as T
 
+from ssamba.base.errors import AudioError
 from ssamba.config import FrontendConfig
-from ssamba.errors import AudioError
 
 
 def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:

@@ -11,7 +11,7 @@ channel with its ``N`` states in registers and cuts the sequence into chunks so 
    (``exp(A * sum dt)`` is the product of the chunk's per-step decays);
 3. every chunk is scanned again from its entering state, writing ``y``.
 
-With one chunk (large batches) only step 3 runs. Same math as :func:`ssamba.model.scan.selective_scan_ref`
+With one chunk (large batches) only step 3 runs. Same math as :func:`ssamba.ops.scan.selective_scan_ref`
 without ``z`` (the fast mixer applies the gate after summing the directions); forward only, so the
 mixer uses it only when no gradient is needed. :func:`chunk_scan_emulated` runs the same three passes
 in torch, so the chunk algebra is tested on CPU; the CUDA kernel is tested against the reference on a GPU
@@ -39,9 +39,9 @@ from typing import Callable
 
 import torch
 
-from ssamba import paths
-from ssamba.errors import KernelBuildError
-from ssamba.files import atomic_path, file_lock
+from ssamba.base import paths
+from ssamba.base.errors import KernelBuildError
+from ssamba.base.files import atomic_path, file_lock
 
 SOURCE = Path(__file__).with_name("csrc") / "chunk_scan.cu"
 TILE = 32  # time steps per shared-memory tile (TT in the .cu file); chunk lengths are multiples of it
@@ -192,7 +192,7 @@ def plan_chunk_len(batch: int, channels: int, length: int, sm_count: int) -> int
     threads reach :data:`ONE_PASS_THREADS_PER_SM` per multiprocessor, else chunks of at least
     :data:`MIN_CHUNK` steps, enough of them for :data:`THREADS_PER_SM` threads per multiprocessor.
 
-    Measured on an H200 (132 SMs, bf16, pipelined kernel; ``python -m ssamba.model.chunk_scan``), 22528
+    Measured on an H200 (132 SMs, bf16, pipelined kernel; ``python -m ssamba.ops.chunk_scan``), 22528
     steps: 768 channels, best at chunks of 256 (254 us; 128: 262 us; one chunk 4.6 ms); 12288 channels,
     chunks of 512-1024 (3.3 ms; one chunk 4.7 ms); 49152 channels, one chunk (8.0 ms; two chunks 11.2 ms).
     8192 steps, 768 channels: chunks of 128 (110 us; 256: 146 us).
@@ -357,67 +357,3 @@ def chunk_scan_emulated(u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
     if D is not None:
         y = y + D.to(dtype)[prow][:, None] * x
     return y.to(u.dtype)
-
-
-def benchmark(shapes: list[tuple[int, int]] | None = None, dtype: torch.dtype = torch.bfloat16,
-              repeats: int = 20, kernels: tuple[str, ...] = ("pipelined",)) -> list[dict]:
-    """Time mamba-ssm's ``selective_scan_fn`` against :func:`chunk_scan` (several chunk lengths) on
-    random inputs shaped like the fast mixer's (``(1, channels, L)``, 2 groups); prints a table."""
-    from ssamba.model.kernels import _cuda_scan
-
-    dev = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    shapes = shapes or [(768, 22528), (768, 8192), (768, 1024), (768 * 16, 22528), (768 * 64, 22528)]
-    mamba = _cuda_scan()
-    rows = []
-    for ch, L in shapes:
-        g = torch.Generator(device=dev).manual_seed(0)
-        u = torch.randn(1, ch, L, device=dev, generator=g).to(dtype)
-        delta = (0.5 * torch.randn(1, ch, L, device=dev, generator=g)).to(dtype)
-        groups = ch // 384
-        BC = torch.randn(1, groups, 2, 16, L, device=dev, generator=g).to(dtype)
-        Bm, Cm = BC[:, :, 0], BC[:, :, 1]
-        A = -torch.rand(768, 16, device=dev, generator=g) * 8 - 0.1
-        D = torch.randn(768, device=dev, generator=g)
-        bias = torch.randn(768, device=dev, generator=g) * 0.5 - 3
-        rep = ch // 768
-        A_r, D_r, bias_r = A.repeat(rep, 1), D.repeat(rep), bias.repeat(rep)
-
-        def timed(fn):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            ev[0].record()
-            for _ in range(repeats):
-                fn()
-            ev[1].record()
-            torch.cuda.synchronize()
-            return ev[0].elapsed_time(ev[1]) / repeats * 1e3  # us
-
-        ref = None
-        row = {"channels": ch, "length": L, "dtype": str(dtype).split(".")[-1]}
-        if mamba is not None:
-            ref = mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True)
-            row["mamba_us"] = timed(lambda: mamba(u, delta, A_r, Bm, Cm, D_r, None, bias_r, True))
-        auto = plan_chunk_len(1, ch, L, sms)
-        for kernel in kernels:
-            for cl in sorted({auto, 128, 256, 512, 1024, -(-L // TILE) * TILE}):
-                fn = lambda: chunk_scan(u, delta, A, Bm, Cm, D, bias, True, param_repeat=rep,  # noqa: E731
-                                        param_period=768, chunk_len=cl, kernel=kernel)
-                y = fn()
-                key = f"{kernel[0]}{cl}" + ("*" if cl == auto else "")
-                row[f"{key}_us"] = timed(fn)
-                if ref is not None:
-                    row[f"{key}_maxdiff"] = (y.float() - ref.float()).abs().max().item()
-        row["auto_chunk_len"] = auto
-        rows.append(row)
-        print("[scan] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
-        del ref, y
-        torch.cuda.empty_cache()
-    return rows
-
-
-if __name__ == "__main__":  # pragma: no cover - GPU benchmark entry point
-    benchmark(kernels=("general", "pipelined") if "--general" in sys.argv else ("pipelined",))

@@ -10,7 +10,7 @@ the fast path, on one card in one process, next to fused-attention SSAST-tiny (e
 2. the length padded to the scan kernel's chunk (its even-length path);
 3. the whole forward replayed from a CUDA graph;
 4. residual add + norm in one Triton kernel (graphed; and, for comparison, eager);
-5. the chunked inference scan (:mod:`ssamba.model.chunk_scan`): each sequence split across thread
+5. the chunked inference scan (:mod:`ssamba.ops.chunk_scan`): each sequence split across thread
    blocks instead of mamba-ssm's one block per channel (graphed; without step 2's padding, which it
    does not need; and eager).
 
@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from ssamba.bench.encoder import build_model, environment, fmt_bytes, frames, model_config
+from ssamba.bench.timing import autocast, is_oom, median_ms
 from ssamba.config import ModelConfig
 
 _OFF = dict(chunk_scan=False)
@@ -82,24 +84,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 ** 30, repeats: int = 1
     return 2 * nbytes / statistics.median(times)
 
 
-def median_ms(fn, warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``fn`` on the current CUDA stream (device events), after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def _measure(model, tokens: int, batch: int, dtype: str, graphed: bool, device, repeats: int) -> dict:
-    from ssamba.bench import autocast, frames, is_oom
-    from ssamba.model.graphs import GraphedInference
+    from ssamba.ops.graphs import GraphedInference
 
     out: dict = {}
     for b, key in ((1, "latency_ms"), (batch, "batch_ms")):
@@ -131,7 +117,6 @@ def _measure(model, tokens: int, batch: int, dtype: str, graphed: bool, device, 
 
 def run_ladder(tokens: list[int], dtype: str = "bf16", batch: int = 64, repeats: int = 20,
                out: Path | None = None, scan_backend: str = "cuda") -> dict:
-    from ssamba.bench import build_model, environment, model_config
     from ssamba.model.encoder import set_speedups
 
     device = torch.device("cuda")
@@ -177,7 +162,6 @@ def _fmt(row: dict) -> str:
 
 
 def ladder_markdown(res: dict) -> str:
-    from ssamba.bench import fmt_bytes
 
     m = res["meta"]
     lines = [f"Encoder speed-ups, {m.get('device', '?')}, {m['dtype']}, copy bandwidth "

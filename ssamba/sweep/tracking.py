@@ -15,7 +15,7 @@ With no URI the store is ``sqlite:///<cwd>/mlflow.db`` (what ``mlflow ui`` run t
 an absolute path so that Ray workers in other directories write to the same database.
 
 Param and tag values are scrubbed of URI passwords and of the values of secret-named environment
-variables; no environment variable is logged. ``python -m ssamba.tracking ui`` serves a store's UI (and
+variables; no environment variable is logged. ``python -m ssamba.sweep.tracking ui`` serves a store's UI (and
 REST API) with ``mlflow server``, bound to 127.0.0.1 unless ``--host`` says otherwise.
 """
 
@@ -34,8 +34,8 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from ssamba import names as N
-from ssamba.errors import ConfigError
+from ssamba.base import names as N
+from ssamba.base.errors import ConfigError
 
 DEFAULT_DB = "mlflow.db"
 SECRET_WORDS = ("token", "secret", "password", "passwd", "api_key", "apikey", "credential", "auth")
@@ -211,7 +211,7 @@ def _param_value(v: Any) -> str:
     return str(v)
 
 
-# ----------------------------------------------------------------------------- `python -m ssamba.tracking ui`
+# ----------------------------------------------------------------------------- `python -m ssamba.sweep.tracking ui`
 def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
                extra: list[str] | None = None) -> list[str]:
     """The ``mlflow server`` command line (UI + REST API) for a store, bound to ``host``."""
@@ -223,7 +223,7 @@ def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ssamba.tracking",
+    p = argparse.ArgumentParser(prog="python -m ssamba.sweep.tracking",
                                 description="The sweeps' MLflow store: start its UI / tracking server.")
     sub = p.add_subparsers(dest="command", required=True)
     ui = sub.add_parser("ui", help="start the MLflow UI and tracking server (mlflow server) for a store",

@@ -1,33 +1,26 @@
 """CPU benchmark: the reference scan against a naive per-token loop, and the demo preset's step times.
 
-``python -m ssamba.model.cpu_bench [--threads N]`` prints forward and backward milliseconds of the
+``python -m ssamba.bench.cpu [--threads N]`` prints forward and backward milliseconds of the
 demo model (4 layers, D = 64, 8 x 8 patches + cls, batch 32) for a pretraining step (one and two
-MSPM passes) and a fine-tuning step, then the scan comparison of ``python -m ssamba.model.scan``.
+MSPM passes) and a fine-tuning step, then the scan comparison of ``python -m ssamba.bench.scan``.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
 
+from ssamba.bench.scan import main as scan_main
+from ssamba.bench.timing import median_ms
 from ssamba.config import model_preset
-from ssamba.masking import make_masks
 from ssamba.model.audio_model import AudioModel, Geometry
-from ssamba.model.scan import main as scan_main
+from ssamba.model.masking import make_masks
 
 
 def _time(fn, reps: int = 5, warmup: int = 2) -> float:
-    out = []
-    for i in range(warmup + reps):
-        t0 = time.perf_counter()
-        fn()
-        if i >= warmup:
-            out.append(time.perf_counter() - t0)
-    return statistics.median(out) * 1e3
+    return median_ms(fn, warmup, reps, torch.device("cpu"))
 
 
 def demo_step_times(batch: int = 32) -> dict[str, float]:
@@ -56,7 +49,7 @@ def demo_step_times(batch: int = 32) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ssamba.model.cpu_bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ssamba.bench.cpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32)

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
+from ssamba.bench.encoder import environment
+
 
 def run_pretrain_bench(preset_name: str = "paper-tiny", manifest: str = "", steps: int = 60, warmup: int = 10,
                        batch_size: int | None = None, num_workers: int = 8, out: Path | None = None) -> dict:
-    from ssamba.bench import environment
+    from ssamba.config.presets import preset
     from ssamba.model.audio_model import AudioModel, Geometry
-    from ssamba.presets import preset
     from ssamba.train.data import load_manifest, make_loaders
     from ssamba.train.tasks import PretrainTask
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ssamba.config import ExperimentConfig, apply_overrides, parse_set_args, to_flat
-from ssamba.presets import PRESETS, preset
+from ssamba.config.presets import PRESETS, preset
 
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str = "demo") -> None:

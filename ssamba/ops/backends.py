@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
+from ssamba.base.errors import ConfigError
 from ssamba.config import SCAN_BACKENDS
-from ssamba.errors import ConfigError
-from ssamba.model.scan import causal_conv1d_ref, selective_scan_ref
+from ssamba.ops.scan import causal_conv1d_ref, selective_scan_ref
 
 BUILD_HINT = (
     "Build them on the GPU machine with `python -m ssamba.kernels build` (mamba-ssm and causal-conv1d "
@@ -24,7 +24,8 @@ BUILD_HINT = (
 
 
 @functools.lru_cache(maxsize=1)
-def _cuda_scan() -> Callable | None:
+def mamba_scan() -> Callable | None:
+    """mamba-ssm's ``selective_scan_fn``, or None without CUDA or an importable build."""
     if not torch.cuda.is_available():
         return None
     try:
@@ -35,7 +36,8 @@ def _cuda_scan() -> Callable | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _cuda_conv() -> Callable | None:
+def mamba_conv() -> Callable | None:
+    """causal-conv1d's ``causal_conv1d_fn``, or None without CUDA or an importable build."""
     if not torch.cuda.is_available():
         return None
     try:
@@ -67,7 +69,7 @@ def combine_gate_fn() -> Callable | None:
     if not torch.cuda.is_available():
         return None
     try:
-        from ssamba.model.triton_ops import combine_gate
+        from ssamba.ops.triton_ops import combine_gate
     except Exception:
         return None
     return combine_gate
@@ -79,7 +81,7 @@ def combine_gate_train_fn() -> Callable | None:
     if not torch.cuda.is_available():
         return None
     try:
-        from ssamba.model.triton_ops import combine_gate_train
+        from ssamba.ops.triton_ops import combine_gate_train
     except Exception:
         return None
     return combine_gate_train
@@ -94,12 +96,12 @@ def resolve_backend(name: str) -> str:
     if name == "reference":
         return "reference"
     if name == "cuda":
-        if _cuda_scan() is None:
+        if mamba_scan() is None:
             why = "no CUDA device" if not torch.cuda.is_available() else "mamba_ssm cannot be imported"
             raise ConfigError(f"model.scan_backend='cuda' but the mamba-ssm kernels are unavailable ({why}). {BUILD_HINT}")
         return "cuda"
     if name == "auto":
-        if _cuda_scan() is not None:
+        if mamba_scan() is not None:
             return "cuda"
         if torch.cuda.is_available() and not _warned:
             warnings.warn(f"mamba-ssm kernels not found: using the pure-PyTorch scan (slow on GPU). {BUILD_HINT}")
@@ -110,7 +112,7 @@ def resolve_backend(name: str) -> str:
 
 def scan_fn(backend: str) -> Callable:
     """The selective scan of a resolved backend (``selective_scan_fn`` signature)."""
-    return _cuda_scan() if backend == "cuda" else selective_scan_ref
+    return mamba_scan() if backend == "cuda" else selective_scan_ref
 
 
 def conv_fn(backend: str) -> Callable:
@@ -118,7 +120,7 @@ def conv_fn(backend: str) -> Callable:
 
     On the CUDA backend without causal-conv1d, the reference conv (cuDNN) computes the same thing.
     """
-    if backend == "cuda" and _cuda_conv() is not None:
+    if backend == "cuda" and mamba_conv() is not None:
         return padded_cuda_conv
     return causal_conv1d_ref
 
@@ -137,6 +139,6 @@ def padded_cuda_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     length = x.shape[-1]
     extra = -length % CONV_LEN_MULTIPLE
     if extra == 0:
-        return _cuda_conv()(x, weight, bias, activation=activation)
-    out = _cuda_conv()(torch.nn.functional.pad(x, (0, extra)), weight, bias, activation=activation)
+        return mamba_conv()(x, weight, bias, activation=activation)
+    out = mamba_conv()(torch.nn.functional.pad(x, (0, extra)), weight, bias, activation=activation)
     return out[..., :length]

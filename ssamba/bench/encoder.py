@@ -11,11 +11,9 @@ and a headline in the paper's wording. Results are saved after every point; ``--
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
-import gc
 import json
 import platform
 import statistics
@@ -28,8 +26,9 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from ssamba.config import SCAN_BACKENDS, ModelConfig, model_preset
-from ssamba.files import write_text_atomic
+from ssamba.base.files import write_text_atomic
+from ssamba.bench.timing import OOM, Timer, autocast, find_max_batch, fits, free_memory, is_oom
+from ssamba.config import ModelConfig, model_preset
 
 DEFAULT_TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 22000, 32768, 65536]
 QUICK_TOKENS = [512, 2048, 8192, 22000]
@@ -38,7 +37,6 @@ ALL_MODELS = ([f"ssamba-{s}-{v}" for s in SIZES for v in ("bi", "uni")]
               + [f"ssast-{s}-{v}" for s in SIZES for v in ("mat", "fused")])
 PAPER_CLAIM = "Paper: 92.7% faster and 95.4% more memory-efficient than SSAST-tiny at ~22k tokens (L40, fp32, batch 2)"
 MiB = 2 ** 20
-OOM = torch.cuda.OutOfMemoryError
 
 
 @dataclass
@@ -107,57 +105,6 @@ def parse_tokens(text: str) -> list[int]:
     return fixed
 
 
-def free_memory(device: torch.device | None = None) -> None:
-    from ssamba.model.scan import clear_workspace
-
-    clear_workspace()
-    if device is not None and device.type == "cuda":  # (on CPU, refcounting frees it and memory is not measured)
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def is_oom(e: BaseException) -> bool:
-    """``torch.cuda.OutOfMemoryError``, or a library's allocation failure (cuBLAS, extensions) said in words."""
-    return isinstance(e, OOM) or (isinstance(e, RuntimeError) and any(
-        k in str(e) for k in ("out of memory", "ALLOC_FAILED", "OutOfMemory")))
-
-
-def fits(fn: Callable[[], object], device: torch.device | None = None) -> bool:
-    """Run ``fn``; False (memory freed) if it runs out of memory; other errors propagate."""
-    try:
-        fn()
-        return True
-    except RuntimeError as e:
-        if not is_oom(e):
-            raise
-    free_memory(device)  # outside the except block: the traceback no longer holds the tensors
-    return False
-
-
-def find_max_batch(ok: Callable[[int], bool], limit: int, start: int = 1) -> tuple[int, bool]:
-    """Largest ``b <= limit`` with ``ok(b)`` (``ok(start)`` assumed): doubling, then bisection.
-
-    Returns ``(batch, capped)``; ``capped`` is True when ``limit`` itself fits (memory did not bound it).
-    """
-    good, bad = start, None
-    while good < limit:
-        b = min(2 * good, limit)
-        if ok(b):
-            good = b
-        else:
-            bad = b
-            break
-    if bad is None:
-        return good, True
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if ok(mid):
-            good = mid
-        else:
-            bad = mid
-    return good, False
-
-
 def sweep_lengths(tokens: Iterable[int], measure: Callable[[int], dict], free: Callable[[], None] = lambda: None
                   ) -> Iterator[dict]:
     """Yield ``measure(n)`` for growing ``n``; an OOM (or error) is recorded and ends the sweep."""
@@ -171,45 +118,6 @@ def sweep_lengths(tokens: Iterable[int], measure: Callable[[int], dict], free: C
         yield entry
         if entry["status"] != "ok":
             return
-
-
-class Timer:
-    """CUDA events and ``max_memory_allocated`` on CUDA; ``perf_counter`` and no memory on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.cuda = device, device.type == "cuda"
-
-    def runs(self, fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-        """Milliseconds of each of ``repeats`` calls after ``warmup`` untimed ones."""
-        for _ in range(warmup):
-            fn()
-        return [self._once(fn) for _ in range(repeats)]
-
-    def _once(self, fn) -> float:
-        if not self.cuda:
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end)
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak(self) -> int | None:
-        return torch.cuda.max_memory_allocated() if self.cuda else None
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 
 
 class Bench:
@@ -232,7 +140,7 @@ class Bench:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     def _describe(self, name: str, model) -> None:
-        from ssamba.model.kernels import _cuda_conv
+        from ssamba.ops.backends import mamba_conv
 
         if name in self.res["models"]:
             return
@@ -243,7 +151,7 @@ class Bench:
             backend = "attention:" + cfg.attention
         self.res["models"][name] = {
             "params": sum(p.numel() for p in model.parameters()), "backend": backend or "n/a",
-            "conv": "causal_conv1d" if backend == "cuda" and _cuda_conv() is not None else "reference",
+            "conv": "causal_conv1d" if backend == "cuda" and mamba_conv() is not None else "reference",
             "config": asdict(cfg) if cfg is not None else {}}
 
     def _forward(self, model, b: int, n: int, dtype: str) -> Callable[[], None]:
@@ -260,7 +168,7 @@ class Bench:
         self._describe(name, model)
         fwd, graphed = self._forward(model, s.batch, n, dtype), None
         if s.graphs and self.device.type == "cuda":
-            from ssamba.model.graphs import GraphedInference
+            from ssamba.ops.graphs import GraphedInference
 
             graphed = GraphedInference(model.encode, autocast=dtype)
             fwd = functools.partial(graphed, torch.randn(s.batch, frames(n), 128, device=self.device))
@@ -292,7 +200,7 @@ class Bench:
         raise OOM(f"throughput timing ran out of memory down to batch {best}")
 
     def _train_point(self, name: str, dtype: str, n: int) -> dict:
-        from ssamba.masking import make_masks
+        from ssamba.model.masking import make_masks
 
         s, dev = self.s, self.device
         model = self.build(name, n, dev, True)
@@ -524,98 +432,3 @@ def report(res: dict, out: Path, paper: bool) -> None:
     print(PAPER_CLAIM, flush=True)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m ssamba.bench", description=__doc__.split("\n\n")[0])
-    add = p.add_argument
-    add("--models", default="all", help=f"comma list (default all: {','.join(ALL_MODELS)})")
-    add("--dtypes", default="fp32,bf16", help="fp32 (as the paper), bf16 / fp16 (autocast)")
-    add("--tokens", help="e.g. 512,4096,22000 or 512:22528:256 (rounded up to multiples of 8)")
-    add("--max-batch", type=int, default=64, help="cap of the throughput batch search (default 64)")
-    add("--warmup", type=int, help="untimed runs (default 3, --quick 1, paper 0)")
-    add("--repeats", type=int, help="timed runs (default 10, --quick 3, paper 5)")
-    add("--quick", action="store_true", help=f"tokens {QUICK_TOKENS}, 1 warm-up, 3 repeats")
-    add("--paper-protocol", action="store_true", help="fp32, batch 2, no warm-up, mean of 5 runs, no search")
-    add("--no-throughput", action="store_true", help="skip the batch search (throughput = batch / latency)")
-    add("--no-train", action="store_true", help="skip the training-step timing")
-    add("--train-tokens", type=int, default=512)
-    add("--train-batch", type=int, default=8)
-    add("--scan-backend", default="auto", choices=list(SCAN_BACKENDS))
-    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
-    add("--out", default="bench_results")
-    add("--resume", action="store_true", help="keep the points (and OOM stops) already in the results file")
-    add("--replot", action="store_true", help="only redo table, headline and plots from the results file")
-    add("--graphs", action="store_true", help="batch-1 latency and memory from a replayed CUDA graph (every model)")
-    add("--ladder", action="store_true",
-        help="time SSAMBA-tiny bi at each speed-up step vs fused SSAST-tiny and the memory-bound floor "
-             "(default tokens 16384,22000; first --dtypes entry)")
-    add("--ladder-batch", type=int, default=64, help="throughput batch of --ladder (default 64)")
-    add("--pretrain", action="store_true",
-        help="pretraining throughput through the real data path (paper-tiny, 512 tokens, bf16) and GPU idle time")
-    add("--pretrain-manifest", default="", help="manifest for --pretrain (default: the demo corpus)")
-    add("--pretrain-batch", type=int, help="batch of --pretrain (default: the preset's)")
-    add("--num-workers", type=int, default=8, help="loader processes of --pretrain")
-    add("--train-ladder", action="store_true",
-        help="training step (pretraining MSPM and speechcommands fine-tuning) at each speed-up step vs SSAST "
-             "fused of the same size: samples/s, peak memory (--models, --dtypes, --train-batches)")
-    add("--geometries", default="pretrain,finetune", help="--train-ladder geometries (pretrain, finetune)")
-    add("--train-batches", default="32,max", help="--train-ladder batches: numbers and/or 'max' (largest that fits)")
-    add("--levels", default="all", choices=["all", "last"], help="--train-ladder: every speed-up step or the last")
-    add("--profile", action="store_true", help="--train-ladder: top kernels of one profiled step per model")
-    a = p.parse_args(argv)
-    out = Path(a.out)
-    if a.train_ladder:
-        from ssamba.bench_train import run_train_ladder
-
-        if not torch.cuda.is_available():
-            p.error("--train-ladder needs a CUDA device")
-        names = ([f"ssamba-{s}-{v}" for s in SIZES for v in ("bi", "uni")] + [f"ssast-{s}-fused" for s in SIZES]
-                 if a.models == "all" else [model_config(m)[0] for m in a.models.split(",") if m.strip()])
-        return run_train_ladder(names, [g.strip() for g in a.geometries.split(",") if g.strip()],
-                                [d.strip() for d in a.dtypes.split(",") if d.strip()],
-                                [b.strip() for b in a.train_batches.split(",") if b.strip()], a.levels,
-                                a.warmup if a.warmup is not None else 3, a.repeats or 10, profile=a.profile, out=out)
-    if a.pretrain:
-        from ssamba.bench_pretrain import run_pretrain_bench
-
-        if not torch.cuda.is_available():
-            p.error("--pretrain needs a CUDA device")
-        return run_pretrain_bench(manifest=a.pretrain_manifest, batch_size=a.pretrain_batch,
-                                  num_workers=a.num_workers, out=out)
-    if a.ladder:
-        from ssamba.bench_ladder import run_ladder
-
-        if not torch.cuda.is_available():
-            p.error("--ladder needs a CUDA device")
-        return run_ladder(parse_tokens(a.tokens) if a.tokens else [16384, 22000], a.dtypes.split(",")[0].strip(),
-                          a.ladder_batch, a.repeats or 20, out, "cuda" if a.scan_backend == "auto" else a.scan_backend)
-    if a.replot:
-        path = out / ("results_paper.json" if a.paper_protocol else "results.json")
-        res = json.loads(path.read_text())
-        res["headline"] = headline(res)
-        report(res, out, a.paper_protocol)
-        return res
-    if a.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but no CUDA device is visible (use --device cpu)")
-    models = ALL_MODELS if a.models == "all" else [model_config(m)[0] for m in a.models.split(",") if m.strip()]
-    s = Settings(device=a.device, dtypes=tuple(d.strip() for d in a.dtypes.split(",") if d.strip()),
-                 tokens=tuple(parse_tokens(a.tokens) if a.tokens else (QUICK_TOKENS if a.quick else DEFAULT_TOKENS)),
-                 warmup=1 if a.quick else 3, repeats=3 if a.quick else 10, max_batch=a.max_batch,
-                 throughput=not a.no_throughput, train=not a.no_train, train_tokens=-(-a.train_tokens // 8) * 8,
-                 train_batch=a.train_batch, scan_backend=a.scan_backend, graphs=a.graphs)
-    if a.paper_protocol:
-        s = replace(s, dtypes=("fp32",), warmup=0, repeats=5, reduce="mean", batch=2, throughput=False,
-                    train=False, protocol="paper")
-    s = replace(s, warmup=s.warmup if a.warmup is None else a.warmup, repeats=s.repeats if a.repeats is None else a.repeats)
-    bad = [d for d in s.dtypes if d not in ("fp32", "bf16", "fp16")]
-    if bad:
-        p.error(f"--dtypes: unknown {bad} (fp32, bf16, fp16)")
-    bench = Bench(models, s, out, lambda n_, t, d, tr: build_model(n_, t, d, tr, s.scan_backend), resume=a.resume)
-    bench.log(f"device {bench.res['meta']['device']}, torch {torch.__version__}, {len(models)} models x "
-              f"{list(s.dtypes)}, tokens {list(s.tokens)}, protocol {s.protocol} -> {bench.path}")
-    res = bench.run()
-    report(res, out, a.paper_protocol)
-    return res
-
-
-if __name__ == "__main__":
-    main()

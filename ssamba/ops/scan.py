@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import math
 import mmap
-import statistics
 import threading
-import time
 from typing import Optional
 
 import torch
@@ -614,67 +612,3 @@ def causal_conv1d_ref(
     if activation is not None:
         out = F.silu(out)
     return out.to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------------
-# benchmark: python -m ssamba.model.scan
-# --------------------------------------------------------------------------------------------------
-
-
-def _make_inputs(b: int, d: int, L: int, N: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(b, d, L, generator=g)
-    delta = torch.randn(b, d, L, generator=g) * 0.5
-    A = -torch.exp(torch.randn(d, N, generator=g) * 0.5)
-    B = torch.randn(b, N, L, generator=g)
-    C = torch.randn(b, N, L, generator=g)
-    D = torch.randn(d, generator=g)
-    z = torch.randn(b, d, L, generator=g)
-    bias = torch.randn(d, generator=g) * 0.1
-    return [u, delta, A, B, C, D, z, bias]
-
-
-def _bench(fn, inputs, reps: int, warmup: int = 1) -> float:
-    leaves = [t.clone().requires_grad_(True) for t in inputs]
-    times = []
-    for i in range(warmup + reps):
-        for t in leaves:
-            t.grad = None
-        t0 = time.perf_counter()
-        out = fn(*leaves, delta_softplus=True)
-        out.sum().backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - benchmark entry point
-    """Print forward+backward milliseconds (median) of naive vs ref on two Mamba-like shapes.
-
-    Inputs: u, delta, z (b, d, L); A (d, N); B, C (b, N, L); D, delta_bias (d,); softplus on.
-    """
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m ssamba.model.scan", description=main.__doc__)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--skip-naive-large", action="store_true", help="the naive loop takes ~40 s there")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    # (b, d, L, N, naive warm-up, naive runs, ref runs)
-    for b, d, L, N, nw, nr, rr in ((16, 128, 65, 16, 1, 7, 21), (8, 384, 513, 16, 0, 3, 7)):
-        inputs = _make_inputs(b, d, L, N)
-        t_ref = _bench(selective_scan_ref, inputs, rr)
-        if L > 100 and args.skip_naive_large:
-            print(f"b={b:3d} d={d:4d} L={L:4d} N={N:3d}  fwd+bwd median  ref {t_ref:8.1f} ms")
-            continue
-        t_naive = _bench(selective_scan_naive, inputs, nr, warmup=nw)
-        print(
-            f"b={b:3d} d={d:4d} L={L:4d} N={N:3d}  fwd+bwd median  naive {t_naive:9.1f} ms   "
-            f"ref {t_ref:8.1f} ms   speed-up x{t_naive / t_ref:.1f}"
-        )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

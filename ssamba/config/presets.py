@@ -8,6 +8,7 @@ with the mask count scaled to the same fraction of patches as the paper (400 / 5
 
 from __future__ import annotations
 
+from ssamba.base.errors import ConfigError
 from ssamba.config import (
     AugmentConfig,
     DataConfig,
@@ -17,7 +18,6 @@ from ssamba.config import (
     PretrainConfig,
     model_preset,
 )
-from ssamba.errors import ConfigError
 
 PRESETS = ("demo", "smoke", "paper-tiny", "paper-small", "paper-base")
 

@@ -1,10 +1,29 @@
-"""The four ablation factors of the paper (docs/model.md section 9), shared by the sweep scripts."""
+"""An ablation factor, and the paper's four (docs/model.md section 9): what each arm sets."""
 
 from __future__ import annotations
 
-from ablations.summarize import summarize_sweep
-from ssamba.model.layers import grid_shape
-from ssamba.sweep import Factor, run_sweep_cli
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ssamba.config import grid_shape
+
+Overrides = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Factor:
+    """An ablation factor: its arms in natural order (label -> config overrides) and the paper's arm.
+
+    ``scale`` maps an arm's overrides to the preset at hand (e.g. mask counts given for 512 patches
+    scaled to a smaller demo grid); it receives ``(label, overrides, experiment config)``.
+    """
+
+    name: str
+    arms: dict[str, Overrides]
+    reference: str
+    description: str = ""
+    scale: Callable[[str, Overrides, Any], Overrides] | None = None
+
 
 OFFICIAL_PATCHES = 512  # 128 x 1024 input, 16 x 16 patches
 
@@ -44,7 +63,4 @@ MASKING_STRATEGY = Factor(
     reference="cluster",
 )
 
-
-def main(factor: Factor, argv: list[str] | None = None) -> int:
-    """A sweep script's whole job: run the sweep of ``factor``, then print its ablation table."""
-    return run_sweep_cli(factor, argv, summarize=summarize_sweep)
+FACTORS = {f.name: f for f in (MASKING, DIRECTION, NORM, MASKING_STRATEGY)}

@@ -13,7 +13,7 @@ SSAMBA models are timed at each cumulative step of the mixer; SSAST (fused atten
 0. reference path: one conv and one scan call per direction (mamba-ssm), flipped copies;
 1. fast mixer: directions side by side as channels of one conv and one scan call (mamba-ssm's scan),
    batch-major layout, gate after the direction sum;
-2. + the training scan (:mod:`ssamba.model.train_scan`): one thread per channel, checkpointed states;
+2. + the training scan (:mod:`ssamba.ops.train_scan`): one thread per channel, checkpointed states;
 3. + the direction sum and gate as one Triton kernel, and one for its backward;
 4. + the residual add and norm as one kernel in training too (drop-path applied before it);
 5. + the whole step (forward, backward, AdamW) captured once in a CUDA graph and replayed.
@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssamba.bench_ladder import median_ms
+from ssamba.bench.encoder import environment, fmt_bytes, model_config
+from ssamba.bench.ladder import copy_bandwidth, floor_bytes
+from ssamba.bench.timing import free_memory, is_oom, median_ms
 
 GEOMETRIES = {
     # name: (frames, fstride, tstride, task)
@@ -77,7 +79,6 @@ class Point:
 def build(name: str, geometry: str, device: torch.device):
     from dataclasses import replace
 
-    from ssamba.bench import model_config
     from ssamba.model.audio_model import AudioModel, Geometry
 
     frames, fs, ts, task = GEOMETRIES[geometry]
@@ -92,7 +93,7 @@ def build(name: str, geometry: str, device: torch.device):
 def make_step(model, geometry: str, batch: int, dtype: str, device: torch.device, graphed: bool = False):
     """One training step closure on fixed random inputs (masks and labels drawn once); with ``graphed``
     the whole step (forward, backward, AdamW) is captured once in a CUDA graph and replayed."""
-    from ssamba.masking import make_masks
+    from ssamba.model.masking import make_masks
 
     frames, _, _, task = GEOMETRIES[geometry]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=5e-8,
@@ -139,7 +140,6 @@ def make_step(model, geometry: str, batch: int, dtype: str, device: torch.device
 
 def measure(model, geometry: str, batch: int, dtype: str, device, warmup: int, repeats: int,
             graphed: bool = False) -> dict:
-    from ssamba.bench import free_memory, is_oom
 
     step = None
     try:
@@ -222,7 +222,6 @@ def train_floor(cfg, geometry: str, batch: int, dtype: str, bandwidth: float, pe
     and the matmul FLOPs over the measured peak. A step is one forward per MSPM pass plus a backward that
     reads the saved activations and writes their gradients (taken as 2x the forward's bytes) and does 2x
     the forward's matmul FLOPs."""
-    from ssamba.bench_ladder import floor_bytes
     from ssamba.model.layers import grid_shape
 
     frames, fs, ts, task = GEOMETRIES[geometry]
@@ -237,18 +236,16 @@ def train_floor(cfg, geometry: str, batch: int, dtype: str, bandwidth: float, pe
 def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str], batches: list[str],
                      levels: str = "all", warmup: int = 3, repeats: int = 10, max_cap: int = 2048,
                      profile: bool = False, out: Path | None = None) -> dict:
-    from ssamba.bench import environment, fmt_bytes
     from ssamba.model.encoder import set_speedups
 
     device = torch.device("cuda")
-    from ssamba.model.kernels import add_norm_fn, conv_fn, resolve_backend
-    from ssamba.model.scan import causal_conv1d_ref
+    from ssamba.ops.backends import add_norm_fn, conv_fn, resolve_backend
+    from ssamba.ops.scan import causal_conv1d_ref
 
     backend = resolve_backend("auto")
     res = {"meta": environment(device) | {"scan_backend": backend,
                                           "causal_conv1d": conv_fn(backend) is not causal_conv1d_ref},
            "points": [], "profiles": []}
-    from ssamba.bench_ladder import copy_bandwidth
 
     bw = copy_bandwidth(device)
     peaks = {dt: matmul_peak(device, dt) for dt in dtypes}
@@ -322,7 +319,6 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
 
 
 def train_markdown(res: dict) -> str:
-    from ssamba.bench import fmt_bytes
 
     m = res["meta"]
     head = f"Training step, {m.get('device', '?')}"

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any
 
-from ssamba.errors import ConfigError
+from ssamba.base.errors import ConfigError
 
 # Bumped whenever the feature computation changes in a way the parameters below do not capture.
 FBANK_CODE_VERSION = 1

@@ -16,11 +16,11 @@ what its bytes need. This kernel (``csrc/train_scan.cu``) gives each thread one 
 Layout: ``u, delta: (batch, channels, L)``; ``B, C: (batch, groups, N, L)`` (time-contiguous, any other
 strides); per-channel parameters in up to two sets of ``period`` rows (channel ``c`` uses set
 ``c // period``, row ``c % period``), so a bidirectional mixer passes its two directions' ``A_log``,
-``D`` and dt bias as they are, without concatenating. Same math as :func:`ssamba.model.scan.selective_scan_ref`
+``D`` and dt bias as they are, without concatenating. Same math as :func:`ssamba.ops.scan.selective_scan_ref`
 without ``z`` and with ``A = -exp(A_log)``; :func:`train_scan_emulated` runs the same tile algebra
 (checkpoints, recompute, reverse adjoint) in torch so that the backward formulas are tested on CPU.
 
-Compiled with ``nvcc`` on first use like the chunked scan (:func:`ssamba.model.chunk_scan.build_library`);
+Compiled with ``nvcc`` on first use like the chunked scan (:func:`ssamba.ops.chunk_scan.build_library`);
 ``SSAMBA_TRAIN_SCAN=0`` turns it off, and where it cannot be built the mixer keeps mamba-ssm's scan.
 """
 
@@ -35,8 +35,8 @@ from typing import Callable
 
 import torch
 
-from ssamba.errors import KernelBuildError
-from ssamba.model.chunk_scan import _DTYPES, build_library, device_arch
+from ssamba.base.errors import KernelBuildError
+from ssamba.ops.chunk_scan import _DTYPES, build_library, device_arch
 
 SOURCE = Path(__file__).with_name("csrc") / "train_scan.cu"
 TILE = 16  # steps per tile and per checkpoint (TT in the .cu file)
@@ -95,7 +95,7 @@ def self_check(device: torch.device | None = None) -> str:
     """Run the kernel once on a small random problem (two parameter sets, B/C as strided views, a partial
     tile) against the reference scan in float64 on the same device: output and every gradient. Returns
     ``""`` when it agrees within :data:`SELF_CHECK_TOL`, else what differed."""
-    from ssamba.model.scan import selective_scan_ref
+    from ssamba.ops.scan import selective_scan_ref
 
     dev = torch.device("cuda") if device is None else torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
