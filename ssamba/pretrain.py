@@ -11,6 +11,7 @@ import sys
 
 from ssamba.base.errors import SSAMBAError
 from ssamba.config.cli import add_config_args, out_dir, print_config, resolve_config
+from ssamba.config.presets import get_preset
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print_config(cfg)
             return 0
-        if cfg.name.startswith("paper-") and not cfg.data.manifest:
+        if get_preset(args.preset).real_data and not cfg.data.manifest:
             raise SSAMBAError(f"preset {args.preset} pretrains on real data: pass --manifest FILE.parquet "
                               f"(make one with `python -m ssamba.data prepare ...`)")
         from ssamba.train.jobs import run_pretrain

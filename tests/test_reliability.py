@@ -81,7 +81,7 @@ def _assert_nothing_logged_twice(tracker, run_id: str) -> None:
 def _pretrain_key(sets: dict, arm: dict, seed: int = 0) -> str:
     from ssamba.config import apply_overrides, to_flat
     from ssamba.config.presets import preset
-    from ssamba.sweep.trial import pretrain_key
+    from ssamba.sweep.plan import pretrain_key
 
     return pretrain_key(to_flat(apply_overrides(preset("smoke"), {**sets, **arm, "seed": seed})))
 

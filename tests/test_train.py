@@ -142,15 +142,3 @@ def test_loader_workers_auto_resolves_by_device():
     lines = []
     cfg = resolve_runtime(preset("smoke"), torch.device("cpu"), log=lines.append)
     assert cfg.data.num_workers == 0 and lines == ["data.num_workers auto -> 0 loader processes (cpu)"]
-
-
-def test_trial_logs_the_resolved_loader_workers():
-    """A GPU trial's params carry the loader processes it runs with, not the -1 of 'auto'."""
-    from ssamba.config import GPU_LOADER_WORKERS
-    from ssamba.sweep.trial import build_job
-
-    ctx = {"preset": "smoke", "overrides": {}, "arms": {"a": {}}, "cells": [{"arm": "a", "seed": 0}], "sweep_id": "x",
-           "storage": "/tmp/s", "tasks": {}, "workers_per_trial": 1, "cpus_per_worker": 1, "mlflow_uri": "sqlite:///x.db"}
-    gpu = build_job({**ctx, "gpus_per_trial": 0.5}, {"cell": 0})
-    cpu = build_job({**ctx, "gpus_per_trial": 0}, {"cell": 0})
-    assert gpu["config"]["data.num_workers"] == GPU_LOADER_WORKERS and cpu["config"]["data.num_workers"] == 0

@@ -35,6 +35,9 @@ PRETRAIN_REUSED = "pretrain.reused"  # "true" when another trial computed the sh
 PRETRAIN_COMPUTED_BY = "pretrain.computed_by"  # that trial's name
 MLFLOW_PARENT = "mlflow.parentRunId"
 
+# params: the dotted config keys, plus each task's fine-tuning values that differ from the trial's
+TASK_PARAM_PREFIX = "tasks."  # tasks.<task>.<finetune key without "finetune.">
+
 # metrics
 PRETRAIN = "pretrain"  # prefix of the pretraining stage's metrics: pretrain/<name>
 COST_WALL = "cost/wall_s"

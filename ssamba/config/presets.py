@@ -1,5 +1,9 @@
 """Named experiment presets: ``demo`` (embedded default), ``smoke`` (CI), ``paper-{tiny,small,base}``.
 
+A :class:`Preset` is the whole of what a name means: its config, its seeds, the tasks it fine-tunes on when
+none is named, whether it needs real data, and whether the task recipes apply. Nothing else tests a
+preset's name.
+
 The paper presets are docs/model.md sections 4-5 (pretraining on 128 x 1024 at stride 16, 400 masked
 patches; fine-tuning with the ESC-50 recipe) and need manifests of real data (``--manifest``,
 ``--set finetune.manifest=...``). ``demo`` and ``smoke`` are small models on the demo corpus,
@@ -7,6 +11,9 @@ with the mask count scaled to the same fraction of patches as the paper (400 / 5
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 from ssamba.base.errors import ConfigError
 from ssamba.config import (
@@ -18,8 +25,6 @@ from ssamba.config import (
     PretrainConfig,
     model_preset,
 )
-
-PRESETS = ("demo", "smoke", "paper-tiny", "paper-small", "paper-base")
 
 # Fine-tuning recipes of the official scripts (docs/model.md section 5.2), as ``finetune.*`` overrides.
 _ESC = {"finetune.target_length": 512, "finetune.fstride": 10, "finetune.tstride": 10, "finetune.lr": 1e-4,
@@ -50,11 +55,6 @@ TASK_RECIPES: dict[str, dict] = {
                      "finetune.std": 4.229961395263672, "finetune.fold": 0},
     "fsdd": {**_SC, "finetune.loss": "ce", "finetune.mixup": 0.0},
 }
-
-
-def default_seeds(name: str) -> list[int]:
-    """Seeds of a preset: one for demo and smoke, three for the paper presets."""
-    return [0] if name in ("demo", "smoke") else [0, 1, 2]
 
 
 def _paper(size: str) -> ExperimentConfig:
@@ -93,19 +93,45 @@ def _smoke() -> ExperimentConfig:
     )
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A named starting point: ``build()`` gives its config; the rest says how a sweep uses it."""
+
+    name: str
+    build: Callable[[], ExperimentConfig]
+    seeds: tuple[int, ...]  # a sweep's seeds when --seeds is not given
+    default_tasks: tuple[str, ...]  # fine-tuned when --tasks is not given (empty: the user must name them)
+    real_data: bool  # pretrains and fine-tunes on manifests of real audio (none built in)
+    recipes: bool  # a task named in TASK_RECIPES gets its recipe
+
+    @property
+    def config(self) -> ExperimentConfig:
+        return self.build()
+
+
+_ALL = [
+    Preset("demo", _demo, seeds=(0,), default_tasks=("demo",), real_data=False, recipes=False),
+    Preset("smoke", _smoke, seeds=(0,), default_tasks=("demo",), real_data=False, recipes=False),
+    *(Preset(f"paper-{size}", (lambda size=size: _paper(size)), seeds=(0, 1, 2), default_tasks=(), real_data=True,
+             recipes=True) for size in ("tiny", "small", "base")),
+]
+PRESET_OBJECTS: dict[str, Preset] = {p.name: p for p in _ALL}
+PRESETS = tuple(PRESET_OBJECTS)
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESET_OBJECTS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESET_OBJECTS[name]
+
+
 def preset(name: str) -> ExperimentConfig:
     """The named experiment config (see module docstring)."""
-    if name == "demo":
-        return _demo()
-    if name == "smoke":
-        return _smoke()
-    if name.startswith("paper-") and name[6:] in ("tiny", "small", "base"):
-        return _paper(name[6:])
-    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return get_preset(name).config
 
 
-def requires_real_data(cfg: ExperimentConfig) -> bool:
-    return cfg.name.startswith("paper-")
+def default_seeds(name: str) -> list[int]:
+    return list(get_preset(name).seeds)
 
 
-__all__ = ["PRESETS", "TASK_RECIPES", "default_seeds", "preset", "requires_real_data"]
+__all__ = ["PRESETS", "PRESET_OBJECTS", "Preset", "TASK_RECIPES", "default_seeds", "get_preset", "preset"]

@@ -1,9 +1,10 @@
 """The sweep driver: a factor's arms x seeds as Ray Tune trials (+ Optuna for named hyper-parameters).
 
-A sweep script is data plus one call (``sweeps/_factors.main(FACTOR)``, i.e. ``run_sweep_cli`` with the
-ablation table's renderer). This module parses the shared options, validates every trial's config before
-Ray starts, starts (or joins) Ray, opens the MLflow experiment and the sweep's parent run, runs the Tuner
-(or restores a killed one with ``--resume``), and prints the table it is given a renderer for. Ray lives here, in ``ssamba/sweep/trial.py`` and ``ssamba/sweep/worker.py``.
+A sweep script is one call (``ablations.run.main(FACTOR)``, i.e. ``run_sweep_cli`` with the ablation
+table's renderer). :func:`run_sweep` is four steps: the plan (:mod:`ssamba.sweep.plan`: every trial's config
+resolved and validated before Ray starts), the resources (Ray started or joined, the plan fitted to it),
+execution (the Tuner, or a killed one restored with ``--resume``) and the finish (the parent run's status).
+Ray lives here, in ``trial.py`` and in ``worker.py``.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from ssamba.base import names as N
-from ssamba.base.errors import ConfigError, SSAMBAError
-from ssamba.config import apply_overrides, parse_set_args, to_flat
-from ssamba.config.presets import PRESETS, TASK_RECIPES, default_seeds, preset
-from ssamba.sweep.factors import Factor, Overrides
-from ssamba.sweep.trial import build_job
+from ssamba.base.errors import SSAMBAError
+from ssamba.base.files import write_json_atomic
+from ssamba.config.presets import PRESETS, TASK_RECIPES
+from ssamba.sweep.factors import Factor
+from ssamba.sweep.plan import SweepPlan, make_plan, with_resources
 
 
 @dataclass
@@ -83,57 +84,6 @@ def build_parser(factor: Factor) -> argparse.ArgumentParser:
                    help="interface the local Ray's dashboard binds (default 127.0.0.1: this machine only; "
                         "0.0.0.0 exposes it, and Ray's job API, to the network); a joined cluster keeps its own")
     return p
-
-
-def _seeds(text: str | None, preset_name: str) -> list[int]:
-    if not text:
-        return default_seeds(preset_name)
-    if "," in text:
-        return [int(x) for x in text.split(",") if x.strip()]
-    n = int(text)
-    if n <= 0:
-        raise ConfigError(f"--seeds must be positive, got {n}")
-    return list(range(n))
-
-
-def _tasks(specs: list[str] | None, preset_name: str) -> dict[str, Overrides]:
-    """Task name -> overrides of ``finetune.*`` (recipe + manifest)."""
-    specs = specs or (["demo"] if preset_name in ("demo", "smoke") else [])
-    if not specs:
-        raise ConfigError(f"preset {preset_name} fine-tunes on real data: pass --tasks NAME=MANIFEST "
-                          f"(recipes: {', '.join(TASK_RECIPES)})")
-    out: dict[str, Overrides] = {}
-    for spec in specs:
-        name, _, manifest = spec.partition("=")
-        over = dict(TASK_RECIPES.get(name, {})) if preset_name.startswith("paper-") else {}
-        over["finetune.task"] = name
-        if manifest:
-            path = Path(manifest).expanduser().resolve()
-            if not path.is_file():
-                raise ConfigError(f"task {name}: manifest {path} does not exist")
-            over["finetune.manifest"] = str(path)
-        elif name != "demo":
-            raise ConfigError(f"task {name!r} needs a manifest: --tasks {name}=PATH.parquet")
-        out[name] = over
-    return out
-
-
-def _parse_tune(specs: list[str]) -> dict[str, tuple]:
-    out = {}
-    for spec in specs:
-        key, _, dist = spec.partition("=")
-        kind, _, rest = dist.partition(":")
-        if kind in ("loguniform", "uniform", "int"):
-            lo, _, hi = rest.partition(":")
-            try:
-                out[key] = (kind, float(lo), float(hi))
-            except ValueError:
-                raise ConfigError(f"--tune {spec}: expected {kind}:LOW:HIGH") from None
-        elif kind == "choice":
-            out[key] = ("choice", rest.split("|"))
-        else:
-            raise ConfigError(f"--tune {spec}: distribution must be loguniform, uniform, int or choice")
-    return out
 
 
 class OptunaSpace:
@@ -221,149 +171,122 @@ def _orphan_reaper(every_s: float = 5.0):
     return OrphanPlacementGroupReaper()
 
 
-def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
-    if args.smoke_test:
-        args.preset = "smoke"
-    base = preset(args.preset)
-    overrides = parse_set_args(args.set)
-    base = apply_overrides(base, overrides)  # validates --set before anything starts
-    arms = dict(factor.arms)
-    if args.arms:
-        wanted = [a.strip() for a in args.arms.split(",")]
-        unknown = [a for a in wanted if a not in arms]
-        if unknown:
-            raise ConfigError(f"unknown arms {unknown} for {factor.name}; arms: {list(arms)}")
-        arms = {a: arms[a] for a in wanted}
-    if factor.scale is not None:
-        arms = {label: factor.scale(label, over, base) for label, over in arms.items()}
-    seeds = _seeds(args.seeds, args.preset)
-    tasks = _tasks(args.tasks, args.preset)
-    tune_spec = _parse_tune(args.tune)
-    for key in tune_spec:
-        apply_overrides(base, {key: "0" if tune_spec[key][0] != "choice" else tune_spec[key][1][0]})
-    cells = [{"arm": a, "seed": s} for a in arms for s in seeds]
-
-    name = args.name or f"{factor.name}-{args.preset}"
+def _sweep_id(factor: Factor, args: argparse.Namespace) -> str:
+    """A new sweep's id, or with ``--resume`` the id stored in the killed sweep's ``sweep.json``."""
+    name = args.name or f"{factor.name}-{'smoke' if args.smoke_test else args.preset}"
     storage = Path(args.storage).expanduser().resolve()
-    sweep_dir = storage / name
-    meta_file = sweep_dir / "sweep.json"
+    meta_file = storage / name / "sweep.json"
     if args.resume:
         if not meta_file.is_file():
             raise SSAMBAError(f"--resume: no sweep {name!r} in {storage} ({meta_file} missing). "
                               f"Fix: pass the same --storage and --name (or preset) as the killed sweep.")
-        sweep_id = json.loads(meta_file.read_text())["sweep_id"]
-    else:
-        sweep_id = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
+        return json.loads(meta_file.read_text())["sweep_id"]
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 
-    from ssamba.sweep.tracking import Tracker
 
-    tracker = Tracker(args.mlflow_uri)
-    experiment = args.experiment or f"ssamba-{factor.name}"
-    ctx: dict[str, Any] = {
-        "sweep_id": sweep_id, "factor": factor.name, "preset": args.preset, "overrides": overrides,
-        "arms": arms, "cells": cells, "tasks": tasks, "storage": str(sweep_dir), "mlflow_uri": tracker.uri,
-        "workers_per_trial": args.workers_per_trial, "gpus_per_trial": args.gpus_per_trial,
-        "cpus_per_worker": args.cpus_per_worker, "worker_retries": args.worker_retries,
-        "keep_checkpoints": args.keep_checkpoints, "log_checkpoints": not args.no_log_checkpoints,
-        "git_commit": git_commit(), "searching": bool(tune_spec),
-    }
-    # Validate every trial's config in the driver, before Ray starts any worker.
-    for i, cell in enumerate(cells):
-        params = {"cell": i}
-        for key, (kind, *a) in tune_spec.items():
-            params[key] = a[0][0] if kind == "choice" else (int(a[0]) if kind == "int" else a[0])
-        build_job({**ctx, "cpus_per_worker": ctx["cpus_per_worker"] or 1.0}, params)
-
-    mode = start_ray(quiet=args.quiet, dashboard_host=getattr(args, "dashboard_host", "127.0.0.1"))
+def fit_resources(plan: SweepPlan) -> SweepPlan:
+    """The plan with its resources fitted to the Ray cluster this process is connected to."""
     import ray
-    from ray import tune
 
-    resources = ray.cluster_resources()
-    total_cpus, total_gpus = resources.get("CPU", 1.0), resources.get("GPU", 0.0)
-    if args.gpus_per_trial > 0:
-        if total_gpus < args.gpus_per_trial:
-            raise SSAMBAError(f"--gpus-per-trial {args.gpus_per_trial} but the Ray cluster has {total_gpus} GPUs")
-        fit = int(total_gpus // args.gpus_per_trial)
-    else:
-        fit = int(total_cpus // args.workers_per_trial)
-    conc = args.max_concurrent or max(1, fit)
-    if ctx["cpus_per_worker"] is None:
-        # the trial drivers hold 0.01 CPU each; the workers share the rest (Train inside Tune needs this)
-        share = (total_cpus - 0.01 * conc) / (conc * args.workers_per_trial)
-        # ... and a worker still fits on the largest node beside every trial driver: after losing a node,
-        # the retried trials' drivers pile onto the survivors, and a worker that no longer fits would
-        # leave every trial waiting on the others (measured: two 1-CPU nodes, one killed)
-        largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total_cpus)
-        share = min(share, largest - 0.01 * conc)
-        ctx["cpus_per_worker"] = max(0.01, int(share * 100) / 100)
-    args.max_concurrent = conc
-    exp_id = tracker.experiment(experiment, {N.EXPERIMENT_MARK: "1", N.FACTOR: factor.name})
-    parent_tags = {N.ROLE: N.PARENT, N.FACTOR: factor.name, N.SWEEP_ARMS: json.dumps(list(arms)),
-                   N.SWEEP_REFERENCE: factor.reference, N.SWEEP_TASKS: json.dumps(list(tasks)),
-                   N.SWEEP_PRESET: args.preset, N.GIT_COMMIT: ctx["git_commit"], N.SWEEP_RAY: mode}
-    parent_params = {"preset": args.preset, "seeds": json.dumps(seeds), "tasks": json.dumps(list(tasks)),
-                     "workers_per_trial": args.workers_per_trial, "gpus_per_trial": args.gpus_per_trial,
-                     "cpus_per_worker": ctx["cpus_per_worker"], "max_concurrent": args.max_concurrent,
-                     "tune": json.dumps({k: list(v) for k, v in tune_spec.items()}),
-                     "tune_samples": args.tune_samples if tune_spec else 0,
-                     **{f"set.{k}": v for k, v in overrides.items()}}
-    parent_id, _ = tracker.get_or_create_run(exp_id, key_tags={N.SWEEP_ID: sweep_id, N.ROLE: N.PARENT},
-                                             name=sweep_id, tags=parent_tags, params=parent_params)
-    ctx.update({"experiment_id": exp_id, "parent_run_id": parent_id})
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        meta_file.write_text(json.dumps({"sweep_id": sweep_id, "factor": factor.name, "preset": args.preset,
-                                         "experiment": experiment, "parent_run_id": parent_id}, indent=1))
+    total = ray.cluster_resources()
+    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")),
+                  default=total.get("CPU", 1.0))
+    return with_resources(plan, plan.resources.fit(total.get("CPU", 1.0), total.get("GPU", 0.0), largest))
+
+
+def open_records(plan: SweepPlan, tracker, ray_mode: str, resume: bool) -> SweepPlan:
+    """The MLflow experiment and the sweep's parent run (created, or found again on resume), and
+    ``sweep.json`` in the sweep's folder; returns the plan with their ids."""
+    factor, res = plan.factor, plan.resources
+    exp_id = tracker.experiment(plan.experiment, {N.EXPERIMENT_MARK: "1", N.FACTOR: factor.name})
+    parent_tags = {N.ROLE: N.PARENT, N.FACTOR: factor.name, N.SWEEP_ARMS: json.dumps(list(plan.arms)),
+                   N.SWEEP_REFERENCE: factor.reference, N.SWEEP_TASKS: json.dumps(list(plan.tasks)),
+                   N.SWEEP_PRESET: plan.preset, N.GIT_COMMIT: plan.git_commit, N.SWEEP_RAY: ray_mode}
+    parent_params = {"preset": plan.preset, "seeds": json.dumps(list(plan.seeds)),
+                     "tasks": json.dumps(list(plan.tasks)), "workers_per_trial": res.workers,
+                     "gpus_per_trial": res.gpus, "cpus_per_worker": res.cpus_per_worker,
+                     "max_concurrent": res.concurrent,
+                     "tune": json.dumps({k: list(v) for k, v in plan.tune.items()}),
+                     "tune_samples": plan.tune_samples if plan.searching else 0,
+                     **{f"set.{k}": v for k, v in plan.overrides.items()}}
+    parent_id, _ = tracker.get_or_create_run(exp_id, key_tags={N.SWEEP_ID: plan.sweep_id, N.ROLE: N.PARENT},
+                                             name=plan.sweep_id, tags=parent_tags, params=parent_params)
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        write_json_atomic(plan.sweep_dir / "sweep.json", {
+            "sweep_id": plan.sweep_id, "factor": factor.name, "preset": plan.preset,
+            "experiment": plan.experiment, "parent_run_id": parent_id})
+    return replace(plan, experiment_id=exp_id, parent_run_id=parent_id)
+
+
+def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any]]:
+    """Run (or restore) the Tuner over the plan's trials; one ``{config, metrics, error}`` per trial."""
+    from ray import tune
 
     from ssamba.sweep.trial import run_trial
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # Train's intermediate reports lack the final metric
-    first_task = next(iter(tasks))
-    metric = N.ft_final(first_task)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": 0.01})
-    run_config = tune.RunConfig(name="tune", storage_path=str(sweep_dir),
-                                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                                callbacks=[_orphan_reaper()], verbose=0 if args.quiet else 1)
-    tuner_path = sweep_dir / "tune"
-    print(f"sweep {sweep_id}: {len(arms)} arms x {len(seeds)} seeds = {len(cells)} trials"
-          f"{f' x {args.tune_samples} Optuna samples' if tune_spec else ''}; {ctx['cpus_per_worker']} CPU"
-          f"{f' + {args.gpus_per_trial} GPU' if args.gpus_per_trial else ''} per worker, {conc} trials at once; "
-          f"Ray {mode}; "
-          f"MLflow {tracker.uri} experiment {experiment!r}", flush=True)
-    try:
-        if args.resume and tune.Tuner.can_restore(str(tuner_path)):
-            tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    tuner_path = plan.sweep_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(tuner_path)):
+        tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
+    else:
+        run_config = tune.RunConfig(name="tune", storage_path=str(plan.sweep_dir),
+                                    failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+                                    callbacks=[_orphan_reaper()], verbose=0 if quiet else 1)
+        n, conc = len(plan.cells), plan.resources.concurrent
+        if plan.searching:
+            from ray.tune.search.optuna import OptunaSearch
+
+            points = [{"cell": i} for i in range(n) for _ in range(plan.tune_samples)]
+            search = OptunaSearch(space=OptunaSpace(n, dict(plan.tune)), metric=plan.metric, mode="max",
+                                  points_to_evaluate=points, seed=0)
+            tune_config = tune.TuneConfig(search_alg=search, num_samples=len(points), max_concurrent_trials=conc)
+            space = None
         else:
-            if tune_spec:
-                from ray.tune.search.optuna import OptunaSearch
+            tune_config = tune.TuneConfig(max_concurrent_trials=conc)
+            space = {"cell": tune.grid_search(list(range(n)))}
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+    return [{"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None}
+            for r in tuner.fit()]
 
-                points = [{"cell": i} for i in range(len(cells)) for _ in range(args.tune_samples)]
-                search = OptunaSearch(space=OptunaSpace(len(cells), tune_spec), metric=metric, mode="max",
-                                      points_to_evaluate=points, seed=0)
-                tune_config = tune.TuneConfig(search_alg=search, num_samples=len(points),
-                                              max_concurrent_trials=args.max_concurrent)
-                space = None
-            else:
-                tune_config = tune.TuneConfig(max_concurrent_trials=args.max_concurrent)
-                space = {"cell": tune.grid_search(list(range(len(cells))))}
-            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
-        grid = tuner.fit()
-        trials = []
-        for r in grid:
-            trials.append({"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None})
-        status = "FINISHED" if all(t["error"] is None for t in trials) else "FAILED"
-        if status == "FINISHED" and args.keep_checkpoints == "none":
-            from ssamba.sweep.trial import drop_pretrainings
 
-            drop_pretrainings(sweep_dir)  # no trial left that could reuse them
-        tracker.set_tags(parent_id, {N.SWEEP_STATUS: status.lower(), N.SWEEP_TRIALS: str(len(trials)),
-                                     N.SWEEP_FAILED: str(sum(t["error"] is not None for t in trials))})
-        tracker.finish(parent_id, status)
+def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
+    """Mark the parent run finished or failed, with the trial counts; apply the sweep-end retention."""
+    status = "FINISHED" if all(t["error"] is None for t in trials) else "FAILED"
+    if status == "FINISHED" and plan.keep_checkpoints == "none":
+        from ssamba.sweep.trial import drop_pretrainings
+
+        drop_pretrainings(plan.sweep_dir)  # no trial left that could reuse them
+    tracker.set_tags(plan.parent_run_id, {N.SWEEP_STATUS: status.lower(), N.SWEEP_TRIALS: str(len(trials)),
+                                          N.SWEEP_FAILED: str(sum(t["error"] is not None for t in trials))})
+    tracker.finish(plan.parent_run_id, status)
+
+
+def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
+    """Plan (every trial resolved and validated, before Ray), resources, execute (Ray Tune), finish (MLflow)."""
+    from ssamba.sweep.tracking import Tracker
+
+    tracker = Tracker(args.mlflow_uri)
+    plan = make_plan(factor, args, sweep_id=_sweep_id(factor, args), git_commit=git_commit(),
+                     mlflow_uri=tracker.uri)
+    mode = start_ray(quiet=args.quiet, dashboard_host=getattr(args, "dashboard_host", "127.0.0.1"))
+    plan = fit_resources(plan)
+    plan = open_records(plan, tracker, mode, args.resume)
+    res = plan.resources
+    print(f"sweep {plan.sweep_id}: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(plan.cells)} trials"
+          f"{f' x {plan.tune_samples} Optuna samples' if plan.searching else ''}; {res.cpus_per_worker} CPU"
+          f"{f' + {res.gpus} GPU' if res.use_gpu else ''} per worker, {res.concurrent} trials at once; "
+          f"Ray {mode}; MLflow {tracker.uri} experiment {plan.experiment!r}", flush=True)
+    try:
+        trials = execute(plan, resume=args.resume, quiet=args.quiet)
+        finish(plan, tracker, trials)
     except BaseException:
-        tracker.set_tags(parent_id, {N.SWEEP_STATUS: "interrupted"})
-        tracker.finish(parent_id, "KILLED")
+        tracker.set_tags(plan.parent_run_id, {N.SWEEP_STATUS: "interrupted"})
+        tracker.finish(plan.parent_run_id, "KILLED")
         raise
-    return SweepResult(sweep_id, experiment, exp_id, parent_id, tracker.uri, sweep_dir, trials)
+    return SweepResult(plan.sweep_id, plan.experiment, plan.experiment_id, plan.parent_run_id, tracker.uri,
+                       plan.sweep_dir, trials)
 
 
 def run_sweep_cli(factor: Factor, argv: list[str] | None = None,
@@ -399,4 +322,4 @@ def _plain_table(res: SweepResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Factor", "run_sweep", "run_sweep_cli", "SweepResult", "to_flat"]
+__all__ = ["Factor", "run_sweep", "run_sweep_cli", "SweepResult"]

@@ -26,7 +26,8 @@ import torch
 
 from ssamba.base import names as N
 from ssamba.base.files import file_lock, write_json_atomic
-from ssamba.config import ExperimentConfig, from_flat, to_flat
+from ssamba.config import to_flat
+from ssamba.sweep.plan import TrialSpec
 from ssamba.train.jobs import run_finetune, run_pretrain
 
 
@@ -95,22 +96,24 @@ def stage_cost(seconds: float, world: int, per_worker: float, samples: int) -> d
 
 
 def trial_worker(job: dict[str, Any]) -> None:
-    """Ray Train entry (``train_loop_per_worker``). ``job`` is built by :mod:`ssamba.sweep.trial`."""
+    """Ray Train entry (``train_loop_per_worker``): ``job`` is ``{"spec": TrialSpec, "run_id": str | None}``
+    (:func:`ssamba.sweep.trial.run_trial`)."""
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg: ExperimentConfig = from_flat(ExperimentConfig, job["config"])
-    device = ray.train.torch.get_device() if job["use_gpu"] else torch.device("cpu")
+    spec: TrialSpec = job["spec"]
+    cfg = spec.config
+    device = ray.train.torch.get_device() if spec.resources.use_gpu else torch.device("cpu")
     wrap = ray.train.torch.prepare_model if world > 1 else None
     tracker = None
-    if rank == 0 and job.get("mlflow_uri"):
+    if rank == 0 and spec.mlflow_uri:
         from ssamba.sweep.tracking import Tracker
 
-        tracker = Tracker(job["mlflow_uri"])
+        tracker = Tracker(spec.mlflow_uri)
     run = RunLog(tracker, job.get("run_id"))
-    log = (lambda msg: print(f"[{job['trial_name']}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    log = (lambda msg: print(f"[{spec.name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
 
     def reporter():
         logged: dict[str, int] = {}  # "<stage>/step" -> last step already in the run (read once per attempt)
@@ -140,49 +143,46 @@ def trial_worker(job: dict[str, Any]) -> None:
 
     results: dict[str, Any] = {}
     # ---- stage 1: pretraining (shared by key)
-    pre = job.get("pretrain")
-    init = None
-    if pre:
-        pdir = Path(pre["dir"])
-        results["pretrain"] = shared_pretraining(
-            pdir, lambda: _pretrain(cfg, pdir, world, job, device, wrap, reporter(), resumed("pretrain"), log, rank),
-            owner=job["trial_name"], is_main=rank == 0, agree=_broadcast if world > 1 else (lambda x: x),
-            drop_resume_state=job.get("keep_checkpoints", "best") != "all", log=log)
-        pre_res = results["pretrain"]
-        if not pre_res.get("reused"):
-            run.log_metrics_once({k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
-                                 step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)))
-        list_skipped("pretrain", pre_res.get("skipped_clips") or {})
-        if world > 1:
-            import torch.distributed as dist
+    pdir = spec.pretrain_dir
+    results["pretrain"] = shared_pretraining(
+        pdir, lambda: _pretrain(cfg, pdir, world, spec.resources.device_share, device, wrap, reporter(),
+                                resumed("pretrain"), log, rank),
+        owner=spec.name, is_main=rank == 0, agree=_broadcast if world > 1 else (lambda x: x),
+        drop_resume_state=spec.keep_checkpoints != "all", log=log)
+    pre_res = results["pretrain"]
+    if not pre_res.get("reused"):
+        run.log_metrics_once({k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
+                             step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)))
+    list_skipped("pretrain", pre_res.get("skipped_clips") or {})
+    if world > 1:
+        import torch.distributed as dist
 
-            dist.barrier()  # best.pt (written by rank 0) exists before any rank starts fine-tuning
-        init = pdir / "best.pt"
+        dist.barrier()  # best.pt (written by rank 0) exists before any rank starts fine-tuning
+    init = pdir / "best.pt"
     # ---- stage 2: fine-tuning on each task
-    for i, task in enumerate(job["tasks"]):
-        tcfg = from_flat(ExperimentConfig, task["config"])
+    for task in spec.tasks:
         t0 = time.perf_counter()
-        res = run_finetune(tcfg, task["dir"], init=init, report=reporter(), log=log, rank=rank, world=world,
-                           device=device, wrap_model=wrap, on_resume=resumed(N.ft(task["name"])))
-        cost = stage_cost(time.perf_counter() - t0, world, job["device_share"], res.samples)
+        res = run_finetune(task.config, task.dir, init=init, report=reporter(), log=log, rank=rank, world=world,
+                           device=device, wrap_model=wrap, on_resume=resumed(N.ft(task.name)))
+        cost = stage_cost(time.perf_counter() - t0, world, spec.resources.device_share, res.samples)
         final = dict(res.last_eval)
-        final.update({f"{N.COST_PREFIX}ft_{task['name']}_{k}": v for k, v in cost.items()})
-        results[N.ft(task["name"])] = final
+        final.update({f"{N.COST_PREFIX}ft_{task.name}_{k}": v for k, v in cost.items()})
+        results[N.ft(task.name)] = final
         # what the per-evaluation reports did not already log
         run.log_metrics_once({k: v for k, v in final.items() if "/best_" in k or "/test_" in k
                               or N.is_final(k) or k.startswith(N.COST_PREFIX)}, step=res.steps)
-        list_skipped(N.ft(task["name"]), dict(res.skipped.skipped))
-        if res.best_path is not None and job.get("log_checkpoints", True):
-            run.log_artifact(res.best_path, f"checkpoints/ft_{task['name']}")
+        list_skipped(N.ft(task.name), dict(res.skipped.skipped))
+        if res.best_path is not None and spec.log_checkpoints:
+            run.log_artifact(res.best_path, f"checkpoints/ft_{task.name}")
     if rank == 0:
-        write_json_atomic(Path(job["result_file"]), results)
+        write_json_atomic(spec.result_file, results)
 
 
-def _pretrain(cfg, pdir: Path, world: int, job: dict, device, wrap, report, on_resume, log, rank: int) -> dict:
+def _pretrain(cfg, pdir: Path, world: int, device_share: float, device, wrap, report, on_resume, log, rank: int) -> dict:
     t0 = time.perf_counter()
     res = run_pretrain(cfg, pdir, report=report, log=log, rank=rank, world=world, device=device, wrap_model=wrap,
                        on_resume=on_resume)
-    cost = stage_cost(time.perf_counter() - t0, world, job["device_share"], res.samples)
+    cost = stage_cost(time.perf_counter() - t0, world, device_share, res.samples)
     out = dict(res.last_eval)
     out.update({f"{N.COST_PREFIX}pretrain_{k}": v for k, v in cost.items()})
     out.update({"config": to_flat(cfg), "skipped_clips": dict(res.skipped.skipped)})

@@ -1,0 +1,116 @@
+"""The sweep plan (ssamba.sweep.plan): the command line -> a frozen plan of resolved trial specs, without Ray."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+
+from ssamba.base.errors import ConfigError
+from ssamba.config import GPU_LOADER_WORKERS, to_flat
+from ssamba.sweep.driver import build_parser
+from ssamba.sweep.factors import DIRECTION, MASKING, NORM
+from ssamba.sweep.plan import Resources, make_plan
+
+
+def plan_of(factor, *argv, **kw):
+    args = build_parser(factor).parse_args(list(argv))
+    return make_plan(factor, args, sweep_id="test-sweep", mlflow_uri="sqlite:////tmp/none.db", **kw)
+
+
+def test_grid_plan_resolves_every_cell(tmp_path):
+    plan = plan_of(NORM, "--smoke-test", "--seeds", "0,3", "--storage", str(tmp_path), "--set", "finetune.lr=0.004")
+    assert plan.preset == "smoke" and plan.seeds == (0, 3) and list(plan.tasks) == ["demo"]
+    assert [(c.arm, c.seed) for c in plan.cells] == [("layernorm", 0), ("layernorm", 3), ("rmsnorm", 0), ("rmsnorm", 3)]
+    assert plan.n_trials == 4 and not plan.searching
+    for c in plan.cells:
+        assert c.config.model.norm == c.arm and c.config.seed == c.seed
+        assert c.config.finetune.lr == 0.004  # --set reaches every trial
+        assert c.tasks[0].config.finetune.task == "demo"
+        assert c.result_file == plan.sweep_dir / "trials" / c.key / "result.json"
+        assert c.params()["model.norm"] == c.arm  # the params are the resolved config
+    assert plan.sweep_dir == (tmp_path / "norm-smoke").resolve()
+    assert len({c.key for c in plan.cells}) == 4
+    # same pretraining config and seed -> same key, whatever the arm of another factor would say
+    assert len({c.pretrain_key for c in plan.cells}) == 4
+
+
+def test_plan_is_frozen_and_travels_through_pickle(tmp_path):
+    plan = plan_of(DIRECTION, "--smoke-test", "--storage", str(tmp_path))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.preset = "demo"
+    again = pickle.loads(pickle.dumps(plan))  # Ray ships it to every trial
+    assert again.cells == plan.cells and again.trial({"cell": 1}) == plan.cells[1]
+
+
+def test_arms_are_scaled_to_the_preset(tmp_path):
+    plan = plan_of(MASKING, "--smoke-test", "--storage", str(tmp_path))
+    assert {c.arm: c.config.pretrain.mask_count for c in plan.cells} == {"250": 31, "300": 38, "400": 50}
+
+
+def test_tuned_values_are_resolved_per_trial(tmp_path):
+    plan = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--tune", "finetune.lr=loguniform:1e-4:1e-2",
+                   "--tune-samples", "3")
+    assert plan.searching and plan.n_trials == 2 * 3 and plan.metric == "ft/demo/final"
+    t = plan.trial({"cell": 1, "finetune.lr": 0.003})
+    assert t.arm == "rmsnorm" and t.tuned == {"finetune.lr": 0.003}
+    assert t.config.finetune.lr == 0.003 and t.tasks[0].config.finetune.lr == 0.003
+    assert t.key != plan.cells[1].key  # another trial of the same cell
+    assert t.key == plan.trial({"cell": 1, "finetune.lr": 0.003}).key  # ... and stable (resume finds its run)
+    with pytest.raises(ConfigError, match="not tuned keys"):
+        plan.trial({"cell": 0, "finetune.epochs": 3})
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--arms", "layernorm,groupnorm"], "unknown arms"),
+    (["--set", "model.nrom=rmsnorm"], "model.nrom"),
+    (["--tune", "finetune.lr=gauss:1:2"], "distribution must be one of"),
+    (["--tune", "finetune.lr=loguniform:0:1"], "0 < LOW <= HIGH"),
+    (["--tune", "finetune.lrr=uniform:0:1"], "finetune.lrr"),
+    (["--tasks", "fsdd"], "needs a manifest"),
+    (["--tasks", "fsdd=/no/such.parquet"], "does not exist"),
+    (["--seeds", "0"], "must be positive"),
+    (["--seeds", "x"], "expected a count"),
+    (["--tune-samples", "0", "--tune", "finetune.lr=uniform:0:1"], "--tune-samples"),
+    (["--workers-per-trial", "0"], "--workers-per-trial"),
+])
+def test_bad_options_fail_before_anything_starts(tmp_path, argv, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), *argv)
+
+
+def test_paper_preset_needs_tasks_and_applies_recipes(tmp_path, small_demo):
+    with pytest.raises(ConfigError, match="fine-tunes on real data"):
+        plan_of(NORM, "--preset", "paper-tiny", "--storage", str(tmp_path))
+    plan = plan_of(NORM, "--preset", "paper-tiny", "--storage", str(tmp_path), "--tasks", f"esc50={small_demo}")
+    assert plan.seeds == (0, 1, 2)
+    task = plan.cells[0].tasks[0]
+    assert task.config.finetune.target_length == 512 and task.config.finetune.manifest == str(small_demo)
+    # the task's own values are params of the trial, under tasks.<name>.
+    assert plan.cells[0].params()["tasks.esc50.manifest"] == str(small_demo)
+    assert "tasks.esc50.target_length" not in plan.cells[0].params()  # same as the trial's own value
+
+
+def test_gpu_trials_log_the_resolved_loader_workers(tmp_path):
+    """A GPU trial's params carry the loader processes it runs with, not the -1 of 'auto'."""
+    gpu = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--gpus-per-trial", "0.5")
+    cpu = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path))
+    assert to_flat(gpu.cells[0].config)["data.num_workers"] == GPU_LOADER_WORKERS
+    assert cpu.cells[0].config.data.num_workers == 0
+    assert gpu.cells[0].resources.use_gpu and gpu.cells[0].resources.device_share == 0.5
+
+
+def test_resources_fit_the_cluster():
+    cpu = Resources(workers=1).fit(total_cpus=16, total_gpus=0, largest_node_cpus=16)
+    assert cpu.concurrent == 16 and cpu.cpus_per_worker == 0.99  # (16 - 0.16) / 16, down to 0.01
+    two = Resources(workers=2, concurrent=2).fit(total_cpus=8, total_gpus=0, largest_node_cpus=4)
+    assert two.cpus_per_worker == 1.99  # (8 - 0.02) / 4
+    small_nodes = Resources(workers=1).fit(total_cpus=2, total_gpus=0, largest_node_cpus=1)
+    assert small_nodes.concurrent == 2 and small_nodes.cpus_per_worker == 0.98  # fits beside both drivers
+    gpu = Resources(workers=1, gpus=0.25).fit(total_cpus=16, total_gpus=1, largest_node_cpus=16)
+    assert gpu.concurrent == 4 and gpu.per_worker() == {"CPU": 3.99, "GPU": 0.25}
+    given = Resources(workers=1, cpus_per_worker=2.0).fit(total_cpus=16, total_gpus=0, largest_node_cpus=16)
+    assert given.cpus_per_worker == 2.0
+    with pytest.raises(ConfigError, match="has 1 GPUs"):
+        Resources(gpus=2).fit(total_cpus=16, total_gpus=1, largest_node_cpus=16)
