@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from ssamba.base.errors import AudioError, ManifestError
-from ssamba.config import AugmentConfig, FrontendConfig
+from ssamba.config import ClipInput, FrontendConfig
 from ssamba.data.audio import file_fbank, normalize, pad_or_crop
 from ssamba.data.dataset import ClipDataset, SkipLog, collate
 from ssamba.data.features import FeatureCache
 from ssamba.data.manifest import Manifest
 from tests.conftest import write_tone
 
-FE = FrontendConfig(target_length=128, mean=-6.0, std=3.0)
+FE = FrontendConfig()
+CLIP = ClipInput(target_length=128, mean=-6.0, std=3.0)
 
 
 def _toy(tmp_path, bad=True):
@@ -30,25 +33,25 @@ def _toy(tmp_path, bad=True):
 
 def test_items_are_padded_normalised_and_labelled(tmp_path):
     m = _toy(tmp_path, bad=False)
-    ds = ClipDataset(m, FE)
+    ds = ClipDataset(m, FE, CLIP)
     item = ds[1]
     ref = normalize(pad_or_crop(file_fbank(tmp_path / "c1.wav"), 128), -6.0, 3.0)
     assert torch.equal(item["fbank"], ref)
     assert ds.label_vocab == ["a", "b", "c"]
     assert item["label"].tolist() == [1.0, 0.0, 0.0] and ds[0]["label"].tolist() == [0.0, 1.0, 1.0]
     cached, _ = FeatureCache(FE, root=tmp_path / "cache").build(m, progress=False)
-    assert torch.equal(ClipDataset(m, FE, cache=cached)[1]["fbank"], ref)
+    assert torch.equal(ClipDataset(m, FE, CLIP, cache=cached)[1]["fbank"], ref)
 
 
 def test_unknown_label_is_an_error(tmp_path):
     m = _toy(tmp_path, bad=False)
     with pytest.raises(ManifestError, match="label 'b'"):
-        ClipDataset(m, FE, label_vocab=["a"])
+        ClipDataset(m, FE, CLIP, label_vocab=["a"])
 
 
 def test_augmentation_is_repeatable_per_seed_epoch_index(tmp_path):
     m = _toy(tmp_path, bad=False)
-    aug = AugmentConfig(freqm=24, timem=40, mixup=0.5, noise=True)
+    aug = replace(CLIP, freqm=24, timem=40, mixup=0.5, noise=True)
     a = ClipDataset(m, FE, aug, train=True, seed=1)
     b = ClipDataset(m, FE, aug, train=True, seed=1)
     for i in range(len(a)):
@@ -62,7 +65,7 @@ def test_augmentation_is_repeatable_per_seed_epoch_index(tmp_path):
 
 def test_bad_clip_is_skipped_and_reported(tmp_path):
     m = _toy(tmp_path)
-    ds = ClipDataset(m, FE)
+    ds = ClipDataset(m, FE, CLIP)
     loader = DataLoader(ds, batch_size=4, collate_fn=collate, num_workers=0)
     log = SkipLog()
     seen = 0
@@ -76,14 +79,14 @@ def test_bad_clip_is_skipped_and_reported(tmp_path):
 
 def test_bad_clip_in_worker_processes_is_reported(tmp_path):
     m = _toy(tmp_path)
-    loader = DataLoader(ClipDataset(m, FE), batch_size=3, collate_fn=collate, num_workers=2)
+    loader = DataLoader(ClipDataset(m, FE, CLIP), batch_size=3, collate_fn=collate, num_workers=2)
     skipped = [s for batch in loader for s in batch["skipped"]]
     assert len(skipped) == 1 and skipped[0][0].endswith("broken.wav")
 
 
 def test_strict_mode_fails_at_the_bad_clip(tmp_path):
     m = _toy(tmp_path)
-    ds = ClipDataset(m, FE, strict=True)
+    ds = ClipDataset(m, FE, CLIP, strict=True)
     with pytest.raises(AudioError, match="broken.wav.*strict"):
         for i in range(len(ds)):
             ds[i]
@@ -93,7 +96,7 @@ def test_cached_failure_is_skipped(tmp_path):
     m = _toy(tmp_path)
     cached, rep = FeatureCache(FE, root=tmp_path / "cache").build(m, progress=False)
     assert len(rep.failed) == 1
-    batch = collate([ClipDataset(m, FE, cache=cached)[i] for i in range(len(m))])
+    batch = collate([ClipDataset(m, FE, CLIP, cache=cached)[i] for i in range(len(m))])
     assert batch["fbank"].shape[0] == 6 and len(batch["skipped"]) == 1
 
 
@@ -103,7 +106,7 @@ def test_persistent_loader_processes_draw_each_epochs_augmentation(tmp_path):
     from ssamba.train.loop import EpochSampler
 
     m = _toy(tmp_path, bad=False)
-    aug = AugmentConfig(freqm=8, timem=16, mixup=0.0, noise=True)
+    aug = replace(CLIP, freqm=8, timem=16, mixup=0.0, noise=True)
 
     def batches(workers: int) -> list[torch.Tensor]:
         ds = ClipDataset(m, FE, aug, train=True, seed=3)

@@ -7,7 +7,7 @@
 - checkpoint retention keeps a sweep's storage within a bound computed from the model size;
 - a manifest with a few percent broken clips: the run completes, the clips are counted and listed in
   MLflow; strict mode stops at the first one, naming it;
-- a NaN loss (fault injection, ``pretrain.fault_nan_at_step``): the trial errors naming the step and
+- a NaN loss (fault injection, ``$SSAMBA_TEST_NAN_AT_STEP``): the trial errors naming the step and
   the batch, the sweep goes on, the summary shows the trial as failed.
 
 Every Ray here is local on 127.0.0.1, started by this module (in process, or by a driver subprocess)
@@ -114,14 +114,19 @@ def ray_tmp():
 # ------------------------------------------------------------------------------ Ray in this process
 @pytest.fixture(scope="module")
 def local_ray(cache_env):
-    """A local Ray on 127.0.0.1 for this module's in-process sweeps, shut down afterwards."""
+    """A local Ray on 127.0.0.1 for this module's in-process sweeps, shut down afterwards. Its workers
+    inherit the fault hook of the ``nan`` arm (``fault_sweep``): no other arm of this module is named so."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ssamba.sweep.worker import FAULT_ENV
+
+    os.environ[FAULT_ENV] = "nan:2"
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in ray.nodes())
     yield ray
     ray.shutdown()
+    os.environ.pop(FAULT_ENV, None)
 
 
 def _run_sweep(factor, argv: list[str]):
@@ -559,12 +564,13 @@ def broken_manifest(small_demo, tmp_path_factory) -> tuple[Path, dict[str, str]]
 @pytest.fixture(scope="module")
 def fault_sweep(broken_manifest, local_ray, tmp_path_factory):
     """One sweep, three arms on the broken manifest: ``ok`` (bad clips skipped), ``strict``
-    (``data.strict=true``) and ``nan`` (``pretrain.fault_nan_at_step=2``); no retries."""
+    (``data.strict=true``) and ``nan`` (its pretraining loss NaN at step 2: ``$SSAMBA_TEST_NAN_AT_STEP``,
+    set for the whole module before its Ray starts); no retries."""
     from ssamba.sweep.driver import Factor
 
     manifest, victims = broken_manifest
     factor = Factor(name="faults", reference="ok", arms={
-        "ok": {}, "strict": {"data.strict": True}, "nan": {"pretrain.fault_nan_at_step": 2}})
+        "ok": {}, "strict": {"data.strict": True}, "nan": {"pretrain.mse_weight": 9.0}})  # its own pretraining: the NaN hook is not in the key
     home = tmp_path_factory.mktemp("faults")
     uri = f"sqlite:///{home / 'mlflow.db'}"
     t0 = time.time()

@@ -142,3 +142,44 @@ def test_loader_workers_auto_resolves_by_device():
     lines = []
     cfg = resolve_runtime(preset("smoke"), torch.device("cpu"), log=lines.append)
     assert cfg.data.num_workers == 0 and lines == ["data.num_workers auto -> 0 loader processes (cpu)"]
+
+
+def test_checkpoint_config_holds_the_statistics_used(small_demo, tmp_path):
+    """The stored config is the config that ran: the stage's mean/std are the manifest's (or computed) ones
+    when data.stats_from_manifest is on, the configured ones when it is off."""
+    from ssamba.config import AUDIOSET_MEAN
+    from ssamba.train.data import resolve_stats
+
+    m = read_manifest(small_demo)
+    cfg = _cfg(small_demo, **{"pretrain.max_steps": "2"})
+    want_mean, want_std, _ = resolve_stats(m.split("train"), cfg.frontend, cfg.pretrain.clip_input(), True, None,
+                                           log=_quiet)
+    assert want_mean != pytest.approx(AUDIOSET_MEAN)  # the demo corpus is not AudioSet
+    stored = read_checkpoint(run_pretrain(cfg, tmp_path / "pre", log=_quiet).best_path)
+    assert stored["config"]["pretrain.mean"] == pytest.approx(want_mean)
+    assert stored["config"]["pretrain.std"] == pytest.approx(want_std)
+    assert stored["frontend"]["mean"] == stored["config"]["pretrain.mean"]
+    assert stored["frontend"]["target_length"] == cfg.pretrain.target_length
+    off = _cfg(small_demo, **{"pretrain.max_steps": "2", "data.stats_from_manifest": "false", "pretrain.mean": "-3.5"})
+    stored = read_checkpoint(run_pretrain(off, tmp_path / "off", log=_quiet).best_path)
+    assert stored["config"]["pretrain.mean"] == -3.5
+
+
+def test_stage_settings_are_declared_once_and_name_their_stage():
+    from ssamba.base.errors import ConfigError
+    from ssamba.config import ExperimentConfig, to_flat
+    from ssamba.sweep.worker import injected_nan_step
+
+    keys = set(to_flat(ExperimentConfig()))
+    assert not {k for k in keys if k.startswith(("augment.", "frontend.target_length", "frontend.mean", "frontend.std"))}
+    assert not {k for k in keys if "fault" in k}  # test hooks are not settings
+    for key, value, match in (("pretrain.std", "0", "pretrain.std must be > 0"),
+                              ("finetune.mixup", "2", "finetune.mixup is a probability"),
+                              ("pretrain.target_length", "8", "pretrain.target_length must be >= 16")):
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(preset("smoke"), {key: value})
+    clip = apply_overrides(preset("paper-tiny"), {"finetune.freqm": "7"}).finetune.clip_input()
+    assert (clip.target_length, clip.freqm, clip.for_evaluation().freqm) == (512, 7, 0)
+    assert injected_nan_step("nan", {"SSAMBA_TEST_NAN_AT_STEP": "nan:2"}) == 2
+    assert injected_nan_step("ok", {"SSAMBA_TEST_NAN_AT_STEP": "nan:2"}) == 0
+    assert injected_nan_step("nan", {}) == 0

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ssamba.config import FrontendConfig
+from ssamba.config import ClipInput, FrontendConfig
 from ssamba.data.dataset import ClipDataset
 from ssamba.data.features import FeatureCache
 from ssamba.data.manifest import read_manifest
@@ -18,7 +18,8 @@ def _rate(n: int, seconds: float) -> str:
     return f"{n / seconds:10.1f}"
 
 
-def run_bench(manifest_path, *, limit: int = 400, workers: int = 0, frontend: FrontendConfig = FrontendConfig()) -> dict:
+def run_bench(manifest_path, *, limit: int = 400, workers: int = 0, frontend: FrontendConfig = FrontendConfig(),
+              clip: ClipInput = ClipInput()) -> dict:
     """Time the three ways a clip reaches training; prints a table and returns the figures (clips/s)."""
     manifest = read_manifest(manifest_path)
     if limit and len(manifest) > limit:
@@ -28,7 +29,7 @@ def run_bench(manifest_path, *, limit: int = 400, workers: int = 0, frontend: Fr
     results: dict[str, float] = {}
     fe = frontend
     with tempfile.TemporaryDirectory(prefix="ssamba-bench-") as tmp:
-        ds = ClipDataset(manifest, fe)
+        ds = ClipDataset(manifest, fe, clip)
         t0 = time.perf_counter()
         bad = sum(1 for i in range(n) if not isinstance(ds[i], dict))
         results["on_the_fly"] = n / (time.perf_counter() - t0)
@@ -40,7 +41,7 @@ def run_bench(manifest_path, *, limit: int = 400, workers: int = 0, frontend: Fr
         t0 = time.perf_counter()
         feats = cache.open()
         open_s = time.perf_counter() - t0
-        ds_cached = ClipDataset(manifest, fe, cache=feats)
+        ds_cached = ClipDataset(manifest, fe, clip, cache=feats)
         t0 = time.perf_counter()
         for _ in range(3):
             for i in range(n):
@@ -55,7 +56,7 @@ def run_bench(manifest_path, *, limit: int = 400, workers: int = 0, frontend: Fr
         size = sum(f.stat().st_size for f in cache.folder.iterdir())
     dur = float(manifest.df["duration"].fillna(0).mean())
     print(f"data bench: {n} clips of {manifest.meta.get('dataset')!r} (mean {dur:.2f} s), "
-          f"{os.cpu_count()} CPUs, torch threads {threads}, target_length {fe.target_length}")
+          f"{os.cpu_count()} CPUs, torch threads {threads}, target_length {clip.target_length}")
     print("| path | clips/s |")
     print("|---|---:|")
     print(f"| decode + resample + fbank + pad + normalise (1 process) | {_rate(1, 1 / results['on_the_fly'])} |")

@@ -36,10 +36,10 @@ def run_pretrain_bench(preset_name: str = "paper-tiny", manifest: str = "", step
     p = replace(cfg.pretrain, batch_size=batch_size or cfg.pretrain.batch_size)
     cfg = replace(cfg, pretrain=p, data=replace(cfg.data, manifest=manifest, num_workers=num_workers),
                   model=replace(cfg.model, scan_backend="auto"))
-    fe = replace(cfg.frontend, target_length=p.target_length)
-    loaders = make_loaders(load_manifest(cfg.data.manifest), fe, cfg.augment, cfg=cfg, train_split=cfg.data.train_split,
+    fe = cfg.frontend
+    loaders = make_loaders(load_manifest(cfg.data.manifest), fe, p.clip_input(), cfg=cfg, train_split=cfg.data.train_split,
                            eval_split="", fold=0, batch_size=p.batch_size, use_manifest_stats=cfg.data.stats_from_manifest)
-    model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, fe.target_length), num_classes=0, pretrain_heads=True).to(device)
+    model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, p.target_length), num_classes=0, pretrain_heads=True).to(device)
     task = PretrainTask(p, model.grid, cfg.seed)
     opt = task.optimizer(model)
     model.train()

@@ -4,13 +4,15 @@ The schema's public names are importable from here (``from ssamba.config import 
 """
 
 from ssamba.config.schema import (
+    AUDIOSET_MEAN,
+    AUDIOSET_STD,
     FBANK_CODE_VERSION,
     GPU_LOADER_WORKERS,
     MASK_STRATEGIES,
     SCAN_BACKENDS,
     SIZES,
     SSAST_HEADS,
-    AugmentConfig,
+    ClipInput,
     DataConfig,
     ExperimentConfig,
     FinetuneConfig,
@@ -28,8 +30,9 @@ from ssamba.config.schema import (
 )
 
 __all__ = [
+    "AUDIOSET_MEAN", "AUDIOSET_STD",
     "FBANK_CODE_VERSION", "GPU_LOADER_WORKERS", "MASK_STRATEGIES", "SCAN_BACKENDS", "SIZES", "SSAST_HEADS",
-    "AugmentConfig", "DataConfig", "ExperimentConfig", "FinetuneConfig", "FrontendConfig", "ModelConfig",
+    "ClipInput", "DataConfig", "ExperimentConfig", "FinetuneConfig", "FrontendConfig", "ModelConfig",
     "PretrainConfig", "apply_overrides", "from_flat", "grid_shape", "max_mask_count", "model_preset",
     "parse_set_args", "parse_value", "to_flat",
 ]

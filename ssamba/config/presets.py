@@ -17,11 +17,9 @@ from typing import Callable
 
 from ssamba.base.errors import ConfigError
 from ssamba.config import (
-    AugmentConfig,
     DataConfig,
     ExperimentConfig,
     FinetuneConfig,
-    FrontendConfig,
     PretrainConfig,
     model_preset,
 )
@@ -60,7 +58,6 @@ TASK_RECIPES: dict[str, dict] = {
 def _paper(size: str) -> ExperimentConfig:
     return ExperimentConfig(
         name=f"paper-{size}",
-        frontend=FrontendConfig(target_length=1024),
         model=model_preset(size),
         data=DataConfig(stats_from_manifest=True),
         pretrain=PretrainConfig(),
@@ -89,7 +86,6 @@ def _smoke() -> ExperimentConfig:
                                 max_steps=6, warmup_steps=2, plateau_every=3, eval_batches=2),
         finetune=FinetuneConfig(task="demo", target_length=128, fstride=16, tstride=16, lr=1e-3, batch_size=8,
                                 epochs=1, max_steps=6, lr_decay_start=1, freqm=12, timem=24, noise=True),
-        augment=AugmentConfig(),
     )
 
 

@@ -41,9 +41,9 @@ def max_mask_count(strategy: str, n_patches: int) -> int:
 class FrontendConfig:
     """Waveform -> log-mel filterbank, exactly the official call (docs/model.md section 1.2).
 
-    The first group of fields decides the cached fbank (``fbank_key``); ``target_length`` and
-    the normalisation statistics are applied when a clip is read, so changing them never
-    invalidates the feature cache.
+    Every field decides the cached fbank (``fbank_key``). How a stage reads its clips (length,
+    normalisation statistics, augmentation) is that stage's own setting (``pretrain.*``, ``finetune.*``;
+    :class:`ClipInput`), applied when a clip is read, so it never invalidates the feature cache.
     """
 
     sample_rate: int = 16000
@@ -57,10 +57,6 @@ class FrontendConfig:
     downmix: str = "mean"  # "mean" of channels (this project) or "first" (the official loader)
     resample_filter_width: int = 6  # torchaudio sinc resampling: lowpass_filter_width
     resample_rolloff: float = 0.99
-    # applied on read (not part of the cache key)
-    target_length: int = 1024
-    mean: float = -4.2677393  # AudioSet / pretraining statistics (docs/model.md section 1.3)
-    std: float = 4.5689974
 
     CACHE_FIELDS = (
         "sample_rate", "num_mel_bins", "frame_length_ms", "frame_shift_ms", "window_type",
@@ -70,10 +66,6 @@ class FrontendConfig:
     def __post_init__(self):
         if self.downmix not in ("mean", "first"):
             raise ConfigError(f"frontend.downmix must be 'mean' or 'first', got {self.downmix!r}")
-        if self.std <= 0:
-            raise ConfigError(f"frontend.std must be > 0, got {self.std}. Fix: run `python -m ssamba.data stats`.")
-        if self.target_length < 16:
-            raise ConfigError(f"frontend.target_length must be >= 16 frames (one patch), got {self.target_length}")
         if self.dither != 0.0:
             # dither makes features random: they cannot be cached, and the official recipe uses 0
             raise ConfigError(f"frontend.dither must be 0.0 (official recipe; cached features), got {self.dither}")
@@ -85,20 +77,47 @@ class FrontendConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training-only augmentations (docs/model.md section 1.4); all off by default."""
+# AudioSet statistics of the official fbank: the pretraining default (docs/model.md section 1.3)
+AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
 
+
+@dataclass(frozen=True)
+class ClipInput:
+    """How one stage reads its clips: the length they are padded or cropped to, the normalisation
+    statistics, and the training-only augmentations (docs/model.md sections 1.3-1.4).
+
+    Not a config section: each stage's section holds these values once (``pretrain.target_length``,
+    ``finetune.mean``, ...) and gives them as one object (``PretrainConfig.clip_input()``,
+    ``FinetuneConfig.clip_input()``); ``stage`` names that section in error messages."""
+
+    target_length: int = 1024
+    mean: float = AUDIOSET_MEAN
+    std: float = AUDIOSET_STD
     freqm: int = 0  # SpecAugment frequency mask width upper bound (bins)
     timem: int = 0  # SpecAugment time mask width upper bound (frames)
     mixup: float = 0.0  # probability of waveform mixup, lambda ~ Beta(10, 10)
     noise: bool = False  # add rand(T,F) * U(0,1) / 10, then roll time by U{-10..9}
+    stage: str = "input"
 
     def __post_init__(self):
+        s = self.stage
+        if self.target_length < 16:
+            raise ConfigError(f"{s}.target_length must be >= 16 frames (one patch), got {self.target_length}")
+        if self.std <= 0:
+            raise ConfigError(f"{s}.std must be > 0, got {self.std}. Fix: run `python -m ssamba.data stats`.")
         if self.freqm < 0 or self.timem < 0:
-            raise ConfigError(f"augment.freqm/timem must be >= 0, got {self.freqm}/{self.timem}")
+            raise ConfigError(f"{s}.freqm/timem must be >= 0, got {self.freqm}/{self.timem}")
         if not 0.0 <= self.mixup <= 1.0:
-            raise ConfigError(f"augment.mixup is a probability in [0, 1], got {self.mixup}")
+            raise ConfigError(f"{s}.mixup is a probability in [0, 1], got {self.mixup}")
+
+    def for_evaluation(self) -> ClipInput:
+        """The same length and statistics, no augmentation."""
+        return replace(self, freqm=0, timem=0, mixup=0.0, noise=False)
+
+
+def _clip_input(section: Any, stage: str) -> ClipInput:
+    return ClipInput(target_length=section.target_length, mean=section.mean, std=section.std, freqm=section.freqm,
+                     timem=section.timem, mixup=section.mixup, noise=section.noise, stage=stage)
 
 
 SIZES = {"tiny": 192, "small": 384, "base": 768}
@@ -218,6 +237,12 @@ class PretrainConfig:
     """MSPM pretraining (docs/model.md section 4); defaults are the official recipe."""
 
     target_length: int = 1024
+    mean: float = AUDIOSET_MEAN  # normalisation statistics; the manifest's win when data.stats_from_manifest
+    std: float = AUDIOSET_STD
+    freqm: int = 0  # training-only augmentations (official pretraining: none)
+    timem: int = 0
+    mixup: float = 0.0
+    noise: bool = False
     mask_count: int = 400
     mask_strategy: str = "cluster"  # cluster | random | frame
     passes: int = 2  # 2: independent masks for the InfoNCE and MSE passes (official); 1: one shared pass
@@ -237,13 +262,9 @@ class PretrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (scan in fp32); ignored on CPU
     plateau_every: int = 4000  # steps between evaluations; ReduceLROnPlateau steps on their masked accuracy
     eval_batches: int = 0  # 0 = the whole validation split
-    # Fault injection, a testing hook (tests/test_reliability.py): > 0 replaces the loss of that optimiser
-    # step (counted from 0) with NaN, to exercise the non-finite-loss path end to end. 0 = off.
-    fault_nan_at_step: int = 0
 
     def __post_init__(self):
-        if self.fault_nan_at_step < 0:
-            raise ConfigError(f"pretrain.fault_nan_at_step must be >= 0 (0 = off), got {self.fault_nan_at_step}")
+        self.clip_input()  # validates length, statistics and augmentations
         if self.mask_strategy not in MASK_STRATEGIES:
             raise ConfigError(f"pretrain.mask_strategy must be one of {', '.join(MASK_STRATEGIES)}, "
                               f"got {self.mask_strategy!r}")
@@ -251,6 +272,9 @@ class PretrainConfig:
             raise ConfigError(f"pretrain.passes must be 1 or 2, got {self.passes}")
         if self.mask_count <= 0:
             raise ConfigError(f"pretrain.mask_count must be > 0, got {self.mask_count}")
+
+    def clip_input(self) -> ClipInput:
+        return _clip_input(self, "pretrain")
 
 
 @dataclass(frozen=True)
@@ -287,14 +311,18 @@ class FinetuneConfig:
     timem: int = 96
     mixup: float = 0.0
     noise: bool = True
-    mean: float = -6.6268077  # dataset statistics (ESC-50); the manifest's stats win when present
+    mean: float = -6.6268077  # dataset statistics (ESC-50); the manifest's win when data.stats_from_manifest
     std: float = 5.358466
 
     def __post_init__(self):
+        self.clip_input()
         if self.loss not in ("ce", "bce"):
             raise ConfigError(f"finetune.loss must be 'ce' or 'bce', got {self.loss!r}")
         if self.metric not in ("acc", "map"):
             raise ConfigError(f"finetune.metric must be 'acc' or 'map', got {self.metric!r}")
+
+    def clip_input(self) -> ClipInput:
+        return _clip_input(self, "finetune")
 
 
 @dataclass(frozen=True)
@@ -305,7 +333,6 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     frontend: FrontendConfig = FrontendConfig()
-    augment: AugmentConfig = AugmentConfig()  # pretraining augmentations (official: none)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -441,7 +468,7 @@ def parse_set_args(items: list[str] | None) -> dict[str, str]:
 
 
 __all__ = [
-    "FrontendConfig", "AugmentConfig", "ModelConfig", "model_preset", "DataConfig", "PretrainConfig",
+    "FrontendConfig", "ClipInput", "ModelConfig", "model_preset", "DataConfig", "PretrainConfig",
     "FinetuneConfig", "ExperimentConfig", "to_flat", "from_flat", "apply_overrides", "parse_set_args",
     "parse_value",
 ]

@@ -72,8 +72,8 @@ def _with_stats(manifest, fe, args):
         for msg in list(failed.values())[:10]:
             print(f"  {msg}", file=sys.stderr)
     print(f"mean {mean:.7f}  std {std:.7f}  ({n_clips} clips, {n_frames} frames"
-          f"{', split ' + args.split if args.split else ''}); use --set frontend.mean=... "
-          f"frontend.std=... or let training read them from the manifest")
+          f"{', split ' + args.split if args.split else ''}); use --set pretrain.mean=... "
+          f"pretrain.std=... (or finetune.*) or let training read them from the manifest")
     return manifest.with_stats(mean, std, fe.fbank_key(), n_clips, n_frames)
 
 

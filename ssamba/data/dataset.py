@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssamba.base.errors import AudioError, ManifestError
-from ssamba.config import AugmentConfig, FrontendConfig
+from ssamba.config import ClipInput, FrontendConfig
 from ssamba.data.audio import fbank as compute_fbank
 from ssamba.data.audio import load_waveform, normalize, pad_or_crop
 from ssamba.data.augment import mix_labels, mix_waveforms, noise_and_roll, sample_mixup_lambda, spec_augment
@@ -37,7 +37,8 @@ class BadClip:
 class ClipDataset(Dataset):
     """Clips of a manifest as normalised, padded/cropped fbanks with multi-hot labels.
 
-    ``train=True`` applies ``augment`` (mixup, SpecAugment, noise-and-roll); draws come from a
+    ``clip`` is the stage's length, statistics and augmentations; ``train=True`` applies the
+    augmentations (mixup, SpecAugment, noise-and-roll); draws come from a
     generator seeded by ``(seed, epoch, index)``, so a run repeats exactly whatever the worker
     layout (call :meth:`set_epoch` each epoch). ``cache`` serves precomputed fbanks; mixup needs
     waveforms and decodes both clips on the fly.
@@ -47,7 +48,7 @@ class ClipDataset(Dataset):
         self,
         manifest: Manifest,
         frontend: FrontendConfig = FrontendConfig(),
-        augment: AugmentConfig = AugmentConfig(),
+        clip: ClipInput = ClipInput(),
         *,
         train: bool = False,
         cache: CachedFeatures | None = None,
@@ -57,7 +58,7 @@ class ClipDataset(Dataset):
     ):
         self.manifest = manifest
         self.frontend = frontend
-        self.augment = augment
+        self.clip = clip
         self.train = train
         self.cache = cache
         self.strict = strict
@@ -110,7 +111,7 @@ class ClipDataset(Dataset):
             return BadClip(index, exc.path, exc.reason, exc.message)
 
     def _item(self, index: int, epoch: int | None = None) -> dict[str, Any]:
-        fe, aug = self.frontend, self.augment
+        fe, aug = self.frontend, self.clip
         rng = self._rng(index, epoch) if self.train else None
         label = self.targets[index]
         if self.train and aug.mixup > 0 and rng.random() < aug.mixup:
@@ -122,10 +123,10 @@ class ClipDataset(Dataset):
             label = mix_labels(label, self.targets[other], lam)
         else:
             fb = self.raw_fbank(index)
-        fb = pad_or_crop(fb, fe.target_length)
+        fb = pad_or_crop(fb, aug.target_length)
         if self.train and (aug.freqm > 0 or aug.timem > 0):
             fb = spec_augment(fb, aug.freqm, aug.timem, rng)
-        fb = normalize(fb, fe.mean, fe.std)
+        fb = normalize(fb, aug.mean, aug.std)
         if self.train and aug.noise:
             fb = noise_and_roll(fb, rng)
         return {"fbank": fb.float(), "label": label.clone(), "index": index}

@@ -1,8 +1,7 @@
 """A chunked selective scan for inference on CUDA: the sequence split across thread blocks.
 
 mamba-ssm's forward kernel walks each channel's whole sequence inside one thread block, so at batch 1
-a 22k-token scan of 768 channels keeps most of an H100/H200 idle (measured: 442 us per layer at batch
-1, still 340 us per sequence at batch 16). This kernel (``csrc/chunk_scan.cu``) gives each thread one
+a 22k-token scan of 768 channels keeps most of an H100/H200 idle (docs/benchmarks.md section 1). This kernel (``csrc/chunk_scan.cu``) gives each thread one
 channel with its ``N`` states in registers and cuts the sequence into chunks so that
 ``batch x channels x chunks`` threads fill the card:
 
@@ -51,7 +50,7 @@ THREADS_PER_SM = 512  # threads to aim for per multiprocessor when choosing the 
 ONE_PASS_THREADS_PER_SM = 256  # from this many channel threads per multiprocessor: one chunk, one pass
 MIN_CHUNK = 4 * TILE
 # below this many (channel, chunk) threads per multiprocessor mamba-ssm's scan is faster (e.g. 768 channels
-# x 1024 steps on an H200: 39 us against 88 us); see chunk_scan_fn
+# x 1024 steps; docs/benchmarks.md section 1); see chunk_scan_fn
 MIN_THREADS_PER_SM = 256
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KERNELS = {"auto": 0, "pipelined": 1, "general": 2}
@@ -192,10 +191,7 @@ def plan_chunk_len(batch: int, channels: int, length: int, sm_count: int) -> int
     threads reach :data:`ONE_PASS_THREADS_PER_SM` per multiprocessor, else chunks of at least
     :data:`MIN_CHUNK` steps, enough of them for :data:`THREADS_PER_SM` threads per multiprocessor.
 
-    Measured on an H200 (132 SMs, bf16, pipelined kernel; ``python -m ssamba.ops.chunk_scan``), 22528
-    steps: 768 channels, best at chunks of 256 (254 us; 128: 262 us; one chunk 4.6 ms); 12288 channels,
-    chunks of 512-1024 (3.3 ms; one chunk 4.7 ms); 49152 channels, one chunk (8.0 ms; two chunks 11.2 ms).
-    8192 steps, 768 channels: chunks of 128 (110 us; 256: 146 us).
+    The thresholds come from the chunk-length sweep in docs/benchmarks.md section 1.
     """
     whole = -(-length // TILE) * TILE
     threads = batch * channels

@@ -23,7 +23,7 @@ from ssamba.config.presets import TASK_RECIPES, Preset, get_preset
 from ssamba.sweep.factors import Factor, Overrides
 
 # Config sections that decide a pretraining (a shared pretraining is reused when these are equal).
-PRETRAIN_SECTIONS = ("frontend.", "augment.", "model.", "data.", "pretrain.")
+PRETRAIN_SECTIONS = ("frontend.", "model.", "data.", "pretrain.")
 PRETRAIN_RUNTIME_KEYS = ("data.num_workers", "model.scan_backend", "model.fused_add_norm")  # do not change the result
 TUNE_KINDS = ("loguniform", "uniform", "int", "choice")
 

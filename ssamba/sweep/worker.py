@@ -89,6 +89,19 @@ def shared_pretraining(pdir: Path, compute: Callable[[], dict], *, owner: str, i
         return {**out, "reused": False}
 
 
+FAULT_ENV = "SSAMBA_TEST_NAN_AT_STEP"  # "ARM:STEP": that arm's pretraining loss is NaN at STEP (tests only)
+
+
+def injected_nan_step(arm: str, environ=None) -> int:
+    """The pretraining step whose loss a test makes NaN for trials of ``arm`` (0: none). A testing hook
+    outside the config: ``$SSAMBA_TEST_NAN_AT_STEP=ARM:STEP`` in the environment Ray's workers inherit."""
+    import os
+
+    spec = (environ if environ is not None else os.environ).get(FAULT_ENV, "")
+    name, _, step = spec.rpartition(":")
+    return int(step) if spec and name == arm and step.isdigit() else 0
+
+
 def stage_cost(seconds: float, world: int, per_worker: float, samples: int) -> dict[str, float]:
     """Wall time, device-hours (workers x device share x hours) and throughput of a stage."""
     return {"wall_s": seconds, "device_hours": seconds * world * per_worker / 3600.0,
@@ -146,7 +159,7 @@ def trial_worker(job: dict[str, Any]) -> None:
     pdir = spec.pretrain_dir
     results["pretrain"] = shared_pretraining(
         pdir, lambda: _pretrain(cfg, pdir, world, spec.resources.device_share, device, wrap, reporter(),
-                                resumed("pretrain"), log, rank),
+                                resumed("pretrain"), log, rank, injected_nan_step(spec.arm)),
         owner=spec.name, is_main=rank == 0, agree=_broadcast if world > 1 else (lambda x: x),
         drop_resume_state=spec.keep_checkpoints != "all", log=log)
     pre_res = results["pretrain"]
@@ -178,10 +191,11 @@ def trial_worker(job: dict[str, Any]) -> None:
         write_json_atomic(spec.result_file, results)
 
 
-def _pretrain(cfg, pdir: Path, world: int, device_share: float, device, wrap, report, on_resume, log, rank: int) -> dict:
+def _pretrain(cfg, pdir: Path, world: int, device_share: float, device, wrap, report, on_resume, log, rank: int,
+              nan_step: int = 0) -> dict:
     t0 = time.perf_counter()
     res = run_pretrain(cfg, pdir, report=report, log=log, rank=rank, world=world, device=device, wrap_model=wrap,
-                       on_resume=on_resume)
+                       on_resume=on_resume, fault_nan_at_step=nan_step)
     cost = stage_cost(time.perf_counter() - t0, world, device_share, res.samples)
     out = dict(res.last_eval)
     out.update({f"{N.COST_PREFIX}pretrain_{k}": v for k, v in cost.items()})

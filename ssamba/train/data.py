@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssamba.base.errors import ManifestError
-from ssamba.config import AugmentConfig, ExperimentConfig, FrontendConfig
+from ssamba.config import ClipInput, ExperimentConfig, FrontendConfig
 from ssamba.data.dataset import ClipDataset, collate
 from ssamba.data.features import FeatureCache, compute_stats
 from ssamba.data.manifest import Manifest, read_manifest
@@ -39,11 +39,11 @@ def select(manifest: Manifest, split: str, fold: int = 0, role: str = "train") -
     return manifest.split(split)
 
 
-def resolve_stats(manifest: Manifest, fe: FrontendConfig, use_manifest: bool, cache_root: str | None,
-                  log=print) -> tuple[float, float, str]:
-    """``(mean, std, source)``: the manifest's stored stats for this front end, computed ones, or the config's."""
+def resolve_stats(manifest: Manifest, fe: FrontendConfig, clip: ClipInput, use_manifest: bool,
+                  cache_root: str | None, log=print) -> tuple[float, float, str]:
+    """``(mean, std, source)``: the manifest's stored stats for this front end, computed ones, or the stage's."""
     if not use_manifest:
-        return fe.mean, fe.std, "config"
+        return clip.mean, clip.std, "config"
     stats = manifest.stats
     if stats and stats.get("frontend_key") == fe.fbank_key():
         return float(stats["mean"]), float(stats["std"]), "manifest"
@@ -58,12 +58,12 @@ def resolve_stats(manifest: Manifest, fe: FrontendConfig, use_manifest: bool, ca
 class Loaders:
     train: DataLoader
     eval: DataLoader | None
-    frontend: FrontendConfig  # with the statistics actually used
+    clip: ClipInput  # the stage's input, with the statistics actually used
     label_vocab: list[str]
     stats_source: str
 
 
-def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig, *, cfg: ExperimentConfig,
+def make_loaders(manifest: Manifest, fe: FrontendConfig, clip: ClipInput, *, cfg: ExperimentConfig,
                  train_split: str, eval_split: str, fold: int, batch_size: int, use_manifest_stats: bool,
                  log=print, rank: int = 0, world: int = 1) -> Loaders:
     """Train and eval loaders over the manifest; the train loader's sampler is an :class:`EpochSampler`."""
@@ -74,8 +74,8 @@ def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig,
         eval_m = select(manifest, eval_split, fold, "eval")
     if len(train_m) == 0:
         raise ManifestError(f"no training clips (split {train_split!r}, fold {fold}) in {manifest.meta.get('dataset')!r}")
-    mean, std, source = resolve_stats(train_m, fe, use_manifest_stats, d.cache_dir, log)
-    fe = replace(fe, mean=mean, std=std)
+    mean, std, source = resolve_stats(train_m, fe, clip, use_manifest_stats, d.cache_dir, log)
+    clip = replace(clip, mean=mean, std=std)
     cache = None
     if d.use_cache:
         cache, report = FeatureCache(fe, d.cache_dir or None).build(manifest, progress=False)
@@ -83,7 +83,7 @@ def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig,
             log(f"feature cache: {report.computed} clips computed, {report.reused} reused, "
                 f"{len(report.failed)} undecodable ({report.seconds:.1f} s)")
     vocab = manifest.label_vocab
-    train_ds = ClipDataset(train_m, fe, augment, train=True, cache=cache, label_vocab=vocab, strict=d.strict, seed=cfg.seed)
+    train_ds = ClipDataset(train_m, fe, clip, train=True, cache=cache, label_vocab=vocab, strict=d.strict, seed=cfg.seed)
     sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world=world, with_epoch=True)
     # persistent loader processes: no re-spawn at every epoch (the sampler carries the epoch to them)
     train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
@@ -91,6 +91,6 @@ def make_loaders(manifest: Manifest, fe: FrontendConfig, augment: AugmentConfig,
                        persistent_workers=d.num_workers > 0)
     ev = None
     if eval_m is not None and len(eval_m):
-        eval_ds = ClipDataset(eval_m, fe, AugmentConfig(), train=False, cache=cache, label_vocab=vocab, strict=d.strict)
+        eval_ds = ClipDataset(eval_m, fe, clip.for_evaluation(), train=False, cache=cache, label_vocab=vocab, strict=d.strict)
         ev = DataLoader(eval_ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=d.num_workers)
-    return Loaders(train, ev, fe, vocab, source)
+    return Loaders(train, ev, clip, vocab, source)

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ssamba.base import names as N
-from ssamba.config import AugmentConfig, ExperimentConfig, ModelConfig, from_flat, to_flat
+from ssamba.config import ExperimentConfig, ModelConfig, from_flat, to_flat
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import grid_of, is_ours, load_checkpoint, read_checkpoint, safe_load, transfer_encoder
 from ssamba.train.data import load_manifest, make_loaders, select
@@ -39,10 +39,21 @@ def resolve_runtime(cfg: ExperimentConfig, device: torch.device, log=print) -> E
     return cfg
 
 
+def stage_record(cfg: ExperimentConfig, section: str, clip) -> dict:
+    """What a checkpoint stores of its config: the flat config with the stage's statistics replaced by the
+    ones the run used (the manifest's, when they came from there), and the front end with the stage's input."""
+    used = replace(cfg, **{section: replace(getattr(cfg, section), mean=clip.mean, std=clip.std)})
+    fe = {**to_flat(cfg.frontend), "target_length": clip.target_length, "mean": clip.mean, "std": clip.std}
+    return {"config": to_flat(used), "frontend": fe}
+
+
 def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: Report | None = None,
                  log=print, rank: int = 0, world: int = 1, device=None,
-                 wrap_model: Callable | None = None, on_resume: OnResume | None = None) -> FitResult:
-    """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``."""
+                 wrap_model: Callable | None = None, on_resume: OnResume | None = None,
+                 fault_nan_at_step: int = 0) -> FitResult:
+    """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``.
+
+    ``fault_nan_at_step`` (a testing hook, never a config value): > 0 makes that optimiser step's loss NaN."""
     _threads()
     seed_everything(cfg.seed)
     device = device or pick_device(cfg.device)
@@ -51,18 +62,18 @@ def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: R
     is_main = rank == 0
     p = cfg.pretrain
     manifest = load_manifest(cfg.data.manifest, log=log)
-    fe = replace(cfg.frontend, target_length=p.target_length)
-    loaders = make_loaders(manifest, fe, cfg.augment, cfg=cfg, train_split=cfg.data.train_split,
+    fe = cfg.frontend
+    loaders = make_loaders(manifest, fe, p.clip_input(), cfg=cfg, train_split=cfg.data.train_split,
                            eval_split=cfg.data.eval_split, fold=0, batch_size=p.batch_size,
                            use_manifest_stats=cfg.data.stats_from_manifest, log=log, rank=rank, world=world)
-    model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, fe.target_length), num_classes=0, pretrain_heads=True)
+    model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, p.target_length), num_classes=0, pretrain_heads=True)
     task = PretrainTask(p, model.grid, cfg.seed)
     settings = LoopSettings(epochs=p.epochs, max_steps=p.max_steps, grad_accum=p.grad_accum, clip_grad=p.clip_grad,
-                            amp=p.amp, eval_every=p.plateau_every, fault_nan_at_step=p.fault_nan_at_step)
+                            amp=p.amp, eval_every=p.plateau_every, fault_nan_at_step=fault_nan_at_step)
     log(f"[pretrain] {cfg.model.arch} D={cfg.model.embed_dim} depth={cfg.model.depth} grid {model.grid}, "
         f"{sum(x.numel() for x in model.parameters()):,} parameters, {len(loaders.train.dataset)} clips, "
         f"masks {p.mask_count} ({p.mask_strategy}), device {device} x {world} worker(s), scan {getattr(model.v, 'backend', '-')}")
-    meta = {"config": to_flat(cfg), "frontend": to_flat(loaders.frontend)}
+    meta = stage_record(cfg, "pretrain", loaders.clip)
     model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
@@ -111,9 +122,8 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     is_main = rank == 0
     ft = cfg.finetune
     manifest = load_manifest(ft.manifest, log=log)
-    fe = replace(cfg.frontend, target_length=ft.target_length, mean=ft.mean, std=ft.std)
-    aug = AugmentConfig(freqm=ft.freqm, timem=ft.timem, mixup=ft.mixup, noise=ft.noise)
-    loaders = make_loaders(manifest, fe, aug, cfg=cfg, train_split=ft.train_split, eval_split=ft.eval_split,
+    fe = cfg.frontend
+    loaders = make_loaders(manifest, fe, ft.clip_input(), cfg=cfg, train_split=ft.train_split, eval_split=ft.eval_split,
                            fold=ft.fold, batch_size=ft.batch_size, use_manifest_stats=cfg.data.stats_from_manifest,
                            log=log, rank=rank, world=world)
     payload = load_init(init, log) if init else None
@@ -129,7 +139,7 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     task = FinetuneTask(ft, len(loaders.label_vocab))
     settings = LoopSettings(epochs=ft.epochs, max_steps=ft.max_steps, grad_accum=ft.grad_accum, clip_grad=ft.clip_grad,
                             amp=ft.amp, eval_every=0)
-    meta = {"config": to_flat(cfg), "frontend": to_flat(loaders.frontend), "label_vocab": loaders.label_vocab}
+    meta = {**stage_record(cfg, "finetune", loaders.clip), "label_vocab": loaders.label_vocab}
     model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
@@ -158,7 +168,7 @@ def _test_metrics(cfg, manifest, loaders, res, task, device, log) -> dict[str, f
     from ssamba.data.dataset import ClipDataset, collate
 
     test_m = select(manifest, ft.test_split)
-    ds = ClipDataset(test_m, loaders.frontend, AugmentConfig(), cache=loaders.train.dataset.cache,
+    ds = ClipDataset(test_m, cfg.frontend, loaders.clip.for_evaluation(), cache=loaders.train.dataset.cache,
                      label_vocab=loaders.label_vocab, strict=cfg.data.strict)
     loader = DataLoader(ds, batch_size=ft.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
     best, _ = load_checkpoint(res.best_path)

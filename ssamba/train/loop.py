@@ -113,7 +113,7 @@ class LoopSettings:
     amp: bool = True
     eval_every: int = 0
     log_every: int = 20
-    fault_nan_at_step: int = 0  # testing hook: > 0 makes that step's loss NaN (PretrainConfig.fault_nan_at_step)
+    fault_nan_at_step: int = 0  # testing hook: > 0 makes that step's loss NaN (never a config value)
 
 
 def tap_skipped(loader, skipped: SkipLog):
