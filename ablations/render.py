@@ -65,22 +65,30 @@ def _cells(t: FactorTable, r: Row, bold) -> list[str]:
 
 
 def _explain(t: FactorTable) -> list[str]:
-    lines = ["Cells: mean ± sample std over seeds (n = seeds) of `ft/<task>/final` and the pretraining metrics; "
-             "best per column in bold (cost not ranked); `device-h/trial` is the mean device-hours of a finished trial."]
+    lines = [
+        "Cells: mean ± sample std over seeds (n = seeds) of `ft/<task>/final` and the pretraining metrics; "
+        "best per column in bold (cost not ranked); `device-h/trial` is the mean device-hours of a finished trial."
+    ]
     if t.reference_arm is not None:
-        lines.append(f"Δ: difference to reference arm `{t.reference_arm}` over paired seeds (same seed in both rows), "
-                     f"with a {t.confidence:.0%} t-interval (n-1 degrees of freedom); rows are compared with the "
-                     f"reference row whose settings differ least.")
+        lines.append(
+            f"Δ: difference to reference arm `{t.reference_arm}` over paired seeds (same seed in both rows), "
+            f"with a {t.confidence:.0%} t-interval (n-1 degrees of freedom); rows are compared with the "
+            f"reference row whose settings differ least."
+        )
     lines.append("Only finished trials enter the statistics; failed, running and incomplete ones are counted.")
     if any(r.counts.get("duplicate") for r in t.rows):
         lines.append("duplicate: an older finished run of a seed that was run again with identical settings (ignored).")
     if t.total_device_hours is not None:
-        lines.append(f"Device-hours in total over every trial that logged cost (failed and running included): "
-                     f"{fmt(t.total_device_hours, significant=True)}.")
+        lines.append(
+            f"Device-hours in total over every trial that logged cost (failed and running included): "
+            f"{fmt(t.total_device_hours, significant=True)}."
+        )
     lines.extend(t.notes)
     for r in t.rows:
         for run_id, seed, err in r.failures:
-            lines.append(f"failed: {r.label} seed {seed} (run {run_id}): {err.splitlines()[0] if err else 'no message'}")
+            lines.append(
+                f"failed: {r.label} seed {seed} (run {run_id}): {err.splitlines()[0] if err else 'no message'}"
+            )
     return lines
 
 
@@ -101,8 +109,24 @@ def render_markdown(tables: list[FactorTable]) -> str:
     return "\n".join(parts)
 
 
-CSV_FIELDS = ("factor", "reference_arm", "arm", "row", "trials", "column", "mean", "std", "n", "best",
-              "diff", "diff_low", "diff_high", "diff_n", "diff_note", "diff_vs")
+CSV_FIELDS = (
+    "factor",
+    "reference_arm",
+    "arm",
+    "row",
+    "trials",
+    "column",
+    "mean",
+    "std",
+    "n",
+    "best",
+    "diff",
+    "diff_low",
+    "diff_high",
+    "diff_n",
+    "diff_note",
+    "diff_vs",
+)
 
 
 def render_csv(tables: list[FactorTable]) -> str:
@@ -114,12 +138,26 @@ def render_csv(tables: list[FactorTable]) -> str:
         for r in t.rows:
             for c in t.columns:
                 s, d = r.cells[c], r.diffs.get(c)
-                w.writerow({"factor": t.factor, "reference_arm": t.reference_arm or "", "arm": r.arm, "row": r.label,
-                            "trials": r.status_line, "column": c, "mean": _num(s.mean), "std": _num(s.std), "n": s.n,
-                            "best": c in r.best, "diff": _num(d.mean) if d else "",
-                            "diff_low": _num(d.low) if d else "", "diff_high": _num(d.high) if d else "",
-                            "diff_n": d.n_pairs if d else "", "diff_note": d.note if d else "",
-                            "diff_vs": d.vs if d else ""})
+                w.writerow(
+                    {
+                        "factor": t.factor,
+                        "reference_arm": t.reference_arm or "",
+                        "arm": r.arm,
+                        "row": r.label,
+                        "trials": r.status_line,
+                        "column": c,
+                        "mean": _num(s.mean),
+                        "std": _num(s.std),
+                        "n": s.n,
+                        "best": c in r.best,
+                        "diff": _num(d.mean) if d else "",
+                        "diff_low": _num(d.low) if d else "",
+                        "diff_high": _num(d.high) if d else "",
+                        "diff_n": d.n_pairs if d else "",
+                        "diff_note": d.note if d else "",
+                        "diff_vs": d.vs if d else "",
+                    }
+                )
     return buf.getvalue()
 
 
@@ -127,8 +165,18 @@ def _num(x):
     return "" if x is None else repr(float(x))
 
 
-_LATEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_ESCAPE = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -141,17 +189,31 @@ def render_latex(tables: list[FactorTable]) -> str:
     for t in tables:
         header = _header(t)
         ref = f", reference arm {t.reference_arm}" if t.reference_arm is not None else ""
-        lines = [r"\begin{table}[t]", r"\centering", r"\small",
-                 r"\begin{tabular}{" + "l" * len(header) + "}", r"\hline",
-                 " & ".join(latex_escape(h) for h in header) + r" \\", r"\hline"]
+        lines = [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\small",
+            r"\begin{tabular}{" + "l" * len(header) + "}",
+            r"\hline",
+            " & ".join(latex_escape(h) for h in header) + r" \\",
+            r"\hline",
+        ]
         for r in t.rows:
             cells = _cells(t, r, lambda s: "\x00" + s + "\x01")
             cells = [latex_escape(c).replace("\x00", r"\textbf{").replace("\x01", "}") for c in cells]
             lines.append(" & ".join(cells) + r" \\")
-        lines += [r"\hline", r"\end{tabular}",
-                  r"\caption{" + latex_escape(f"Ablation: {t.factor}{ref}. Mean ± std over seeds (n); best in bold; "
-                                              f"Δ with a {t.confidence:.0%} t-interval over paired seeds.") + "}",
-                  r"\label{tab:ablation-" + _slug(t.factor) + "}", r"\end{table}"]
+        lines += [
+            r"\hline",
+            r"\end{tabular}",
+            r"\caption{"
+            + latex_escape(
+                f"Ablation: {t.factor}{ref}. Mean ± std over seeds (n); best in bold; "
+                f"Δ with a {t.confidence:.0%} t-interval over paired seeds."
+            )
+            + "}",
+            r"\label{tab:ablation-" + _slug(t.factor) + "}",
+            r"\end{table}",
+        ]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
@@ -163,7 +225,9 @@ def render_json(tables: list[FactorTable]) -> str:
 def render(tables: list[FactorTable], fmt_name: str) -> str:
     if fmt_name not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt_name!r}")
-    return {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "json": render_json}[fmt_name](tables)
+    return {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "json": render_json}[fmt_name](
+        tables
+    )
 
 
 # ------------------------------------------------------------------------------ plots
@@ -176,6 +240,7 @@ def plot_table(t: FactorTable, path: str | Path) -> Path | None:
     if not panels:
         return None
     import matplotlib
+
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -191,10 +256,24 @@ def plot_table(t: FactorTable, path: str | Path) -> Path | None:
                 continue
             marker = "*" if c in r.best else "s" if r.is_reference else "o"
             color = "#d62728" if c in r.best else "#ff7f0e" if r.is_reference else "#1f77b4"
-            ax.errorbar([i], [s.mean], yerr=[s.std or 0.0], fmt=marker, color=color, markersize=11 if marker == "*" else 7,
-                        capsize=5, elinewidth=1.5)
-            ax.annotate(f"n={s.n}", (i, s.mean - (s.std or 0.0)), xytext=(0, -12), textcoords="offset points",
-                        ha="center", fontsize=8)
+            ax.errorbar(
+                [i],
+                [s.mean],
+                yerr=[s.std or 0.0],
+                fmt=marker,
+                color=color,
+                markersize=11 if marker == "*" else 7,
+                capsize=5,
+                elinewidth=1.5,
+            )
+            ax.annotate(
+                f"n={s.n}",
+                (i, s.mean - (s.std or 0.0)),
+                xytext=(0, -12),
+                textcoords="offset points",
+                ha="center",
+                fontsize=8,
+            )
         ax.set_xticks(range(len(t.rows)), [r.label for r in t.rows], rotation=30, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(t.rows) - 0.4)
         ax.margins(y=0.2)

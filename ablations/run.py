@@ -25,7 +25,9 @@ def main(factor: str | Factor, argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
-        print(f"usage: python -m ablations.run {{{','.join(FACTORS)}}} [options]   (--help after the factor)",
-              file=sys.stderr)
+        print(
+            f"usage: python -m ablations.run {{{','.join(FACTORS)}}} [options]   (--help after the factor)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     sys.exit(main(sys.argv[1], sys.argv[2:]))

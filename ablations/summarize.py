@@ -25,18 +25,39 @@ ARTIFACT_DIR = "summary"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ablations.summarize", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mlflow-uri", default=None,
-                   help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the current folder)")
-    p.add_argument("--experiment", action="append", default=[], metavar="NAME",
-                   help="a sweep experiment to read (repeatable; default: every experiment tagged ssamba.sweep=1)")
+    p = argparse.ArgumentParser(
+        prog="python -m ablations.summarize",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite mlflow.db in the current folder)",
+    )
+    p.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a sweep experiment to read (repeatable; default: every experiment tagged ssamba.sweep=1)",
+    )
     p.add_argument("--sweep-id", default=None, help="only the runs of this sweep invocation (tag sweep.id)")
-    p.add_argument("--reference", action="append", default=[], metavar="ARM|FACTOR=ARM",
-                   help="reference arm for the differences (default: each sweep's sweep.reference_arm); "
-                        "FACTOR=ARM sets it for one factor (repeatable)")
-    p.add_argument("--ignore-param", action="append", default=[], metavar="KEY",
-                   help="a dotted config key that must not split rows (beyond the built-in per-run noise list)")
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="ARM|FACTOR=ARM",
+        help="reference arm for the differences (default: each sweep's sweep.reference_arm); "
+        "FACTOR=ARM sets it for one factor (repeatable)",
+    )
+    p.add_argument(
+        "--ignore-param",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="a dotted config key that must not split rows (beyond the built-in per-run noise list)",
+    )
     p.add_argument("--format", choices=FORMATS, default="markdown", help="table format (default: markdown)")
     p.add_argument("--out", default=None, help="write the table to this file instead of stdout")
     p.add_argument("--plot", default=None, metavar="DIR", help="write one PNG per ablation into DIR")
@@ -53,8 +74,10 @@ def parse_reference(items: list[str]) -> str | dict[str, str] | None:
         return {f.strip(): a.strip() for f, _, a in pairs}
     if len(items) == 1:
         return items[0]
-    raise SummaryError(f"--reference takes one ARM for every factor or FACTOR=ARM items, got {items}. "
-                       "Fix: write every item as FACTOR=ARM.")
+    raise SummaryError(
+        f"--reference takes one ARM for every factor or FACTOR=ARM items, got {items}. "
+        "Fix: write every item as FACTOR=ARM."
+    )
 
 
 def collect_runs(tracker, experiments: list[str], sweep_id: str | None):
@@ -62,11 +85,15 @@ def collect_runs(tracker, experiments: list[str], sweep_id: str | None):
     try:
         ids = tracker.experiment_ids(experiments) if experiments else tracker.sweep_experiments()
     except KeyError as exc:
-        raise SummaryError(f"{exc.args[0]}. Fix: check the name with `mlflow experiments search`, "
-                           "or leave out --experiment to read every sweep experiment.") from None
+        raise SummaryError(
+            f"{exc.args[0]}. Fix: check the name with `mlflow experiments search`, "
+            "or leave out --experiment to read every sweep experiment."
+        ) from None
     if not ids:
-        raise SummaryError(f"no sweep experiments (tag ssamba.sweep=1) in {tracker.uri}. Fix: run a sweep "
-                           "(python sweeps/masking.py), or point --mlflow-uri / $MLFLOW_TRACKING_URI at its store.")
+        raise SummaryError(
+            f"no sweep experiments (tag ssamba.sweep=1) in {tracker.uri}. Fix: run a sweep "
+            "(python sweeps/masking.py), or point --mlflow-uri / $MLFLOW_TRACKING_URI at its store."
+        )
     return tracker.runs_frame(ids, sweep_id=sweep_id)
 
 

@@ -37,13 +37,15 @@ from ssamba.base import names as N
 from ssamba.base.errors import SSAMBAError
 
 # Params that vary between runs without changing what is measured: never used to split rows.
-NOISE_PARAMS = frozenset({
-    "seed",                # the replicate axis itself
-    "device",              # auto | cpu | cuda: where it ran
-    "data.cache_dir",      # where the feature cache lives
-    "data.num_workers",    # DataLoader processes
-    "model.scan_backend",  # reference or CUDA kernel: the same math
-})
+NOISE_PARAMS = frozenset(
+    {
+        "seed",  # the replicate axis itself
+        "device",  # auto | cpu | cuda: where it ran
+        "data.cache_dir",  # where the feature cache lives
+        "data.num_workers",  # DataLoader processes
+        "model.scan_backend",  # reference or CUDA kernel: the same math
+    }
+)
 PRETRAIN_COLUMNS = ("pretrain/acc", "pretrain/loss")
 COST_COLUMN = N.COST_DEVICE_HOURS
 
@@ -51,6 +53,8 @@ COST_COLUMN = N.COST_DEVICE_HOURS
 def _tag(name: str) -> str:
     """The run-table column of a tag."""
     return N.column("tags", name)
+
+
 HIGHER_IS_BETTER = {"pretrain/acc": True, "pretrain/loss": False}  # tasks: higher (accuracy / mAP)
 STATUSES = ("finished", "failed", "running", "incomplete", "duplicate")
 MAX_LABEL_KEYS = 3
@@ -129,20 +133,48 @@ def t_quantile(q: float, df: int) -> float:
     return float(t.ppf(q, df))
 
 
-_T975 = (12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157,
-         2.228139, 2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922,
-         2.093024, 2.085963, 2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831,
-         2.048407, 2.045230, 2.042272)
+_T975 = (
+    12.706205,
+    4.302653,
+    3.182446,
+    2.776445,
+    2.570582,
+    2.446912,
+    2.364624,
+    2.306004,
+    2.262157,
+    2.228139,
+    2.200985,
+    2.178813,
+    2.160369,
+    2.144787,
+    2.131450,
+    2.119905,
+    2.109816,
+    2.100922,
+    2.093024,
+    2.085963,
+    2.079614,
+    2.073873,
+    2.068658,
+    2.063899,
+    2.059539,
+    2.055529,
+    2.051831,
+    2.048407,
+    2.045230,
+    2.042272,
+)
 
 
 def _t_quantile_fallback(q: float, df: int) -> float:
     if abs(q - 0.975) < 1e-12 and df <= len(_T975):
         return _T975[df - 1]
     z = statistics.NormalDist().inv_cdf(q)
-    g1 = (z ** 3 + z) / 4
-    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
-    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
-    return z + g1 / df + g2 / df ** 2 + g3 / df ** 3
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
 
 
 def describe(values: dict[str, float]) -> Stat:
@@ -169,8 +201,13 @@ def paired_difference(row: dict[str, float], ref: dict[str, float], vs: str, con
 
 
 # ------------------------------------------------------------------------------ the summary
-def summarize(runs: pd.DataFrame, reference: str | dict[str, str] | None = None, *,
-              ignore_params: tuple[str, ...] = (), confidence: float = 0.95) -> list[FactorTable]:
+def summarize(
+    runs: pd.DataFrame,
+    reference: str | dict[str, str] | None = None,
+    *,
+    ignore_params: tuple[str, ...] = (),
+    confidence: float = 0.95,
+) -> list[FactorTable]:
     """Runs of one or more sweeps -> one table per ablation factor (sorted by factor name).
 
     ``reference``: an arm label for every factor, or ``{factor: arm}``; default each factor's parent
@@ -189,8 +226,10 @@ def summarize(runs: pd.DataFrame, reference: str | dict[str, str] | None = None,
     refs = reference if isinstance(reference, dict) else {f: reference for f in factors} if reference else {}
     unknown = set(refs) - set(factors) if isinstance(reference, dict) else set()
     if unknown:
-        raise SummaryError(f"--reference names factor(s) {sorted(unknown)} but the runs hold factors {factors}. "
-                           "Fix: use FACTOR=ARM with one of those factors.")
+        raise SummaryError(
+            f"--reference names factor(s) {sorted(unknown)} but the runs hold factors {factors}. "
+            "Fix: use FACTOR=ARM with one of those factors."
+        )
     tables = []
     for factor in factors:
         ft = trials[_col(trials, _tag(N.FACTOR)).fillna("unknown") == factor]
@@ -199,40 +238,67 @@ def summarize(runs: pd.DataFrame, reference: str | dict[str, str] | None = None,
     return tables
 
 
-def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, reference: str | None,
-                  noise: frozenset[str], confidence: float) -> FactorTable:
+def _factor_table(
+    factor: str,
+    trials: pd.DataFrame,
+    parents: pd.DataFrame,
+    reference: str | None,
+    noise: frozenset[str],
+    confidence: float,
+) -> FactorTable:
     notes: list[str] = []
     parents = parents.sort_values("start_time", kind="stable") if "start_time" in parents else parents
     natural = _merge_lists(_json_list(v) for v in _col(parents, _tag(N.SWEEP_ARMS)))
     listed_tasks = _merge_lists(_json_list(v) for v in _col(parents, _tag(N.SWEEP_TASKS)))
-    seen_tasks = sorted({c.split("/")[1] for c in trials.columns
-                         if c.startswith("metrics.") and N.is_final(c[len("metrics."):]) and trials[c].notna().any()})
+    seen_tasks = sorted(
+        {
+            c.split("/")[1]
+            for c in trials.columns
+            if c.startswith("metrics.") and N.is_final(c[len("metrics.") :]) and trials[c].notna().any()
+        }
+    )
     tasks = tuple(listed_tasks + [t for t in seen_tasks if t not in listed_tasks])
-    sweep_tasks = {sid: _json_list(t) for sid, t in zip(_col(parents, _tag(N.SWEEP_ID)), _col(parents, _tag(N.SWEEP_TASKS)))
-                   if isinstance(t, str)}
+    sweep_tasks = {
+        sid: _json_list(t)
+        for sid, t in zip(_col(parents, _tag(N.SWEEP_ID)), _col(parents, _tag(N.SWEEP_TASKS)))
+        if isinstance(t, str)
+    }
     present = set(_col(trials, _tag(N.ARM)).astype(str))
     arms = tuple([a for a in natural if a in present] + sorted(present - set(natural), key=_natural_key))
 
     declared = [r for r in _col(parents, _tag(N.SWEEP_REFERENCE)) if isinstance(r, str) and r]
     if len(set(declared)) > 1:
-        notes.append(f"the sweeps declare different reference arms {sorted(set(declared))}; the latest, "
-                     f"{declared[-1]!r}, is used")
+        notes.append(
+            f"the sweeps declare different reference arms {sorted(set(declared))}; the latest, "
+            f"{declared[-1]!r}, is used"
+        )
     ref_arm = reference or (declared[-1] if declared else None)
     if reference and reference not in arms:
-        raise SummaryError(f"reference arm {reference!r} is not an arm of factor {factor!r} (arms: {list(arms)}). "
-                           f"Fix: pass one of those, or --reference {factor}=ARM to set it for this factor only.")
+        raise SummaryError(
+            f"reference arm {reference!r} is not an arm of factor {factor!r} (arms: {list(arms)}). "
+            f"Fix: pass one of those, or --reference {factor}=ARM to set it for this factor only."
+        )
     if ref_arm is not None and ref_arm not in arms:
         notes.append(f"reference arm {ref_arm!r} has no runs: no differences computed")
 
     # one record per trial: status, seed, settings key
-    param_cols = sorted(c for c in trials.columns if c.startswith("params.") and c[len("params."):] not in noise)
+    param_cols = sorted(c for c in trials.columns if c.startswith("params.") and c[len("params.") :] not in noise)
     records = []
     for _, r in trials.iterrows():
-        settings = {c[len("params."):]: str(r[c]) for c in param_cols if _present(r[c])}
+        settings = {c[len("params.") :]: str(r[c]) for c in param_cols if _present(r[c])}
         required = sweep_tasks.get(r.get(_tag(N.SWEEP_ID)), list(tasks))
-        records.append(dict(run_id=str(r["run_id"]), arm=str(r[_tag(N.ARM)]), seed=_seed(r),
-                            status=_trial_status(r, required), start=_num(r.get("start_time")) or 0.0,
-                            settings=settings, key=tuple(sorted(settings.items())), row=r))
+        records.append(
+            dict(
+                run_id=str(r["run_id"]),
+                arm=str(r[_tag(N.ARM)]),
+                seed=_seed(r),
+                status=_trial_status(r, required),
+                start=_num(r.get("start_time")) or 0.0,
+                settings=settings,
+                key=tuple(sorted(settings.items())),
+                row=r,
+            )
+        )
 
     groups: dict[tuple[str, tuple], list[dict]] = {}
     for rec in records:
@@ -252,12 +318,26 @@ def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, refe
                     counts["finished"] -= 1
                 latest[rec["seed"]] = rec
             counts[rec["status"]] += 1
-        per_col = {c: {s: v for s, rec in latest.items()
-                       if _present(v := _num(rec["row"].get(_metric_col(c, tasks))))} for c in columns}
-        failures = tuple((rec["run_id"], rec["seed"], _text(rec["row"].get(_tag(N.TRIAL_ERROR)))[:300])
-                         for rec in recs if rec["status"] == "failed")
-        built.append(dict(arm=arm_label, key=key, settings=dict(key), counts=counts, values=per_col,
-                          failures=failures, run_ids=tuple(rec["run_id"] for rec in recs)))
+        per_col = {
+            c: {s: v for s, rec in latest.items() if _present(v := _num(rec["row"].get(_metric_col(c, tasks))))}
+            for c in columns
+        }
+        failures = tuple(
+            (rec["run_id"], rec["seed"], _text(rec["row"].get(_tag(N.TRIAL_ERROR)))[:300])
+            for rec in recs
+            if rec["status"] == "failed"
+        )
+        built.append(
+            dict(
+                arm=arm_label,
+                key=key,
+                settings=dict(key),
+                counts=counts,
+                values=per_col,
+                failures=failures,
+                run_ids=tuple(rec["run_id"] for rec in recs),
+            )
+        )
 
     order = {a: i for i, a in enumerate(arms)}
     built.sort(key=lambda g: (order[g["arm"]], labels[(g["arm"], g["key"])][0]))
@@ -274,21 +354,42 @@ def _factor_table(factor: str, trials: pd.DataFrame, parents: pd.DataFrame, refe
             match, why = _closest(g, ref_groups)
             vs = labels[(match["arm"], match["key"])][0] if match else ref_arm
             for t in tasks:
-                diffs[t] = (paired_difference(g["values"][t], match["values"][t], vs, confidence) if match
-                            else Diff(None, None, None, 0, vs, why))
-        rows.append(dict(arm=g["arm"], label=label, settings=g["settings"], distinct=distinct, counts=g["counts"],
-                         cells=cells, diffs=diffs, is_reference=g["arm"] == ref_arm, run_ids=g["run_ids"],
-                         failures=g["failures"]))
+                diffs[t] = (
+                    paired_difference(g["values"][t], match["values"][t], vs, confidence)
+                    if match
+                    else Diff(None, None, None, 0, vs, why)
+                )
+        rows.append(
+            dict(
+                arm=g["arm"],
+                label=label,
+                settings=g["settings"],
+                distinct=distinct,
+                counts=g["counts"],
+                cells=cells,
+                diffs=diffs,
+                is_reference=g["arm"] == ref_arm,
+                run_ids=g["run_ids"],
+                failures=g["failures"],
+            )
+        )
 
     best = _best(rows, columns, tasks)
     final_rows = tuple(Row(**r, best=tuple(c for c in columns if i in best[c])) for i, r in enumerate(rows))
     costs = [v for v in (_num(x) for x in _col(trials, f"metrics.{COST_COLUMN}")) if _present(v)]
     return FactorTable(
-        factor=factor, reference_arm=ref_arm if ref_arm in arms else None, arms=arms, tasks=tasks,
-        columns=columns, rows=final_rows,
+        factor=factor,
+        reference_arm=ref_arm if ref_arm in arms else None,
+        arms=arms,
+        tasks=tasks,
+        columns=columns,
+        rows=final_rows,
         parent_run_ids=tuple(str(x) for x in _col(parents, "run_id")),
         sweep_ids=tuple(sorted({str(s) for s in _col(trials, _tag(N.SWEEP_ID)).dropna()})),
-        total_device_hours=sum(costs) if costs else None, confidence=confidence, notes=tuple(notes))
+        total_device_hours=sum(costs) if costs else None,
+        confidence=confidence,
+        notes=tuple(notes),
+    )
 
 
 def _trial_status(r: pd.Series, required_tasks: list[str]) -> str:
@@ -313,8 +414,9 @@ def _labels(groups: dict[tuple[str, tuple], list]) -> dict[tuple[str, tuple], tu
         by_arm.setdefault(arm, []).append(key)
     for arm, keys in by_arm.items():
         dicts = [dict(k) for k in keys]
-        varying = sorted({k for d in dicts for k in d if len({e.get(k) for e in dicts}) > 1},
-                         key=lambda k: (k != "name", k))  # the preset first: it explains the rest
+        varying = sorted(
+            {k for d in dicts for k in d if len({e.get(k) for e in dicts}) > 1}, key=lambda k: (k != "name", k)
+        )  # the preset first: it explains the rest
         used = set()
         for key, d in zip(keys, dicts):
             distinct = {k: d.get(k, "<unset>") for k in varying}
@@ -332,9 +434,11 @@ def _labels(groups: dict[tuple[str, tuple], list]) -> dict[tuple[str, tuple], tu
 
 def _closest(g: dict, candidates: list[dict]) -> tuple[dict | None, str]:
     """The reference row whose settings differ from ``g``'s in the fewest params (ties: none)."""
+
     def distance(c):
         keys = set(g["settings"]) | set(c["settings"])
         return sum(g["settings"].get(k) != c["settings"].get(k) for k in keys)
+
     dist = [distance(c) for c in candidates]
     best = min(dist)
     tied = [c for c, d in zip(candidates, dist) if d == best]
@@ -418,6 +522,7 @@ def _natural_key(s: str) -> tuple:
 # ------------------------------------------------------------------------------ plain-data form
 def to_dict(tables: list[FactorTable]) -> list[dict]:
     """Tables -> JSON-ready lists and dicts (the inverse is :func:`from_dict`)."""
+
     def conv(obj):
         if isinstance(obj, (FactorTable, Row, Stat, Diff)):
             return {f.name: conv(getattr(obj, f.name)) for f in fields(obj)}
@@ -426,6 +531,7 @@ def to_dict(tables: list[FactorTable]) -> list[dict]:
         if isinstance(obj, (tuple, list)):
             return [conv(v) for v in obj]
         return obj
+
     return [conv(t) for t in tables]
 
 
@@ -434,10 +540,27 @@ def from_dict(data: list[dict]) -> list[FactorTable]:
         return tuple(tup(x) for x in v) if isinstance(v, list) else v
 
     def row(d):
-        return Row(**{**d, "cells": {k: Stat(**{**s, "seeds": tup(s["seeds"]), "values": tup(s["values"])})
-                                      for k, s in d["cells"].items()},
-                      "diffs": {k: Diff(**x) for k, x in d["diffs"].items()},
-                      "best": tup(d["best"]), "run_ids": tup(d["run_ids"]), "failures": tup(d["failures"])})
-    return [FactorTable(**{**t, "rows": tuple(row(r) for r in t["rows"]),
-                           **{k: tup(t[k]) for k in ("arms", "tasks", "columns", "parent_run_ids", "sweep_ids", "notes")}})
-            for t in data]
+        return Row(
+            **{
+                **d,
+                "cells": {
+                    k: Stat(**{**s, "seeds": tup(s["seeds"]), "values": tup(s["values"])})
+                    for k, s in d["cells"].items()
+                },
+                "diffs": {k: Diff(**x) for k, x in d["diffs"].items()},
+                "best": tup(d["best"]),
+                "run_ids": tup(d["run_ids"]),
+                "failures": tup(d["failures"]),
+            }
+        )
+
+    return [
+        FactorTable(
+            **{
+                **t,
+                "rows": tuple(row(r) for r in t["rows"]),
+                **{k: tup(t[k]) for k in ("arms", "tasks", "columns", "parent_run_ids", "sweep_ids", "notes")},
+            }
+        )
+        for t in data
+    ]

@@ -1,7 +1,7 @@
 """``python -m ssamba.finetune``: fine-tuning from our checkpoint, an official one, or scratch, without Ray.
 
-  python -m ssamba.finetune --init runs/pretrain-demo-.../best.pt     # demo task on the demo corpus
-  python -m ssamba.finetune --preset paper-tiny --manifest esc50.parquet --set finetune.fold=1 --init scratch
+python -m ssamba.finetune --init runs/pretrain-demo-.../best.pt     # demo task on the demo corpus
+python -m ssamba.finetune --preset paper-tiny --manifest esc50.parquet --set finetune.fold=1 --init scratch
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ from ssamba.config.cli import add_config_args, out_dir, print_config, resolve_co
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ssamba.finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ssamba.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(p)
     p.add_argument("--manifest", help="labelled manifest (.parquet); default: the demo corpus")
-    p.add_argument("--init", default="scratch",
-                   help="pretrained weights: our checkpoint (.pt), an official SSAMBA/SSAST .pth, or 'scratch' (default)")
+    p.add_argument(
+        "--init",
+        default="scratch",
+        help="pretrained weights: our checkpoint (.pt), an official SSAMBA/SSAST .pth, or 'scratch' (default)",
+    )
     args = p.parse_args(argv)
     try:
         cfg = resolve_config(args, {"finetune.manifest": args.manifest} if args.manifest else None)

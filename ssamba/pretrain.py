@@ -1,7 +1,7 @@
 """``python -m ssamba.pretrain``: MSPM pretraining from a named preset, without Ray.
 
-  python -m ssamba.pretrain                                   # demo preset on the demo corpus
-  python -m ssamba.pretrain --preset paper-tiny --manifest audioset.parquet --set pretrain.mask_count=300
+python -m ssamba.pretrain                                   # demo preset on the demo corpus
+python -m ssamba.pretrain --preset paper-tiny --manifest audioset.parquet --set pretrain.mask_count=300
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from ssamba.config.presets import get_preset
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ssamba.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ssamba.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_config_args(p)
     p.add_argument("--manifest", help="pretraining manifest (.parquet); default: the demo corpus")
     args = p.parse_args(argv)
@@ -26,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
             print_config(cfg)
             return 0
         if get_preset(args.preset).real_data and not cfg.data.manifest:
-            raise SSAMBAError(f"preset {args.preset} pretrains on real data: pass --manifest FILE.parquet "
-                              f"(make one with `python -m ssamba.data prepare ...`)")
+            raise SSAMBAError(
+                f"preset {args.preset} pretrains on real data: pass --manifest FILE.parquet "
+                f"(make one with `python -m ssamba.data prepare ...`)"
+            )
         from ssamba.train.jobs import run_pretrain
 
         out = out_dir(args, "pretrain")
@@ -35,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     except SSAMBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"pretraining done: {res.steps} steps in {res.seconds:.1f} s ({res.samples_per_s:.1f} samples/s); "
-          f"best masked accuracy {res.best_metric:.4f}; checkpoint {res.best_path}")
+    print(
+        f"pretraining done: {res.steps} steps in {res.seconds:.1f} s ({res.samples_per_s:.1f} samples/s); "
+        f"best masked accuracy {res.best_metric:.4f}; checkpoint {res.best_path}"
+    )
     return 0
 
 

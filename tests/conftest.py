@@ -17,10 +17,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def write_tone(path: Path, seconds: float = 1.0, sr: int = 16000, freq: float = 440.0, channels: int = 1,
-               subtype: str = "PCM_16", seed: int = 0) -> Path:
+def write_tone(
+    path: Path,
+    seconds: float = 1.0,
+    sr: int = 16000,
+    freq: float = 440.0,
+    channels: int = 1,
+    subtype: str = "PCM_16",
+    seed: int = 0,
+) -> Path:
     """A sine tone plus a little noise, written with soundfile (format from the suffix)."""
     import soundfile as sf  # imported here: the GPU machines have no soundfile, and GPU tests need none
+
     rng = np.random.default_rng(seed)
     t = np.arange(int(round(seconds * sr))) / sr
     x = 0.3 * np.sin(2 * np.pi * freq * t) + 0.01 * rng.standard_normal(t.size)

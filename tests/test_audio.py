@@ -23,14 +23,30 @@ def official_fbank(path) -> torch.Tensor:
     if sr != 16000:
         wave = AF.resample(wave, sr, 16000)
     wave = wave - wave.mean()
-    return kaldi.fbank(wave[None], htk_compat=True, sample_frequency=16000, use_energy=False,
-                       window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    return kaldi.fbank(
+        wave[None],
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    )
 
 
 def _kaldi_official(wave: torch.Tensor) -> torch.Tensor:
     wave = wave - wave.mean()
-    return kaldi.fbank(wave[None], htk_compat=True, sample_frequency=16000, use_energy=False,
-                       window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+    return kaldi.fbank(
+        wave[None],
+        htk_compat=True,
+        sample_frequency=16000,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=128,
+        dither=0.0,
+        frame_shift=10,
+    )
 
 
 def test_fbank_equals_official_call_16k_wav(shared_data):
@@ -121,10 +137,17 @@ def _bad_files(tmp_path):
     return out
 
 
-@pytest.mark.parametrize("kind,reason", [
-    ("missing", "missing"), ("empty", "empty"), ("unreadable", "unreadable"),
-    ("zero_length", "empty"), ("non_finite", "non_finite"), ("infinite", "non_finite"),
-])
+@pytest.mark.parametrize(
+    "kind,reason",
+    [
+        ("missing", "missing"),
+        ("empty", "empty"),
+        ("unreadable", "unreadable"),
+        ("zero_length", "empty"),
+        ("non_finite", "non_finite"),
+        ("infinite", "non_finite"),
+    ],
+)
 def test_bad_files_raise_naming_the_file_and_fix(tmp_path, kind, reason):
     path = _bad_files(tmp_path)[kind]
     with pytest.raises(AudioError) as info:
@@ -149,7 +172,7 @@ def test_truncated_file(tmp_path):
     wav = write_tone(tmp_path / "full.wav", seconds=2.0)
     raw = wav.read_bytes()
     cutw = tmp_path / "cut.wav"
-    cutw.write_bytes(raw[:44 + 1000])  # header + 500 samples of 32000
+    cutw.write_bytes(raw[: 44 + 1000])  # header + 500 samples of 32000
     try:
         data, _ = decode(cutw)
         assert data.shape[0] <= 500

@@ -26,14 +26,42 @@ def one_thread():
 
 
 def _ok(tokens, ms, mem, thr, batch=1):
-    return {"tokens": tokens, "status": "ok", "batch": 1, "latency_ms": ms, "peak_mem_bytes": mem,
-            "throughput_seq_s": thr, "max_batch": batch}
+    return {
+        "tokens": tokens,
+        "status": "ok",
+        "batch": 1,
+        "latency_ms": ms,
+        "peak_mem_bytes": mem,
+        "throughput_seq_s": thr,
+        "max_batch": batch,
+    }
 
 
 def test_cpu_run_json_table_headline_plots(tmp_path, capsys):
-    res = cli.main(["--device", "cpu", "--models", MODELS, "--tokens", "16,32", "--dtypes", "fp32,bf16",
-                      "--warmup", "1", "--repeats", "2", "--max-batch", "3", "--train-tokens", "32",
-                      "--train-batch", "2", "--out", str(tmp_path)])
+    res = cli.main(
+        [
+            "--device",
+            "cpu",
+            "--models",
+            MODELS,
+            "--tokens",
+            "16,32",
+            "--dtypes",
+            "fp32,bf16",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "--max-batch",
+            "3",
+            "--train-tokens",
+            "32",
+            "--train-batch",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["headline"] == json.loads(json.dumps(res["headline"]))
     meta = saved["meta"]
@@ -51,8 +79,9 @@ def test_cpu_run_json_table_headline_plots(tmp_path, capsys):
     assert len(saved["train"]) == 6 and all(e["status"] == "ok" and e["step_ms"] > 0 for e in saved["train"])
     # headline: at the length nearest 22000 (32 here), against both baselines, for both dtypes
     hl = saved["headline"]
-    assert {(h["dtype"], h["baseline"]) for h in hl} == {(d, b) for d in ("fp32", "bf16")
-                                                         for b in ("ssast-test-mat", "ssast-test-fused")}
+    assert {(h["dtype"], h["baseline"]) for h in hl} == {
+        (d, b) for d in ("fp32", "bf16") for b in ("ssast-test-mat", "ssast-test-fused")
+    }
     assert all(h["tokens"] == 32 and "nearest measured to 22000" in h["line"] for h in hl)
     out = capsys.readouterr().out
     assert "| model | dtype | backend | tokens |" in out
@@ -65,16 +94,42 @@ def test_cpu_run_json_table_headline_plots(tmp_path, capsys):
 
     # --resume keeps every point and measures nothing again; --replot redoes only the report
     before = (tmp_path / "results.json").read_text()
-    res2 = cli.main(["--device", "cpu", "--models", MODELS, "--tokens", "16,32", "--dtypes", "fp32,bf16",
-                       "--train-tokens", "32", "--out", str(tmp_path), "--resume"])
+    res2 = cli.main(
+        [
+            "--device",
+            "cpu",
+            "--models",
+            MODELS,
+            "--tokens",
+            "16,32",
+            "--dtypes",
+            "fp32,bf16",
+            "--train-tokens",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--resume",
+        ]
+    )
     assert res2["inference"] == json.loads(before)["inference"] and res2["train"] == json.loads(before)["train"]
     res3 = cli.main(["--replot", "--out", str(tmp_path)])
     assert [h["line"] for h in res3["headline"]] == [h["line"] for h in res2["headline"]]
 
 
 def test_paper_protocol(tmp_path):
-    res = cli.main(["--device", "cpu", "--models", "ssamba-test-uni,ssast-test-fused", "--tokens", "16",
-                      "--paper-protocol", "--out", str(tmp_path)])
+    res = cli.main(
+        [
+            "--device",
+            "cpu",
+            "--models",
+            "ssamba-test-uni,ssast-test-fused",
+            "--tokens",
+            "16",
+            "--paper-protocol",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     s = res["meta"]["settings"]
     assert (s["dtypes"], s["batch"], s["warmup"], s["repeats"], s["reduce"]) == (["fp32"], 2, 0, 5, "mean")
     e = res["inference"][0]
@@ -86,8 +141,8 @@ def test_paper_protocol(tmp_path):
 
 
 def test_headline_arithmetic():
-    gib = 2 ** 30
-    mib = 2 ** 20
+    gib = 2**30
+    mib = 2**20
     c = compare(_ok(22000, 28.6, 425 * mib, 56.0), _ok(22000, 158.0, 14 * gib, 6.3))
     assert c["speed_phrase"] == "81.9% faster" and c["faster_pct"] == pytest.approx(81.899, abs=1e-3)
     assert c["latency_ratio"] == pytest.approx(158 / 28.6)
@@ -103,15 +158,20 @@ def test_headline_arithmetic():
     assert f["speed_phrase"] == "115.0% slower" and f["faster_pct"] == pytest.approx(-115.04, abs=0.01)
     assert f["memory_phrase"] == "needs 116.8% more memory" and f["memory_less_pct"] < 0
     # headline picks 22000 itself when measured, else the nearest common length, and notes an OOM
-    res = {"inference": [
-        {"model": "ssamba-tiny-bi", "dtype": "fp32", **_ok(16384, 20, 300 * mib, 60)},
-        {"model": "ssamba-tiny-bi", "dtype": "fp32", **_ok(22000, 28.6, 425 * mib, 56.0, 64)},
-        {"model": "ssast-tiny-mat", "dtype": "fp32", **_ok(16384, 100, 8 * gib, 9)},
-        {"model": "ssast-tiny-mat", "dtype": "fp32", "tokens": 22000, "status": "oom"},
-        {"model": "ssast-tiny-fused", "dtype": "fp32", **_ok(22000, 13.3, 196 * mib, 77.0, 64)}]}
+    res = {
+        "inference": [
+            {"model": "ssamba-tiny-bi", "dtype": "fp32", **_ok(16384, 20, 300 * mib, 60)},
+            {"model": "ssamba-tiny-bi", "dtype": "fp32", **_ok(22000, 28.6, 425 * mib, 56.0, 64)},
+            {"model": "ssast-tiny-mat", "dtype": "fp32", **_ok(16384, 100, 8 * gib, 9)},
+            {"model": "ssast-tiny-mat", "dtype": "fp32", "tokens": 22000, "status": "oom"},
+            {"model": "ssast-tiny-fused", "dtype": "fp32", **_ok(22000, 13.3, 196 * mib, 77.0, 64)},
+        ]
+    }
     rows = {r["baseline"]: r for r in headline(res)}
     assert rows["ssast-tiny-mat"]["tokens"] == 16384
-    assert "80.0% faster and 96.3% more memory-efficient than SSAST-tiny (materialised)" in rows["ssast-tiny-mat"]["line"]
+    assert (
+        "80.0% faster and 96.3% more memory-efficient than SSAST-tiny (materialised)" in rows["ssast-tiny-mat"]["line"]
+    )
     assert "ssast-tiny-mat out of memory at 22000" in rows["ssast-tiny-mat"]["line"]
     assert rows["ssast-tiny-fused"]["tokens"] == 22000 and "nearest" not in rows["ssast-tiny-fused"]["line"]
     assert "[fp32, 22000 tokens, batch 1] SSAMBA-tiny (bi) is 115.0% slower" in rows["ssast-tiny-fused"]["line"]
@@ -125,6 +185,7 @@ def test_sweep_stops_at_oom():
         if n >= 1024:
             raise torch.cuda.OutOfMemoryError("fake")
         return {"latency_ms": 1.0}
+
     out = list(sweep_lengths([512, 1024, 2048, 4096], measure))
     assert calls == [512, 1024]
     assert [(e["tokens"], e["status"]) for e in out] == [(512, "ok"), (1024, "oom")]
@@ -135,6 +196,7 @@ def test_sweep_stops_at_oom():
 def test_oom_in_words_and_other_errors():
     def raise_(e):
         raise e
+
     assert not fits(lambda: raise_(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")))
     assert not fits(lambda: raise_(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 40 GiB")))
     assert fits(lambda: None)
@@ -164,9 +226,11 @@ def test_bench_records_oom_and_stops_growing(tmp_path):
 
     def build(name, tokens, device, train):
         built.append((name, tokens))
-        return FakeModel(budget=128 if name == "ssast-tiny-mat" else 10 ** 9)
-    s = Settings(device="cpu", dtypes=("fp32",), tokens=(16, 32, 64, 128, 256), warmup=0, repeats=1,
-                 max_batch=8, train=False)
+        return FakeModel(budget=128 if name == "ssast-tiny-mat" else 10**9)
+
+    s = Settings(
+        device="cpu", dtypes=("fp32",), tokens=(16, 32, 64, 128, 256), warmup=0, repeats=1, max_batch=8, train=False
+    )
     res = Bench(["ssast-tiny-mat", "ssamba-tiny-bi"], s, tmp_path, build=build).run()
     mat = [e for e in res["inference"] if e["model"] == "ssast-tiny-mat"]
     assert [(e["tokens"], e["status"]) for e in mat] == [(16, "ok"), (32, "ok"), (64, "ok"), (128, "ok"), (256, "oom")]
@@ -185,6 +249,7 @@ def test_bench_records_oom_and_stops_growing(tmp_path):
 
 def replace_tokens(s, tokens):
     from dataclasses import replace
+
     return replace(s, tokens=tokens)
 
 
@@ -195,6 +260,7 @@ def test_batch_search_bisection(limit, cap):
     def ok(b):
         probes.append(b)
         return fits(lambda: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("fake")) if b > limit else None)
+
     best, capped = find_max_batch(ok, cap)
     assert best == min(limit, cap) and capped == (limit >= cap)
     assert max(probes) <= cap and len(probes) <= 2 * cap.bit_length()
@@ -234,14 +300,19 @@ def test_train_ladder_table_relates_ssamba_to_ssast_of_its_size_batch_and_dtype(
     from ssamba.bench import training as T
 
     P = T.Point
-    pts = [P("ssamba-tiny-bi", "pretrain", "bf16", 2, "scan", 32, 40.0, 800.0, 2 ** 30).__dict__,
-           P("ssamba-small-bi", "pretrain", "bf16", 2, "scan", 32, 80.0, 400.0, 2 ** 30).__dict__,
-           P("ssast-tiny-fused", "pretrain", "bf16", None, "SSAST", 32, 50.0, 640.0, 2 ** 30).__dict__,
-           P("ssast-tiny-fused", "pretrain", "bf16", None, "SSAST g", 32, 40.0, 800.0, 2 ** 30, graphed=True).__dict__,
-           P("ssamba-tiny-bi", "pretrain", "bf16", 0, "ref", 96, error="OOM", max_batch=True).__dict__]
+    pts = [
+        P("ssamba-tiny-bi", "pretrain", "bf16", 2, "scan", 32, 40.0, 800.0, 2**30).__dict__,
+        P("ssamba-small-bi", "pretrain", "bf16", 2, "scan", 32, 80.0, 400.0, 2**30).__dict__,
+        P("ssast-tiny-fused", "pretrain", "bf16", None, "SSAST", 32, 50.0, 640.0, 2**30).__dict__,
+        P("ssast-tiny-fused", "pretrain", "bf16", None, "SSAST g", 32, 40.0, 800.0, 2**30, graphed=True).__dict__,
+        P("ssamba-tiny-bi", "pretrain", "bf16", 0, "ref", 96, error="OOM", max_batch=True).__dict__,
+    ]
     md = T.train_markdown({"meta": {"device": "card"}, "points": pts, "profiles": []})
-    rows = {r.split("|")[2].strip() + "/" + r.split("|")[4].strip(): r for r in md.splitlines()
-            if r.startswith("| pretrain")}
+    rows = {
+        r.split("|")[2].strip() + "/" + r.split("|")[4].strip(): r
+        for r in md.splitlines()
+        if r.startswith("| pretrain")
+    }
     assert "| 1.25 / 1.00 |" in rows["ssamba-tiny-bi/2. scan"]
     assert "| - / - |" in rows["ssamba-small-bi/2. scan"]  # no SSAST-small measured
     assert "| OOM |" in rows["ssamba-tiny-bi/0. ref"] and "96 (max)" in rows["ssamba-tiny-bi/0. ref"]

@@ -30,18 +30,24 @@ def make_model(arch="ssamba", geom=Geometry(128, 128), num_classes=0, pretrain_h
 
 
 # ------------------------------------------------------------------------------------ round trip
-@pytest.mark.parametrize("arch,extra", [
-    ("ssamba", {}),
-    ("ssamba", {"norm": "rmsnorm", "layer_pairing": False, "final_norm_twice": False, "pooling": "cls"}),
-    ("ssast", {"attention": "materialized"}),
-])
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("ssamba", {}),
+        ("ssamba", {"norm": "rmsnorm", "layer_pairing": False, "final_norm_twice": False, "pooling": "cls"}),
+        ("ssast", {"attention": "materialized"}),
+    ],
+)
 def test_save_load_round_trip(tmp_path, arch, extra):
     torch.manual_seed(0)
     model = make_model(arch, Geometry(128, 96), num_classes=3, **extra)
     path = tmp_path / "sub" / "model.pt"
-    meta = dict(config={"seed": 3, "model.arch": arch, "finetune.lr": 1e-4},
-                frontend={"mean": -4.27, "std": 4.57, "num_mel_bins": 128},
-                label_vocab=["a", "b", "c"], metrics={"acc": 0.5, "step": 7})
+    meta = dict(
+        config={"seed": 3, "model.arch": arch, "finetune.lr": 1e-4},
+        frontend={"mean": -4.27, "std": 4.57, "num_mel_bins": 128},
+        label_vocab=["a", "b", "c"],
+        metrics={"acc": 0.5, "step": 7},
+    )
     assert save_checkpoint(path, model, **meta) == path
     assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # no temp file left behind
 
@@ -148,12 +154,12 @@ def independent_adapt(pos, src, dst, n_prefix):
     grid = pos[0, n_prefix:].reshape(pf, pt, d).permute(2, 0, 1)[None]  # frequency-major rows
     if t < pt:
         s = int(pt / 2) - int(t / 2)
-        grid = grid[..., s:s + t]
+        grid = grid[..., s : s + t]
     else:
         grid = F.interpolate(grid, size=(8, t), mode="bilinear", align_corners=False)  # the official 8
     if f < pf:
         s = int(pf / 2) - int(f / 2)
-        grid = grid[:, :, s:s + f]
+        grid = grid[:, :, s : s + f]
     else:
         grid = F.interpolate(grid, size=(f, t), mode="bilinear", align_corners=False)
     return torch.cat([pos[:, :n_prefix], grid[0].permute(1, 2, 0).reshape(1, f * t, d)], dim=1)
@@ -242,8 +248,12 @@ def test_transfer_keeps_heads_when_target_has_them_and_drops_foreign_classifier(
     src = pre.state_dict()
     target = make_model("ssamba", Geometry(128, 128), num_classes=0)
     dropped = transfer_encoder(src, (8, 8), target)
-    assert sorted(d.split(" ")[0] for d in dropped) == ["mlp_head.0.bias", "mlp_head.0.weight",
-                                                         "mlp_head.1.bias", "mlp_head.1.weight"]
+    assert sorted(d.split(" ")[0] for d in dropped) == [
+        "mlp_head.0.bias",
+        "mlp_head.0.weight",
+        "mlp_head.1.bias",
+        "mlp_head.1.weight",
+    ]
     assert all("classifier of another task" in d for d in dropped)
     for k, v in target.state_dict().items():
         assert torch.equal(v, src[k]), k  # same geometry: everything, pos_embed included, carried over
@@ -251,8 +261,7 @@ def test_transfer_keeps_heads_when_target_has_them_and_drops_foreign_classifier(
 
 def test_transfer_rejects_stray_keys():
     pre = make_model()
-    ft = make_model("ssamba", Geometry(128, 64), num_classes=2,
-                    pretrain_heads=False, fstride=10, tstride=10)
+    ft = make_model("ssamba", Geometry(128, 64), num_classes=2, pretrain_heads=False, fstride=10, tstride=10)
     src = dict(pre.state_dict())
     src["something.else"] = torch.zeros(1)
     with pytest.raises(CheckpointError, match="something.else"):

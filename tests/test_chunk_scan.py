@@ -63,8 +63,7 @@ def test_groups_and_parameter_rows_without_repeats():
         return t.view(dirs, 1, di, *t.shape[1:]).expand(dirs, batch, di, *t.shape[1:]).reshape(ch, *t.shape[1:])
 
     ref = selective_scan_ref(u, delta, rep(A), B, C, rep(D), delta_bias=rep(bias), delta_softplus=True)
-    got = CS.chunk_scan_emulated(u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di,
-                                 chunk_len=32)
+    got = CS.chunk_scan_emulated(u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di, chunk_len=32)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
@@ -75,8 +74,19 @@ def test_parameter_sets_and_a_log():
     u, delta, A, B, C, D, bias = inputs(b=1, ch=ch, L=64, groups=dirs * batch, rows=dirs * di, seed=5)
     want = CS.chunk_scan_emulated(u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di)
     a_log = torch.log(-A)
-    got = CS.chunk_scan_emulated(u, delta, (a_log[:di], a_log[di:]), B, C, (D[:di], D[di:]), (bias[:di], bias[di:]),
-                                 True, param_repeat=batch, param_period=di, a_log=True)
+    got = CS.chunk_scan_emulated(
+        u,
+        delta,
+        (a_log[:di], a_log[di:]),
+        B,
+        C,
+        (D[:di], D[di:]),
+        (bias[:di], bias[di:]),
+        True,
+        param_repeat=batch,
+        param_period=di,
+        a_log=True,
+    )
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="D must be given per set exactly when A is"):
         CS.chunk_scan_emulated(u, delta, (a_log[:di], a_log[di:]), B, C, D, None, param_repeat=batch, param_period=di)
@@ -91,7 +101,9 @@ def test_bad_shapes_name_the_argument():
     with pytest.raises(ValueError, match="D must be"):
         CS.chunk_scan_emulated(u, delta, A, B, C, D[:-1])
     with pytest.raises(ValueError, match="same number of groups"):
-        CS.chunk_scan_emulated(u, delta, A, B.view(2, 1, 4, 100).expand(2, 3, 4, 100), C.view(2, 1, 4, 100).expand(2, 5, 4, 100))
+        CS.chunk_scan_emulated(
+            u, delta, A, B.view(2, 1, 4, 100).expand(2, 3, 4, 100), C.view(2, 1, 4, 100).expand(2, 5, 4, 100)
+        )
 
 
 def test_chunk_plan():
@@ -173,14 +185,19 @@ def test_params_struct_mirrors_the_kernel():
     src = CS.SOURCE.read_text()
     body = re.search(r"struct Params \{(.*?)\};", src, re.S).group(1)
     body = re.sub(r"//[^\n]*", "", body)
-    names = [n for decl in body.split(";") if decl.strip()
-             for n in re.findall(r"\*?\s*(\w+)\s*(?:,|$)", decl.strip().split(None, 1)[1].replace("*", " "))]
+    names = [
+        n
+        for decl in body.split(";")
+        if decl.strip()
+        for n in re.findall(r"\*?\s*(\w+)\s*(?:,|$)", decl.strip().split(None, 1)[1].replace("*", " "))
+    ]
     assert names == [f[0] for f in CS._Params._fields_]
     assert ctypes_size() == 8 * len(names)
 
 
 def ctypes_size():
     import ctypes
+
     return ctypes.sizeof(CS._Params)
 
 
@@ -224,7 +241,9 @@ def test_device_facts_are_looked_up_once_per_device(monkeypatch):
     asked = []
     props = type("Props", (), {"multi_processor_count": 132})()
     monkeypatch.setattr(CS, "device_arch", lambda device=None: asked.append(("arch", device)) or "sm_90")
-    monkeypatch.setattr(CS.torch.cuda, "get_device_properties", lambda device=None: asked.append(("props", device)) or props)
+    monkeypatch.setattr(
+        CS.torch.cuda, "get_device_properties", lambda device=None: asked.append(("props", device)) or props
+    )
     CS._device_facts.cache_clear()
     try:
         for _ in range(3):

@@ -111,8 +111,9 @@ def test_persistent_loader_processes_draw_each_epochs_augmentation(tmp_path):
     def batches(workers: int) -> list[torch.Tensor]:
         ds = ClipDataset(m, FE, aug, train=True, seed=3)
         sampler = EpochSampler(len(ds), seed=3, with_epoch=True)
-        loader = DataLoader(ds, batch_size=3, sampler=sampler, collate_fn=collate, num_workers=workers,
-                            persistent_workers=workers > 0)
+        loader = DataLoader(
+            ds, batch_size=3, sampler=sampler, collate_fn=collate, num_workers=workers, persistent_workers=workers > 0
+        )
         out = []
         for epoch in range(2):
             sampler.set_epoch(epoch)

@@ -90,13 +90,17 @@ def test_manifest_contents(tmp_path):
     for p in m.abs_paths()[::17]:
         info = sf.info(str(p))
         assert (info.samplerate, info.channels, info.frames, info.subtype, info.format) == (
-            16000, 1, 16000, "PCM_16", "WAV")
+            16000,
+            1,
+            16000,
+            "PCM_16",
+            "WAV",
+        )
     assert (path.parent / "DONE").is_file()
 
 
 def test_split_is_seeded_per_class_and_other_parameters(tmp_path):
-    d = make_demo_corpus(tmp_path / "d", seed=0, clips_per_class=3, duration_s=0.5, sample_rate=8000,
-                         progress=False)
+    d = make_demo_corpus(tmp_path / "d", seed=0, clips_per_class=3, duration_s=0.5, sample_rate=8000, progress=False)
     m = read_manifest(d)
     assert set(m.df["sample_rate"]) == {8000} and np.allclose(m.df["duration"], 0.5)
     assert sf.info(str(m.abs_paths()[0])).frames == 4000

@@ -110,8 +110,16 @@ def test_floor_bytes_counts_each_unfused_op_once():
     out_proj 24) + final norm 48 B; weights 344 elements x 2 B."""
     from ssamba.bench.ladder import floor_bytes
 
-    c = replace(model_preset("test", "ssamba"), embed_dim=4, d_state=2, expand=2, depth=1, layer_pairing=False,
-                residual_in_fp32=False, bimamba=True)
+    c = replace(
+        model_preset("test", "ssamba"),
+        embed_dim=4,
+        d_state=2,
+        expand=2,
+        depth=1,
+        layer_pairing=False,
+        residual_in_fp32=False,
+        bimamba=True,
+    )
     assert (c.d_inner, c.resolved_dt_rank, c.d_conv) == (8, 1, 4)
     assert floor_bytes(c, 9, 1, "bf16") == 10 * (424 + 48) + 688
     assert floor_bytes(c, 9, 3, "bf16") == 3 * 10 * (424 + 48) + 688

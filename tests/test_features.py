@@ -18,7 +18,9 @@ from tests.conftest import write_tone
 def _toy(tmp_path, n=4, bad=False):
     rows = []
     for i in range(n):
-        write_tone(tmp_path / "audio" / f"t{i}.wav", seconds=0.5 + 0.1 * i, freq=300 + 100 * i, sr=16000 if i % 2 else 22050)
+        write_tone(
+            tmp_path / "audio" / f"t{i}.wav", seconds=0.5 + 0.1 * i, freq=300 + 100 * i, sr=16000 if i % 2 else 22050
+        )
         rows.append({"path": f"t{i}.wav", "labels": ["x"]})
     if bad:
         (tmp_path / "audio" / "bad.wav").write_text("garbage")

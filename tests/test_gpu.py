@@ -79,9 +79,11 @@ def cuda_scan():
     try:
         resolve_backend("cuda")
     except ConfigError:
-        pytest.skip("mamba-ssm kernels unavailable (" + _import_error(
-            "mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
-            + "); build them with `python -m ssamba.kernels build`")
+        pytest.skip(
+            "mamba-ssm kernels unavailable ("
+            + _import_error("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
+            + "); build them with `python -m ssamba.kernels build`"
+        )
     fn = scan_fn("cuda")
     assert fn is not selective_scan_ref
     return fn
@@ -93,8 +95,11 @@ def cuda_conv(cuda_scan):
 
     fn = conv_fn("cuda")
     if fn is causal_conv1d_ref:
-        pytest.skip("causal-conv1d unavailable (" + _import_error("causal_conv1d", "causal_conv1d_fn")
-                    + "); build it with `python -m ssamba.kernels build`")
+        pytest.skip(
+            "causal-conv1d unavailable ("
+            + _import_error("causal_conv1d", "causal_conv1d_fn")
+            + "); build it with `python -m ssamba.kernels build`"
+        )
     return fn
 
 
@@ -109,8 +114,11 @@ def check_all(label: str, got: dict, want: dict, tol_fwd: float, tol_grad: float
     errs = {k: rel_err(got[k], want[k]) for k in want}
     worst = max(errs, key=errs.get)
     note(f"{label}: largest {errs[worst]:.2e} ({worst}); " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
-    bad = {k: v for k, v in errs.items()
-           if v > (tol_fwd if k.startswith(("out", "last")) else tol_grad) or not np.isfinite(v)}
+    bad = {
+        k: v
+        for k, v in errs.items()
+        if v > (tol_fwd if k.startswith(("out", "last")) else tol_grad) or not np.isfinite(v)
+    }
     assert not bad, f"{label}: over tolerance (fwd {tol_fwd}, grad {tol_grad}): {bad}"
 
 
@@ -129,9 +137,13 @@ def scan_inputs(b, d, L, N, dtype, groups=0, seed=0):
 
     bc = (b, groups, N, L) if groups else (b, N, L)
     return {
-        "u": r(b, d, L), "delta": r(b, d, L, scale=0.5),
+        "u": r(b, d, L),
+        "delta": r(b, d, L, scale=0.5),
         "A": -torch.exp(r(d, N, scale=0.5, dt=torch.float32)),
-        "B": r(*bc), "C": r(*bc), "D": r(d, dt=torch.float32), "z": r(b, d, L),
+        "B": r(*bc),
+        "C": r(*bc),
+        "D": r(d, dt=torch.float32),
+        "z": r(b, d, L),
         "delta_bias": r(d, scale=0.3, dt=torch.float32),
     }
 
@@ -234,8 +246,11 @@ CONV_CASES = [
 CONV_PARAMS = [
     pytest.param(c, x, w, id=f"{c[0]}-{label}")
     for c in CONV_CASES
-    for x, w, label in ((torch.float32, torch.float32, "fp32"), (torch.bfloat16, torch.bfloat16, "bf16"),
-                        (torch.bfloat16, torch.float32, "bf16-x-fp32-w"))  # the last as under autocast
+    for x, w, label in (
+        (torch.float32, torch.float32, "fp32"),
+        (torch.bfloat16, torch.bfloat16, "bf16"),
+        (torch.bfloat16, torch.float32, "bf16-x-fp32-w"),
+    )  # the last as under autocast
 ]
 
 
@@ -283,8 +298,12 @@ def tiny_width(depth=4):
 MODEL_CASES = [
     # id, config, geometry (fdim, tdim) -> tokens = 1 + (fdim/16)*(tdim/16), batch
     ("test-65tok", lambda: model_preset("test"), Geometry(128, 128), 4),
-    ("test-unidirectional", lambda: replace(model_preset("test"), bimamba=False, layer_pairing=False),
-     Geometry(128, 128), 4),
+    (
+        "test-unidirectional",
+        lambda: replace(model_preset("test"), bimamba=False, layer_pairing=False),
+        Geometry(128, 128),
+        4,
+    ),
     ("demo-129tok", lambda: model_preset("demo"), Geometry(128, 256), 4),
     ("tinywidth-d4-257tok", tiny_width, Geometry(128, 512), 2),
     ("tinywidth-d4-513tok-rmsnorm", lambda: replace(tiny_width(), norm="rmsnorm"), Geometry(128, 1024), 2),
@@ -314,9 +333,11 @@ def test_encoder_tokens_match(cuda_scan, case):
     calib = float((t_ref16 - t_ref).abs().max())  # what bf16 autocast itself changes
     mean16 = float((t_cu16 - t_ref16).abs().mean())
     mean_calib = float((t_ref16 - t_ref).abs().mean())
-    note(f"encoder {name} ({t_ref.shape[1]} tokens): fp32 max|diff| {err32:.2e} (mean {mean32:.1e}); "
-         f"bf16 autocast max|diff| "
-         f"{err16:.2e} (mean {mean16:.1e}; bf16-vs-fp32 of the reference itself {calib:.2e})")
+    note(
+        f"encoder {name} ({t_ref.shape[1]} tokens): fp32 max|diff| {err32:.2e} (mean {mean32:.1e}); "
+        f"bf16 autocast max|diff| "
+        f"{err16:.2e} (mean {mean16:.1e}; bf16-vs-fp32 of the reference itself {calib:.2e})"
+    )
     assert err32 < 1e-3, f"fp32 tokens differ by {err32}"  # tokens are layer-normed: O(1)
     assert err16 <= max(3e-2, 1.5 * calib), f"bf16 tokens differ by {err16} (bf16 itself: {calib})"
     assert mean16 <= max(1e-2, 1.5 * mean_calib), f"bf16 mean difference {mean16} (bf16 itself: {mean_calib})"
@@ -344,8 +365,12 @@ def train_step(model, init_state, fbank, mask_d, mask_g, amp: bool) -> dict:
     deltas = {n: (p.detach() - before[n]) for n, p in model.named_parameters()}
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         after = model.pretrain_losses(fbank, mask_d, mask_g)["loss"]
-    return {**{k: float(losses[k].detach()) for k in ("loss", "nce", "mse")},
-            "after": float(after), "grads": grads, "deltas": deltas}
+    return {
+        **{k: float(losses[k].detach()) for k in ("loss", "nce", "mse")},
+        "after": float(after),
+        "grads": grads,
+        "deltas": deltas,
+    }
 
 
 def grad_errors(got: dict, want: dict) -> dict:
@@ -410,13 +435,16 @@ def test_training_step_agrees(cuda_scan):
     for n, w in g64.items():  # elements whose update sign fp32 determines: |g| well above its fp32 error
         w = w.float()
         err = (r32["grads"][n] - w).abs()
-        significant[n] = (w.abs() > 10 * err) & (w.abs() > 1e-3 * w.abs().max()) & torch.tensor(n not in noise,
-                                                                                                   device=w.device)
+        significant[n] = (
+            (w.abs() > 10 * err) & (w.abs() > 1e-3 * w.abs().max()) & torch.tensor(n not in noise, device=w.device)
+        )
     tot32, sig32, count = delta_mismatch(c32["deltas"], r32["deltas"], significant)
-    note(f"train step fp32: loss {c32['loss']:.6f} vs {r32['loss']:.6f} (rel {rel(c32['loss'], r32['loss']):.1e}), "
-         f"after step rel {rel(c32['after'], r32['after']):.1e}; grad closest to its bound: {worst32} "
-         f"{ge32[worst32]:.1e} (fp32 reference vs float64 {acc32[worst32]:.1e}); noise-only gradients {noise}; "
-         f"AdamW updates differing: {tot32}/{count} ({sig32} where the gradient sign is certain)")
+    note(
+        f"train step fp32: loss {c32['loss']:.6f} vs {r32['loss']:.6f} (rel {rel(c32['loss'], r32['loss']):.1e}), "
+        f"after step rel {rel(c32['after'], r32['after']):.1e}; grad closest to its bound: {worst32} "
+        f"{ge32[worst32]:.1e} (fp32 reference vs float64 {acc32[worst32]:.1e}); noise-only gradients {noise}; "
+        f"AdamW updates differing: {tot32}/{count} ({sig32} where the gradient sign is certain)"
+    )
     for k in ("loss", "nce", "mse", "after"):
         assert rel(c32[k], r32[k]) < 1e-4, (k, c32[k], r32[k])
     bad = {n: (ge32[n], acc32[n]) for n in kept if ge32[n] > bound32[n]}
@@ -433,11 +461,13 @@ def test_training_step_agrees(cuda_scan):
     worst16 = max(kept, key=lambda n: ge16[n] / bound16[n])
     tot16, _, _ = delta_mismatch(c16["deltas"], r16["deltas"], significant)
     tot_cal, _, _ = delta_mismatch(r16["deltas"], r64["deltas"], significant)
-    note(f"train step bf16 autocast: loss {c16['loss']:.5f} vs {r16['loss']:.5f} "
-         f"(rel {rel(c16['loss'], r16['loss']):.1e}; bf16-vs-float64 reference {rel(r16['loss'], r64['loss']):.1e}), "
-         f"after step rel {rel(c16['after'], r16['after']):.1e}; grad closest to its bound: {worst16} "
-         f"{ge16[worst16]:.1e} vs float64 (bf16 reference vs float64 {cal16[worst16]:.1e}); "
-         f"AdamW updates differing: {tot16}/{count} (bf16 reference vs float64: {tot_cal})")
+    note(
+        f"train step bf16 autocast: loss {c16['loss']:.5f} vs {r16['loss']:.5f} "
+        f"(rel {rel(c16['loss'], r16['loss']):.1e}; bf16-vs-float64 reference {rel(r16['loss'], r64['loss']):.1e}), "
+        f"after step rel {rel(c16['after'], r16['after']):.1e}; grad closest to its bound: {worst16} "
+        f"{ge16[worst16]:.1e} vs float64 (bf16 reference vs float64 {cal16[worst16]:.1e}); "
+        f"AdamW updates differing: {tot16}/{count} (bf16 reference vs float64: {tot_cal})"
+    )
     for k in ("loss", "nce", "mse", "after"):
         assert rel(c16[k], r16[k]) <= max(2e-2, 1.5 * rel(r16[k], r64[k])), (k, c16[k], r16[k], r64[k])
     bad = {n: (ge16[n], cal16[n]) for n in kept if ge16[n] > bound16[n]}
@@ -481,8 +511,10 @@ def test_fast_path_matches_per_direction_path(cuda_scan, geom):
             slow16 = model.encode(fbank).float()
     err, err16 = float((fast - slow).abs().max()), float((fast16 - slow16).abs().max())
     calib = float((slow16 - slow).abs().max())
-    note(f"fast path {n_tok} tokens (padded to {padded_length(n_tok)}, fused add-norm {fused_norm}): "
-         f"fp32 max|diff| {err:.2e}; bf16 {err16:.2e} (bf16 itself {calib:.2e})")
+    note(
+        f"fast path {n_tok} tokens (padded to {padded_length(n_tok)}, fused add-norm {fused_norm}): "
+        f"fp32 max|diff| {err:.2e}; bf16 {err16:.2e} (bf16 itself {calib:.2e})"
+    )
     assert err < 1e-4, err
     assert err16 <= max(3e-2, 1.5 * calib), (err16, calib)
 
@@ -589,8 +621,10 @@ def test_chunk_scan_matches_reference(cuda_scan, case, dtype, kernel):
     assert got.shape == want.shape and got.dtype == dtype
     err = rel_err(got, want)
     cl = chunk_len or plan_chunk_len(b, ch, L, torch.cuda.get_device_properties(0).multi_processor_count)
-    note(f"chunk scan {kernel} {dtype_name(dtype)} {name} (b{b} ch{ch} L{L} N{N}, chunk {cl}, {-(-L // cl)} chunks): "
-         f"rel {err:.2e}")
+    note(
+        f"chunk scan {kernel} {dtype_name(dtype)} {name} (b{b} ch{ch} L{L} N{N}, chunk {cl}, {-(-L // cl)} chunks): "
+        f"rel {err:.2e}"
+    )
     assert err <= TOL[dtype][0], err
 
 
@@ -608,8 +642,9 @@ def test_chunk_scan_parameter_rows_and_groups(cuda_scan):
 
     want = selective_scan_ref(u, delta, rep(A), B, C, rep(D), None, rep(bias), True)
     for kernel in ("general", "pipelined"):
-        got = chunk_scan(u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di, chunk_len=256,
-                         kernel=kernel)
+        got = chunk_scan(
+            u, delta, A, B, C, D, bias, True, param_repeat=batch, param_period=di, chunk_len=256, kernel=kernel
+        )
         err = rel_err(got, want)
         note(f"chunk scan {kernel} fp32 parameter rows (3 batch x 2 directions, 6 groups): rel {err:.2e}")
         assert err <= TOL[torch.float32][0]
@@ -637,10 +672,15 @@ def test_encoder_with_chunk_scan_matches_mamba_scan(cuda_scan, monkeypatch):
             used[on] = (n1 - n0, len(calls) - n1)
     note(f"encoder chunked-scan calls (fp32, bf16): off {used[False]}, on {used[True]}")
     assert used[False] == (0, 0) and min(used[True]) > 0, used
-    err, err16 = float((out[True] - out[False]).abs().max()), float((out[True, "bf16"] - out[False, "bf16"]).abs().max())
+    err, err16 = (
+        float((out[True] - out[False]).abs().max()),
+        float((out[True, "bf16"] - out[False, "bf16"]).abs().max()),
+    )
     calib = float((out[False, "bf16"] - out[False]).abs().max())
-    note(f"encoder 513 tokens, chunked scan vs mamba-ssm scan: fp32 max|diff| {err:.2e}; bf16 {err16:.2e} "
-         f"(bf16 itself {calib:.2e})")
+    note(
+        f"encoder 513 tokens, chunked scan vs mamba-ssm scan: fp32 max|diff| {err:.2e}; bf16 {err16:.2e} "
+        f"(bf16 itself {calib:.2e})"
+    )
     assert err < 1e-4, err
     assert err16 <= max(3e-2, 1.5 * calib), (err16, calib)
 
@@ -684,15 +724,23 @@ def test_train_scan_matches_reference(case, dtype):
     dy = torch.randn(b, g * di, L, device="cuda").to(dtype)
     leaves = [t.clone().requires_grad_() for t in (u, delta, x_dbl, *A_log, *D, *bias)]
     uu, dd, xx = leaves[:3]
-    Al, Dl, bl = leaves[3:3 + g], leaves[3 + g:3 + 2 * g], leaves[3 + 2 * g:]
+    Al, Dl, bl = leaves[3 : 3 + g], leaves[3 + g : 3 + 2 * g], leaves[3 + 2 * g :]
     y = fn(uu, dd, tuple(Al), xx[:, :, 8:24], xx[:, :, 24:40], tuple(Dl), tuple(bl), True, period=di)
     y.backward(dy)
     got = [y.detach()] + [t.grad for t in leaves]
     ref_leaves = [t.detach().double().requires_grad_() for t in (u, delta, x_dbl, *A_log, *D, *bias)]
     ru, rd, rx = ref_leaves[:3]
-    rA, rD, rb = ref_leaves[3:3 + g], ref_leaves[3 + g:3 + 2 * g], ref_leaves[3 + 2 * g:]
-    yr = selective_scan_ref(ru, rd, -torch.exp(torch.cat(rA)), rx[:, :, 8:24], rx[:, :, 24:40], torch.cat(rD),
-                            delta_bias=torch.cat(rb), delta_softplus=True)
+    rA, rD, rb = ref_leaves[3 : 3 + g], ref_leaves[3 + g : 3 + 2 * g], ref_leaves[3 + 2 * g :]
+    yr = selective_scan_ref(
+        ru,
+        rd,
+        -torch.exp(torch.cat(rA)),
+        rx[:, :, 8:24],
+        rx[:, :, 24:40],
+        torch.cat(rD),
+        delta_bias=torch.cat(rb),
+        delta_softplus=True,
+    )
     yr.backward(dy.double())
     want = [yr.detach()] + [t.grad for t in ref_leaves]
     names = ["y", "u", "delta", "x_dbl"] + [f"{k}{i}" for k in ("A_log", "D", "bias") for i in range(g)]
@@ -713,10 +761,19 @@ def _recipe_cases():
     geoms = {"pretrain": (1024, 16, 16, PretrainConfig().batch_size)}
     for task in ("audioset20k", "esc50", "speechcommands", "urbansound8k", "fsdd"):
         r = TASK_RECIPES[task]
-        geoms[task] = (r["finetune.target_length"], r["finetune.fstride"], r["finetune.tstride"],
-                       r["finetune.batch_size"])
-    return [(size, var, norm, name, *geoms[name]) for size in ("tiny", "small", "base") for var in ("bi", "uni")
-            for norm in ("layernorm", "rmsnorm") for name in geoms]
+        geoms[task] = (
+            r["finetune.target_length"],
+            r["finetune.fstride"],
+            r["finetune.tstride"],
+            r["finetune.batch_size"],
+        )
+    return [
+        (size, var, norm, name, *geoms[name])
+        for size in ("tiny", "small", "base")
+        for var in ("bi", "uni")
+        for norm in ("layernorm", "rmsnorm")
+        for name in geoms
+    ]
 
 
 def _slice_check(size, var, norm, frames, fs, ts, batch, n_slice=2):
@@ -724,11 +781,21 @@ def _slice_check(size, var, norm, frames, fs, ts, batch, n_slice=2):
     ``n_slice`` samples against the per-direction path on those samples alone; inference too."""
     from ssamba.model.encoder import set_speedups
 
-    over = dict(bimamba=var == "bi", layer_pairing=var == "bi", norm=norm, fstride=fs, tstride=ts,
-                drop_path=0.0, scan_backend="cuda")
+    over = dict(
+        bimamba=var == "bi",
+        layer_pairing=var == "bi",
+        norm=norm,
+        fstride=fs,
+        tstride=ts,
+        drop_path=0.0,
+        scan_backend="cuda",
+    )
     torch.manual_seed(0)
-    model = AudioModel(replace(model_preset(size), **over), Geometry(128, frames), num_classes=0,
-                       pretrain_heads=False).cuda().train()
+    model = (
+        AudioModel(replace(model_preset(size), **over), Geometry(128, frames), num_classes=0, pretrain_heads=False)
+        .cuda()
+        .train()
+    )
     gen = torch.Generator(device="cuda").manual_seed(1)
     fbank = torch.randn(batch, frames, 128, generator=gen, device="cuda")
     n_tok = 1 + model.num_patches
@@ -760,8 +827,10 @@ def test_recipe_geometry_at_recipe_batch(cuda_conv, case):
     runs (training and inference) and agrees with the per-direction path on a slice of the batch."""
     size, var, norm, name, frames, fs, ts, batch = case
     n_tok, e_out, e_inf, e_grad, ok = _slice_check(size, var, norm, frames, fs, ts, batch)
-    note(f"recipe {name} {size}-{var}-{norm} batch {batch} ({n_tok} tokens): out {e_out:.1e}, "
-         f"inference {e_inf:.1e}, d fbank {e_grad:.1e}")
+    note(
+        f"recipe {name} {size}-{var}-{norm} batch {batch} ({n_tok} tokens): out {e_out:.1e}, "
+        f"inference {e_inf:.1e}, d fbank {e_grad:.1e}"
+    )
     assert ok, "non-finite parameter gradient"
     assert e_out < 1e-4 and e_inf < 1e-4 and e_grad < 1e-3, (e_out, e_inf, e_grad)
 

@@ -166,12 +166,30 @@ def _esc50_tree(root: Path) -> list[dict]:
             src = f"{100 + target * 10 + fold}"
             name = f"{fold}-{src}-A-{target}.wav"
             write_wav(root / "audio" / name, seconds=0.05 * (1 + target))
-            recs.append({"filename": name, "fold": fold, "target": target, "category": cat,
-                         "esc10": str(esc10), "src_file": src, "take": "A"})
+            recs.append(
+                {
+                    "filename": name,
+                    "fold": fold,
+                    "target": target,
+                    "category": cat,
+                    "esc10": str(esc10),
+                    "src_file": src,
+                    "take": "A",
+                }
+            )
     (root / "meta").mkdir(parents=True, exist_ok=True)
     # a row whose file was not downloaded
-    recs.append({"filename": "3-999-A-0.wav", "fold": 3, "target": 0, "category": "dog",
-                 "esc10": "True", "src_file": "999", "take": "A"})
+    recs.append(
+        {
+            "filename": "3-999-A-0.wav",
+            "fold": 3,
+            "target": 0,
+            "category": "dog",
+            "esc10": "True",
+            "src_file": "999",
+            "take": "A",
+        }
+    )
     with open(root / "meta" / "esc50.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["filename", "fold", "target", "category", "esc10", "src_file", "take"])
         w.writeheader()
@@ -247,8 +265,13 @@ def test_speech_commands_real(tmp_path, caplog):
     assert m.label_vocab == sorted(words)
 
     # expected split counts, computed independently from the list files and the directory listing
-    on_disk = {f"{d.name}/{f.name}" for d in SC_MINI.iterdir() if d.is_dir() and not d.name.startswith("_")
-               for f in d.iterdir() if f.suffix == ".wav"}
+    on_disk = {
+        f"{d.name}/{f.name}"
+        for d in SC_MINI.iterdir()
+        if d.is_dir() and not d.name.startswith("_")
+        for f in d.iterdir()
+        if f.suffix == ".wav"
+    }
     val = set(_read_lines(SC_MINI / "validation_list.txt"))
     test = set(_read_lines(SC_MINI / "testing_list.txt"))
     expected = {"validation": len(on_disk & val), "test": len(on_disk & test)}
@@ -299,7 +322,11 @@ def test_speech_commands_background_noise(tmp_path, caplog):
     assert "_background_noise_" not in m.label_vocab
     counts = Counter(df["split"])
     assert counts == {"train": 9, "validation": 2, "test": 1, "background_noise": 2}
-    assert m.meta["notes"]["missing_from_lists"] == {"count": 1, "items": ["yes/gone0000_nohash_0.wav"], "truncated": False}
+    assert m.meta["notes"]["missing_from_lists"] == {
+        "count": 1,
+        "items": ["yes/gone0000_nohash_0.wav"],
+        "truncated": False,
+    }
     assert "not on disk" in caplog.text
     round_trip(m, tmp_path)
 
@@ -419,8 +446,9 @@ def test_speaker_split_errors(tmp_path):
 # ----------------------------------------------------------------------------------- SSAST JSON
 def _ontology(path: Path) -> Path:
     # index order deliberately differs from the alphabetical order of the mids
-    return write_label_csv(path, [(0, "/m/09x0r", "Speech"), (1, "/m/05zppz", "Male speech, man speaking"),
-                                  (2, "/m/04rlf", "Music")])
+    return write_label_csv(
+        path, [(0, "/m/09x0r", "Speech"), (1, "/m/05zppz", "Male speech, man speaking"), (2, "/m/04rlf", "Music")]
+    )
 
 
 def test_ssast_json(tmp_path, caplog):
@@ -429,13 +457,15 @@ def test_ssast_json(tmp_path, caplog):
     write_wav(root / "audio" / "a.wav")
     write_wav(root / "audio" / "sub" / "b.flac", seconds=0.2)
     outside = write_wav(tmp_path / "elsewhere" / "c.wav")
-    data = {"data": [
-        {"wav": "audio/a.wav", "labels": "/m/09x0r,/m/05zppz"},
-        {"wav": "./audio/sub/b.flac", "labels": "/m/04rlf"},
-        {"wav": str(root / "audio" / "a2.wav"), "labels": "/m/04rlf"},  # absolute, absent
-        {"wav": str(outside), "labels": "/m/09x0r"},  # absolute, outside the json folder
-        {"wav": "audio/gone.wav", "labels": "/m/09x0r"},
-    ]}
+    data = {
+        "data": [
+            {"wav": "audio/a.wav", "labels": "/m/09x0r,/m/05zppz"},
+            {"wav": "./audio/sub/b.flac", "labels": "/m/04rlf"},
+            {"wav": str(root / "audio" / "a2.wav"), "labels": "/m/04rlf"},  # absolute, absent
+            {"wav": str(outside), "labels": "/m/09x0r"},  # absolute, outside the json folder
+            {"wav": "audio/gone.wav", "labels": "/m/09x0r"},
+        ]
+    }
     jpath = root / "train_data.json"
     jpath.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING):
@@ -467,8 +497,9 @@ def test_ssast_json(tmp_path, caplog):
 def test_ssast_json_unknown_mid(tmp_path):
     _ontology(tmp_path / "class_labels_indices.csv")
     write_wav(tmp_path / "a.wav")
-    (tmp_path / "d.json").write_text(json.dumps({"data": [
-        {"wav": "a.wav", "labels": "/m/09x0r"}, {"wav": "a.wav", "labels": "/m/09x0r, /m/nope"}]}))
+    (tmp_path / "d.json").write_text(
+        json.dumps({"data": [{"wav": "a.wav", "labels": "/m/09x0r"}, {"wav": "a.wav", "labels": "/m/09x0r, /m/nope"}]})
+    )
     with pytest.raises(ManifestError) as err:
         import_ssast_json(tmp_path / "d.json", progress=False)
     assert "/m/nope" in str(err.value) and "entry 1" in str(err.value)
@@ -530,19 +561,20 @@ def test_audioset_csv(tmp_path, caplog):
 
     # explicit audio_dir / label_csv
     lab = _ontology(tmp_path / "x" / "labels.csv")
-    m2 = import_audioset_csv(root / "balanced_train_segments.csv", audio_dir=audio / "part2", label_csv=lab,
-                             progress=False)
+    m2 = import_audioset_csv(
+        root / "balanced_train_segments.csv", audio_dir=audio / "part2", label_csv=lab, progress=False
+    )
     assert m2.df["path"].tolist() == ["Y0FMdORf5iGs.wav"] and m2.df["split"].isna().all()
 
 
 def test_audioset_csv_errors(tmp_path):
     _ontology(tmp_path / "class_labels_indices.csv")
-    (tmp_path / "segs.csv").write_text("# c\nAAAAAAAAAAA, 0.000, 10.000, \"/m/09x0r,/m/unknown\"\n")
+    (tmp_path / "segs.csv").write_text('# c\nAAAAAAAAAAA, 0.000, 10.000, "/m/09x0r,/m/unknown"\n')
     write_wav(tmp_path / "audio" / "AAAAAAAAAAA.wav")
     with pytest.raises(ManifestError) as err:
         import_audioset_csv(tmp_path / "segs.csv", progress=False)
     assert "/m/unknown" in str(err.value) and "AAAAAAAAAAA" in str(err.value)
-    (tmp_path / "none.csv").write_text("# c\nBBBBBBBBBBB, 0.000, 10.000, \"/m/09x0r\"\n")
+    (tmp_path / "none.csv").write_text('# c\nBBBBBBBBBBB, 0.000, 10.000, "/m/09x0r"\n')
     with pytest.raises(ManifestError, match="none of the 1 rows"):
         import_audioset_csv(tmp_path / "none.csv", progress=False)
 

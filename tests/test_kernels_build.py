@@ -64,7 +64,7 @@ def run_fake(text: str, nvcc: str = "13.0") -> list[str]:
 
 # shaped like causal-conv1d 1.7.0 / mamba-ssm 2.3.2.post1: appends in pairs, newer archs behind version checks,
 # the HIP branch appends an unrelated flag, the list is initialised before the branch
-FAKE_CURRENT = '''
+FAKE_CURRENT = """
 import os
 from packaging.version import Version
 bare_metal_version = Version(NVCC_VERSION)
@@ -103,10 +103,10 @@ if not SKIP_CUDA_BUILD:
             cc_flag.append("arch=compute_121,code=sm_121")
 
     nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"] + cc_flag + ["--threads", "4"]
-'''
+"""
 
 # older layout: the first block is conditional (dropped archs), flags added with extend / += / joined strings
-FAKE_OLD = '''
+FAKE_OLD = """
 from packaging.version import Version
 bare_metal_version = Version(NVCC_VERSION)
 
@@ -125,7 +125,7 @@ def flags():
 
 
 nvcc_flags = ["-O3"] + flags()
-'''
+"""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,8 +159,11 @@ def test_rewrite_other_arches_and_several():
 
 def test_rewrite_old_layout_extend_augassign_joined_inline_nonascii():
     before, other_before = gencode_of(run_fake(FAKE_OLD, "13.0"))
-    assert before == ["arch=compute_70,code=sm_70", "arch=compute_80,code=[sm_80,compute_80]",
-                      "arch=compute_90,code=sm_90"]
+    assert before == [
+        "arch=compute_70,code=sm_70",
+        "arch=compute_80,code=[sm_80,compute_80]",
+        "arch=compute_90,code=sm_90",
+    ]
     assert "--generate-code" in other_before  # gencode_of only knows -gencode: the helper is the control here
     rw = restrict_gencode(FAKE_OLD, H100)
     assert rw.found == ["53", "62", "70", "80", "90", "89"]
@@ -175,31 +178,47 @@ def test_rewrite_old_layout_extend_augassign_joined_inline_nonascii():
 
 def test_rewrite_result_is_stable_and_has_a_diff():
     rw = restrict_gencode(FAKE_CURRENT, H100)
-    assert "+    cc_flag += [\"-gencode\", \"arch=compute_90,code=sm_90\"]" in rw.diff
-    assert "-        cc_flag.append(\"arch=compute_75,code=sm_75\")" in rw.diff
+    assert '+    cc_flag += ["-gencode", "arch=compute_90,code=sm_90"]' in rw.diff
+    assert '-        cc_flag.append("arch=compute_75,code=sm_75")' in rw.diff
     again = restrict_gencode(rw.text, [Arch(8, 0)])  # the rewritten file is itself recognised
     assert gencode_of(run_fake(again.text))[0] == ["arch=compute_80,code=sm_80"]
 
 
-@pytest.mark.parametrize("text, words", [
-    ("cc_flag = []\ncc_flag.append('-O3')\nnvcc_flags = cc_flag\n", "no '-gencode'"),
-    ("cc_flag = ['-O3', '-gencode', 'arch=compute_80,code=sm_80']\nnvcc_flags = cc_flag\n", "does not recognise"),
-    ("cc_flag = []\ncc_flag += ['-O3', '-gencode', 'arch=compute_80,code=sm_80']\nnvcc_flags = cc_flag\n",
-     "does not recognise"),
-    ("cc_flag = []\nv = 80\ncc_flag.append('-gencode')\ncc_flag.append(f'arch=compute_{v},code=sm_{v}')\n",
-     "does not recognise"),
-    ("cc_flag = []\ncc_flag.append('-gencode')\nnvcc_flags = cc_flag\n", "not followed by"),
-    ("cc_flag = []\ncc_flag.append('arch=compute_80,code=sm_80')\n", "without a preceding"),
-    ("a = []\nb = []\na.append('-gencode')\na.append('arch=compute_80,code=sm_80')\n"
-     "b.append('-gencode')\nb.append('arch=compute_90,code=sm_90')\n", "several lists"),
-    ("def f(cc_flag):\n    cc_flag.append('-gencode')\n    cc_flag.append('arch=compute_80,code=sm_80')\n",
-     "no 'cc_flag = []'"),
-    ("cc_flag = []\ncc_flag.append('-gencode')\ncc_flag.append('arch=compute_80,code=sm_80')\ncc_flag = ['-O3']\n",
-     "reassigned"),
-    ("x = 1; cc_flag = []\ncc_flag.append('-gencode')\ncc_flag.append('arch=compute_80,code=sm_80')\n",
-     "shares its line"),
-    ("cc_flag = [\n", "does not parse"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("cc_flag = []\ncc_flag.append('-O3')\nnvcc_flags = cc_flag\n", "no '-gencode'"),
+        ("cc_flag = ['-O3', '-gencode', 'arch=compute_80,code=sm_80']\nnvcc_flags = cc_flag\n", "does not recognise"),
+        (
+            "cc_flag = []\ncc_flag += ['-O3', '-gencode', 'arch=compute_80,code=sm_80']\nnvcc_flags = cc_flag\n",
+            "does not recognise",
+        ),
+        (
+            "cc_flag = []\nv = 80\ncc_flag.append('-gencode')\ncc_flag.append(f'arch=compute_{v},code=sm_{v}')\n",
+            "does not recognise",
+        ),
+        ("cc_flag = []\ncc_flag.append('-gencode')\nnvcc_flags = cc_flag\n", "not followed by"),
+        ("cc_flag = []\ncc_flag.append('arch=compute_80,code=sm_80')\n", "without a preceding"),
+        (
+            "a = []\nb = []\na.append('-gencode')\na.append('arch=compute_80,code=sm_80')\n"
+            "b.append('-gencode')\nb.append('arch=compute_90,code=sm_90')\n",
+            "several lists",
+        ),
+        (
+            "def f(cc_flag):\n    cc_flag.append('-gencode')\n    cc_flag.append('arch=compute_80,code=sm_80')\n",
+            "no 'cc_flag = []'",
+        ),
+        (
+            "cc_flag = []\ncc_flag.append('-gencode')\ncc_flag.append('arch=compute_80,code=sm_80')\ncc_flag = ['-O3']\n",
+            "reassigned",
+        ),
+        (
+            "x = 1; cc_flag = []\ncc_flag.append('-gencode')\ncc_flag.append('arch=compute_80,code=sm_80')\n",
+            "shares its line",
+        ),
+        ("cc_flag = [\n", "does not parse"),
+    ],
+)
 def test_rewrite_fails_loudly_on_unrecognised_shapes(text, words):
     with pytest.raises(KernelBuildError, match=words.replace("(", r"\(").replace("[", r"\[")):
         restrict_gencode(text, H100)
@@ -311,8 +330,16 @@ def _touch(folder: Path, *names: str) -> None:
 def test_find_sdist(tmp_path):
     mamba, conv = PACKAGES["mamba-ssm"], PACKAGES["causal-conv1d"]
     assert find_sdist(tmp_path / "absent", mamba) is None
-    _touch(tmp_path, "mamba_ssm-2.2.4.tar.gz", "mamba_ssm-2.3.2.post1.tar.gz", "mamba_ssm-2.10.0.tar.gz",
-           "notes.txt", "mamba_ssm_extra-9.0.tar.gz", "causal-conv1d-1.6.0.tar.gz", "causal-conv1d-1.5.0.zip")
+    _touch(
+        tmp_path,
+        "mamba_ssm-2.2.4.tar.gz",
+        "mamba_ssm-2.3.2.post1.tar.gz",
+        "mamba_ssm-2.10.0.tar.gz",
+        "notes.txt",
+        "mamba_ssm_extra-9.0.tar.gz",
+        "causal-conv1d-1.6.0.tar.gz",
+        "causal-conv1d-1.5.0.zip",
+    )
     assert find_sdist(tmp_path, mamba).name == "mamba_ssm-2.3.2.post1.tar.gz"  # the pinned one
     assert find_sdist(tmp_path, conv).name == "causal-conv1d-1.6.0.tar.gz"  # no pin: the newest
     (tmp_path / "mamba_ssm-2.3.2.post1.tar.gz").unlink()
@@ -322,16 +349,32 @@ def test_find_sdist(tmp_path):
 def test_fetch_instructions_name_the_command():
     text = fetch_instructions([PACKAGES["mamba-ssm"]], Path("/some/where"))
     assert "mamba-ssm 2.3.2.post1" in text and "/some/where" in text
-    for part in ("pip download --no-deps --no-binary :all: --no-build-isolation", "MAMBA_SKIP_CUDA_BUILD=TRUE",
-                 "CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE", "mamba-ssm==2.3.2.post1", "causal-conv1d==1.7.0",
-                 "--sdist-dir", "SSAMBA_SDISTS"):
+    for part in (
+        "pip download --no-deps --no-binary :all: --no-build-isolation",
+        "MAMBA_SKIP_CUDA_BUILD=TRUE",
+        "CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE",
+        "mamba-ssm==2.3.2.post1",
+        "causal-conv1d==1.7.0",
+        "--sdist-dir",
+        "SSAMBA_SDISTS",
+    ):
         assert part in text
 
 
 def test_missing_sdist_fails_with_fetch_instructions(tmp_path, capsys):
     _touch(tmp_path / "sd", "causal_conv1d-1.7.0.tar.gz")
-    rc = main(["build", "--sdist-dir", str(tmp_path / "sd"), "--arch", "9.0", "--wheel-dir", str(tmp_path / "w"),
-               "--no-install"])
+    rc = main(
+        [
+            "build",
+            "--sdist-dir",
+            str(tmp_path / "sd"),
+            "--arch",
+            "9.0",
+            "--wheel-dir",
+            str(tmp_path / "w"),
+            "--no-install",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "no source distribution in" in err and str((tmp_path / "sd").resolve()) in err
@@ -347,11 +390,22 @@ def test_missing_sdist_dir_uses_env_default(tmp_path, monkeypatch, capsys):
     assert rc == 1 and str(tmp_path / "nowhere") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text, want", [
-    ("9.0", [Arch(9, 0)]), ("90", [Arch(9, 0)]), ("sm_90", [Arch(9, 0)]), ("compute_80", [Arch(8, 0)]),
-    ("8.6", [Arch(8, 6)]), ("100", [Arch(10, 0)]), ("12.0", [Arch(12, 0)]), ("9.0a", [Arch(9, 0, "a")]),
-    ("sm_90a", [Arch(9, 0, "a")]), (" 9.0 , 8.0 ", [Arch(8, 0), Arch(9, 0)]), ("9.0,90", [Arch(9, 0)]),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("9.0", [Arch(9, 0)]),
+        ("90", [Arch(9, 0)]),
+        ("sm_90", [Arch(9, 0)]),
+        ("compute_80", [Arch(8, 0)]),
+        ("8.6", [Arch(8, 6)]),
+        ("100", [Arch(10, 0)]),
+        ("12.0", [Arch(12, 0)]),
+        ("9.0a", [Arch(9, 0, "a")]),
+        ("sm_90a", [Arch(9, 0, "a")]),
+        (" 9.0 , 8.0 ", [Arch(8, 0), Arch(9, 0)]),
+        ("9.0,90", [Arch(9, 0)]),
+    ],
+)
 def test_parse_arch(text, want):
     assert parse_arch(text) == want
 
@@ -383,19 +437,22 @@ def test_auto_arch_without_gpu_fails_clearly(tmp_path, capsys):
     assert rc == 1 and "no CUDA GPU is visible" in err and "--arch 9.0" in err
 
 
-@pytest.mark.parametrize("argv, words", [
-    ([], "required"),
-    (["compile"], "invalid choice"),
-    (["build", "--arch", "9"], "cannot read GPU architecture"),
-    (["build", "--arch", "auto,9.0"], "cannot be combined"),
-    (["build", "--packages", "flash-attn"], "unknown package 'flash-attn'"),
-    (["build", "--packages", "mamba-ssm,mamba_ssm"], "named twice"),
-    (["build", "--packages", ","], "no package named"),
-    (["build", "--jobs", "0"], "at least 1"),
-    (["build", "--jobs", "many"], "whole number"),
-    (["check", "--packages", "mamba"], "unknown package"),
-    (["build", "--no-such-flag"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        ([], "required"),
+        (["compile"], "invalid choice"),
+        (["build", "--arch", "9"], "cannot read GPU architecture"),
+        (["build", "--arch", "auto,9.0"], "cannot be combined"),
+        (["build", "--packages", "flash-attn"], "unknown package 'flash-attn'"),
+        (["build", "--packages", "mamba-ssm,mamba_ssm"], "named twice"),
+        (["build", "--packages", ","], "no package named"),
+        (["build", "--jobs", "0"], "at least 1"),
+        (["build", "--jobs", "many"], "whole number"),
+        (["check", "--packages", "mamba"], "unknown package"),
+        (["build", "--no-such-flag"], "unrecognized arguments"),
+    ],
+)
 def test_argument_errors(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -408,10 +465,20 @@ def test_parse_packages_order_and_spellings():
     assert [p.name for p in parse_packages("causal-conv1d")] == ["causal-conv1d"]
 
 
-@pytest.mark.parametrize("total, caps, want", [
-    (16, [10, 4], [10, 4]), (16, [None, 4], [12, 4]), (16, [None, None], [8, 8]), (7, [None, None], [4, 3]),
-    (2, [10, 4], [1, 1]), (1, [10, 4], [1, 1]), (6, [3, 2], [3, 2]), (8, [10], [8]), (3, [], []),
-])
+@pytest.mark.parametrize(
+    "total, caps, want",
+    [
+        (16, [10, 4], [10, 4]),
+        (16, [None, 4], [12, 4]),
+        (16, [None, None], [8, 8]),
+        (7, [None, None], [4, 3]),
+        (2, [10, 4], [1, 1]),
+        (1, [10, 4], [1, 1]),
+        (6, [3, 2], [3, 2]),
+        (8, [10], [8]),
+        (3, [], []),
+    ],
+)
 def test_split_jobs(total, caps, want):
     assert split_jobs(total, caps) == want
 
@@ -432,7 +499,7 @@ def test_extract_sdist_refuses_paths_outside(tmp_path):
 # the build orchestration, with pip replaced by a script that pretends to compile
 # --------------------------------------------------------------------------------------------------
 
-FAKE_PIP = textwrap.dedent('''
+FAKE_PIP = textwrap.dedent("""
     import json, os, sys, time, zipfile
     out_dir, src, dist, version, ext, fail = sys.argv[1:7]
     setup = open(os.path.join(src, "setup.py")).read()
@@ -454,11 +521,19 @@ FAKE_PIP = textwrap.dedent('''
         zf.writestr(f"{ext}.cpython-311-x86_64-linux-gnu.so", b"ELF")
         zf.writestr(f"{dist}/__init__.py", "")
     print("Successfully built " + dist, flush=True)
-''')
+""")
 
-FAKE_TOOLCHAIN = {"python": "3.11.7", "python_tag": "cp311", "torch": "2.11.0+cu130", "torch_cuda": "13.0",
-                  "cuda_home": "/fake/cuda", "ninja": True, "nvcc": "/fake/cuda/bin/nvcc", "nvcc_version": "13.0",
-                  "nvcc_codes": ["sm_80", "sm_90", "sm_100"]}
+FAKE_TOOLCHAIN = {
+    "python": "3.11.7",
+    "python_tag": "cp311",
+    "torch": "2.11.0+cu130",
+    "torch_cuda": "13.0",
+    "cuda_home": "/fake/cuda",
+    "ninja": True,
+    "nvcc": "/fake/cuda/bin/nvcc",
+    "nvcc_version": "13.0",
+    "nvcc_codes": ["sm_80", "sm_90", "sm_100"],
+}
 
 
 def _fake_sdist(folder: Path, pkg, n_sources: int) -> Path:
@@ -467,8 +542,10 @@ def _fake_sdist(folder: Path, pkg, n_sources: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{pkg.dist}-{pkg.version}.tar.gz"
     with tarfile.open(path, "w:gz") as tf:
-        for name, data in ((f"{pkg.dist}-{pkg.version}/setup.py", setup.encode()),
-                           (f"{pkg.dist}-{pkg.version}/README.md", b"fake\n")):
+        for name, data in (
+            (f"{pkg.dist}-{pkg.version}/setup.py", setup.encode()),
+            (f"{pkg.dist}-{pkg.version}/README.md", b"fake\n"),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
@@ -487,8 +564,16 @@ def fake_build(tmp_path, monkeypatch):
 
     def fake_cmd(src: Path, out_dir: Path) -> list[str]:
         pkg = next(p for p in PACKAGES.values() if src.name.startswith(p.dist))
-        return [sys.executable, str(script), str(out_dir), str(src), pkg.dist, pkg.version, pkg.extension,
-                "1" if pkg.name in failing else "0"]
+        return [
+            sys.executable,
+            str(script),
+            str(out_dir),
+            str(src),
+            pkg.dist,
+            pkg.version,
+            pkg.extension,
+            "1" if pkg.name in failing else "0",
+        ]
 
     monkeypatch.setattr(K, "pip_wheel_command", fake_cmd)
     monkeypatch.setattr(K, "toolchain", lambda: dict(FAKE_TOOLCHAIN))
@@ -506,8 +591,21 @@ def test_build_orchestration_parallel(fake_build, capsys, monkeypatch):
         real_finish(b)
 
     monkeypatch.setattr(K, "_finish", spy)
-    rc = main(["build", "--sdist-dir", str(sd), "--arch", "9.0", "--wheel-dir", str(wheels), "--no-install",
-               "--parallel", "--jobs", "6"])
+    rc = main(
+        [
+            "build",
+            "--sdist-dir",
+            str(sd),
+            "--arch",
+            "9.0",
+            "--wheel-dir",
+            str(wheels),
+            "--no-install",
+            "--parallel",
+            "--jobs",
+            "6",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     # jobs shared by source count (3 and 2 files), env as required, the rewritten setup.py in place
@@ -517,8 +615,9 @@ def test_build_orchestration_parallel(fake_build, capsys, monkeypatch):
     assert seen["mamba-ssm"]["MAMBA_SKIP_CUDA_BUILD"] is None
     for rep in seen.values():
         assert rep["TORCH_CUDA_ARCH_LIST"] == "9.0"
-        assert rep["gencode"] == ['cc_flag += ["-gencode", "arch=compute_90,code=sm_90"]  '
-                                  '# ssamba.kernels: only sm_90 (the local GPU)']
+        assert rep["gencode"] == [
+            'cc_flag += ["-gencode", "arch=compute_90,code=sm_90"]  # ssamba.kernels: only sm_90 (the local GPU)'
+        ]
     # progress, per-package completion lines and the summary
     assert "setup.py lists 9 architectures" in out and "building only sm_90" in out
     assert "mamba-ssm [1/2] kernel_fwd.cu" in out and "causal-conv1d [2/2] binding.cpp" in out
@@ -546,8 +645,9 @@ def test_build_orchestration_parallel(fake_build, capsys, monkeypatch):
 def test_build_failure_shows_log_and_keeps_the_other(fake_build, capsys):
     sd, wheels, failing = fake_build
     failing.add("causal-conv1d")
-    rc = main(["build", "--sdist-dir", str(sd), "--arch", "9.0", "--wheel-dir", str(wheels), "--no-install",
-               "--jobs", "2"])
+    rc = main(
+        ["build", "--sdist-dir", str(sd), "--arch", "9.0", "--wheel-dir", str(wheels), "--no-install", "--jobs", "2"]
+    )
     out = capsys.readouterr().out
     assert rc == 1
     log = wheels / "logs" / "causal_conv1d-1.7.0-build.log"
@@ -562,8 +662,20 @@ def test_build_failure_shows_log_and_keeps_the_other(fake_build, capsys):
 def test_build_rejects_wheel_without_extension(fake_build, capsys, monkeypatch):
     sd, wheels, _ = fake_build
     monkeypatch.setattr(K, "wheel_has_extension", lambda whl, pkg: False)
-    rc = main(["build", "--sdist-dir", str(sd), "--arch", "9.0", "--wheel-dir", str(wheels), "--no-install",
-               "--packages", "mamba-ssm"])
+    rc = main(
+        [
+            "build",
+            "--sdist-dir",
+            str(sd),
+            "--arch",
+            "9.0",
+            "--wheel-dir",
+            str(wheels),
+            "--no-install",
+            "--packages",
+            "mamba-ssm",
+        ]
+    )
     assert rc == 1 and "holds no compiled selective_scan_cuda" in capsys.readouterr().out
 
 
@@ -598,8 +710,13 @@ def test_preflight_cuda_headers_and_scratch_cleanup(fake_build, capsys, monkeypa
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
-    monkeypatch.setattr(K, "toolchain", lambda: dict(FAKE_TOOLCHAIN, cuda_home="/usr/local", cuda_include=False,
-                                                     cuda_candidates=["/usr/local/cuda-13.0"]))
+    monkeypatch.setattr(
+        K,
+        "toolchain",
+        lambda: dict(
+            FAKE_TOOLCHAIN, cuda_home="/usr/local", cuda_include=False, cuda_candidates=["/usr/local/cuda-13.0"]
+        ),
+    )
     rc = main(["build", "--sdist-dir", str(sd), "--arch", "9.0", "--wheel-dir", str(wheels), "--no-install"])
     err = capsys.readouterr().err
     assert rc == 1 and "has no include/cuda_runtime_api.h" in err and "CUDA_HOME=/usr/local/cuda-13.0" in err

@@ -75,9 +75,12 @@ def test_every_module_has_a_layer():
 
 
 def upward(g: dict[str, set[str]]) -> list[str]:
-    return [f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
-            for m, deps in g.items() for d in deps
-            if layer_of(d) > layer_of(m) and not d.endswith(".__main__") and not d.startswith(m + ".")]
+    return [
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+        for m, deps in g.items()
+        for d in deps
+        if layer_of(d) > layer_of(m) and not d.endswith(".__main__") and not d.startswith(m + ".")
+    ]
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
@@ -89,7 +92,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
         state[m] = 1
         for d in sorted(g.get(m, ())):
             if state.get(d) == 1:
-                found.append(stack[stack.index(d):] + [d])
+                found.append(stack[stack.index(d) :] + [d])
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = 2
@@ -111,9 +114,14 @@ def test_no_import_cycle():
 def test_the_checks_can_fail():
     """A data module importing the sweep layer, and a loop of three, are both caught."""
     assert upward({"ssamba.data.dataset": {"ssamba.sweep.trial"}}) == [
-        "ssamba.data.dataset (data) imports ssamba.sweep.trial (sweep)"]
+        "ssamba.data.dataset (data) imports ssamba.sweep.trial (sweep)"
+    ]
     assert upward({"ssamba.kernels.build": {"ssamba.ops.backends"}}) == []  # tooling may use the runtime
-    assert cycles({"ssamba.model.a": {"ssamba.model.b"}, "ssamba.model.b": {"ssamba.model.c"},
-                   "ssamba.model.c": {"ssamba.model.a"}}) == [
-        ["ssamba.model.a", "ssamba.model.b", "ssamba.model.c", "ssamba.model.a"]]
+    assert cycles(
+        {
+            "ssamba.model.a": {"ssamba.model.b"},
+            "ssamba.model.b": {"ssamba.model.c"},
+            "ssamba.model.c": {"ssamba.model.a"},
+        }
+    ) == [["ssamba.model.a", "ssamba.model.b", "ssamba.model.c", "ssamba.model.a"]]
     assert layer_of("ssamba.data.__main__") == layer_of("ssamba.bench.encoder")  # a command line is a tool

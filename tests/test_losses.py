@@ -98,8 +98,11 @@ def test_masked_mse_hand_case():
 def test_patch_targets_layout():
     # fbank[b, t, f] = 1000 f + t + 100000 b on a 32-bin x 48-frame input: a 2 x 3 patch grid
     b_, t_, f_ = 2, 48, 32
-    fb = (1000 * torch.arange(f_)[None, None, :] + torch.arange(t_)[None, :, None]
-          + 100000 * torch.arange(b_)[:, None, None]).float()
+    fb = (
+        1000 * torch.arange(f_)[None, None, :]
+        + torch.arange(t_)[None, :, None]
+        + 100000 * torch.arange(b_)[:, None, None]
+    ).float()
     fb.requires_grad_(True)
     tgt = patch_targets(fb, 16)
     assert tgt.shape == (2, 6, 256)
@@ -218,6 +221,7 @@ def test_prefix_tokens_are_never_used_as_masked_outputs(arch):
             out = out.clone()
             out[:, p + i] += 5.0
             return out
+
         return hook
 
     unmasked = next(i for i in range(64) if i not in set(mask_d.flatten().tolist()) | set(mask_g.flatten().tolist()))
@@ -231,13 +235,16 @@ def test_prefix_tokens_are_never_used_as_masked_outputs(arch):
         assert (out["loss"].item() != pytest.approx(ref["loss"].item(), rel=1e-6)) == changes
 
 
-@pytest.mark.parametrize("bad,msg", [
-    (torch.tensor([[1, 2, 64]]), "in \\[0, 64\\)"),
-    (torch.tensor([[-1, 2, 3]]), "in \\[0, 64\\)"),
-    (torch.tensor([[1, 2, 2]]), "unique"),
-    (torch.tensor([1, 2, 3]), "\\(B, M\\) integer"),
-    (torch.tensor([[1.0, 2.0, 3.0]]), "\\(B, M\\) integer"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        (torch.tensor([[1, 2, 64]]), "in \\[0, 64\\)"),
+        (torch.tensor([[-1, 2, 3]]), "in \\[0, 64\\)"),
+        (torch.tensor([[1, 2, 2]]), "unique"),
+        (torch.tensor([1, 2, 3]), "\\(B, M\\) integer"),
+        (torch.tensor([[1.0, 2.0, 3.0]]), "\\(B, M\\) integer"),
+    ],
+)
 def test_invalid_masks_are_rejected(bad, msg):
     model, x, _, _ = model_and_batch()
     with pytest.raises(ValueError, match=msg):

@@ -15,12 +15,36 @@ def _manifest(tmp_path, **kw):
     for name in ("a.wav", "b.wav", "sub/c.wav"):
         write_tone(tmp_path / "root" / name, seconds=0.2)
     rows = [
-        {"path": "a.wav", "labels": ["dog"], "split": "train", "fold": 1, "speaker": "s1", "duration": 0.2,
-         "sample_rate": 16000, "extra": "x"},
-        {"path": "b.wav", "labels": ["cat", "dog"], "split": "test", "fold": 2, "speaker": None, "duration": 0.2,
-         "sample_rate": 16000, "extra": "y"},
-        {"path": "sub/c.wav", "labels": [], "split": None, "fold": None, "speaker": "s2", "duration": None,
-         "sample_rate": None, "extra": "z"},
+        {
+            "path": "a.wav",
+            "labels": ["dog"],
+            "split": "train",
+            "fold": 1,
+            "speaker": "s1",
+            "duration": 0.2,
+            "sample_rate": 16000,
+            "extra": "x",
+        },
+        {
+            "path": "b.wav",
+            "labels": ["cat", "dog"],
+            "split": "test",
+            "fold": 2,
+            "speaker": None,
+            "duration": 0.2,
+            "sample_rate": 16000,
+            "extra": "y",
+        },
+        {
+            "path": "sub/c.wav",
+            "labels": [],
+            "split": None,
+            "fold": None,
+            "speaker": "s2",
+            "duration": None,
+            "sample_rate": None,
+            "extra": "z",
+        },
     ]
     return Manifest.from_rows(rows, dataset="toy", root=tmp_path / "root", **kw)
 
@@ -55,6 +79,7 @@ def test_stats_round_trip(tmp_path):
 def test_duplicate_rows_are_an_error_naming_the_path(tmp_path):
     m = _manifest(tmp_path)
     import pandas as pd
+
     dup = Manifest(pd.concat([m.df, m.df.iloc[[0]]], ignore_index=True), m.meta)
     with pytest.raises(ManifestError, match="a.wav.*drop_duplicates"):
         dup.write(tmp_path / "d.parquet")
@@ -82,6 +107,7 @@ def test_reading_bad_manifests(tmp_path):
     with pytest.raises(ManifestError, match="not a readable Parquet"):
         read_manifest(junk)
     import pyarrow as pa
+
     pq.write_table(pa.table({"file": ["a.wav"]}), tmp_path / "nolabels.parquet")
     with pytest.raises(ManifestError, match="lacks required columns"):
         read_manifest(tmp_path / "nolabels.parquet")

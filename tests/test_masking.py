@@ -21,6 +21,7 @@ DRAWS = 2000
 @contextmanager
 def time_limit(seconds: int):
     """Turn a hang (a draw loop that can never finish) into a test failure."""
+
     def on_alarm(signum, frame):
         raise TimeoutError(f"call did not return within {seconds} s")
 
@@ -90,9 +91,19 @@ def assert_valid_row(row: np.ndarray, n: int, count: int) -> None:
     assert row.min() >= 0 and row.max() < n
 
 
-@pytest.mark.parametrize("f_grid,t_grid,count", [
-    (8, 64, 400), (8, 64, 300), (8, 64, 250), (8, 64, 1), (8, 64, 403), (3, 5, 7), (1, 512, 300), (12, 101, 1000),
-])
+@pytest.mark.parametrize(
+    "f_grid,t_grid,count",
+    [
+        (8, 64, 400),
+        (8, 64, 300),
+        (8, 64, 250),
+        (8, 64, 1),
+        (8, 64, 403),
+        (3, 5, 7),
+        (1, 512, 300),
+        (12, 101, 1000),
+    ],
+)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_counts_exact_unique_sorted(strategy, f_grid, t_grid, count):
     n = f_grid * t_grid
@@ -320,32 +331,41 @@ def test_check_masks_accepts_valid():
     check_masks(torch.empty(3, 0, dtype=torch.int64), N)
 
 
-@pytest.mark.parametrize("masks", [
-    torch.tensor([[0, 5, -1]]),
-    torch.tensor([[0, 5, N]]),
-    torch.tensor([[N + 100, 1, 2]]),
-])
+@pytest.mark.parametrize(
+    "masks",
+    [
+        torch.tensor([[0, 5, -1]]),
+        torch.tensor([[0, 5, N]]),
+        torch.tensor([[N + 100, 1, 2]]),
+    ],
+)
 def test_check_masks_rejects_out_of_range(masks):
     with pytest.raises(ValueError, match="range"):
         check_masks(masks, N)
 
 
-@pytest.mark.parametrize("masks", [
-    torch.tensor([[3, 3, 4]]),
-    torch.tensor([[9, 1, 9]]),
-    torch.tensor([[1, 2, 3], [4, 5, 4]]),
-])
+@pytest.mark.parametrize(
+    "masks",
+    [
+        torch.tensor([[3, 3, 4]]),
+        torch.tensor([[9, 1, 9]]),
+        torch.tensor([[1, 2, 3], [4, 5, 4]]),
+    ],
+)
 def test_check_masks_rejects_duplicates(masks):
     with pytest.raises(ValueError, match="unique"):
         check_masks(masks, N)
 
 
-@pytest.mark.parametrize("masks", [
-    torch.tensor([1, 2, 3]),
-    torch.tensor([[[1, 2, 3]]]),
-    torch.tensor([[1.0, 2.0, 3.0]]),
-    torch.tensor([[1, 2, 3]], dtype=torch.int16),
-])
+@pytest.mark.parametrize(
+    "masks",
+    [
+        torch.tensor([1, 2, 3]),
+        torch.tensor([[[1, 2, 3]]]),
+        torch.tensor([[1.0, 2.0, 3.0]]),
+        torch.tensor([[1, 2, 3]], dtype=torch.int16),
+    ],
+)
 def test_check_masks_rejects_wrong_shape_or_dtype(masks):
     with pytest.raises(ValueError, match=r"\(B, M\) integer tensor"):
         check_masks(masks, N)

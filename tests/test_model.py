@@ -33,11 +33,14 @@ def encoder_params(model: AudioModel) -> int:
 
 
 # ------------------------------------------------------------------------------------------- sizes
-@pytest.mark.parametrize("size,layernorm,rmsnorm", [
-    ("tiny", 6_922_176, 6_917_376),
-    ("small", 25_345_920, 25_336_320),
-    ("base", 96_698_112, 96_678_912),
-])
+@pytest.mark.parametrize(
+    "size,layernorm,rmsnorm",
+    [
+        ("tiny", 6_922_176, 6_917_376),
+        ("small", 25_345_920, 25_336_320),
+        ("base", 96_698_112, 96_678_912),
+    ],
+)
 def test_ssamba_encoder_parameter_counts_match_spec(size, layernorm, rmsnorm):
     cfg = model_preset(size)
     assert (cfg.depth, cfg.norm, cfg.d_state, cfg.d_conv, cfg.expand) == (24, "layernorm", 16, 4, 2)
@@ -57,15 +60,27 @@ def test_checkpoint_key_names_and_shapes_follow_official_layout():
     sd = model.state_dict()
     d, di, r = 192, 384, 12
     expected = {
-        "mask_embed": (1, 1, d), "v.cls_token": (1, 1, d), "v.pos_embed": (1, 513, d),
-        "v.patch_embed.proj.weight": (d, 1, 16, 16), "v.patch_embed.proj.bias": (d,),
-        "v.layers.23.mixer.in_proj.weight": (4 * d, d), "v.layers.0.mixer.conv1d.weight": (di, 1, 4),
-        "v.layers.0.mixer.x_proj.weight": (r + 32, di), "v.layers.0.mixer.dt_proj.weight": (di, r),
-        "v.layers.0.mixer.A_log": (di, 16), "v.layers.0.mixer.D": (di,),
-        "v.layers.0.mixer.conv1d_b.bias": (di,), "v.layers.0.mixer.x_proj_b.weight": (r + 32, di),
-        "v.layers.0.mixer.dt_proj_b.bias": (di,), "v.layers.0.mixer.A_b_log": (di, 16), "v.layers.0.mixer.D_b": (di,),
-        "v.layers.0.mixer.out_proj.weight": (d, di), "v.layers.0.norm.bias": (d,), "v.norm_f.weight": (d,),
-        "cpredlayer.2.weight": (256, d), "gpredlayer.0.weight": (d, d),
+        "mask_embed": (1, 1, d),
+        "v.cls_token": (1, 1, d),
+        "v.pos_embed": (1, 513, d),
+        "v.patch_embed.proj.weight": (d, 1, 16, 16),
+        "v.patch_embed.proj.bias": (d,),
+        "v.layers.23.mixer.in_proj.weight": (4 * d, d),
+        "v.layers.0.mixer.conv1d.weight": (di, 1, 4),
+        "v.layers.0.mixer.x_proj.weight": (r + 32, di),
+        "v.layers.0.mixer.dt_proj.weight": (di, r),
+        "v.layers.0.mixer.A_log": (di, 16),
+        "v.layers.0.mixer.D": (di,),
+        "v.layers.0.mixer.conv1d_b.bias": (di,),
+        "v.layers.0.mixer.x_proj_b.weight": (r + 32, di),
+        "v.layers.0.mixer.dt_proj_b.bias": (di,),
+        "v.layers.0.mixer.A_b_log": (di, 16),
+        "v.layers.0.mixer.D_b": (di,),
+        "v.layers.0.mixer.out_proj.weight": (d, di),
+        "v.layers.0.norm.bias": (d,),
+        "v.norm_f.weight": (d,),
+        "cpredlayer.2.weight": (256, d),
+        "gpredlayer.0.weight": (d, d),
     }
     for k, shape in expected.items():
         assert tuple(sd[k].shape) == shape, k
@@ -97,12 +112,19 @@ def embedded_tokens(arch: str, enc: nn.Module, fbank: torch.Tensor) -> torch.Ten
 
 
 @pytest.mark.parametrize("arch,n_prefix", [("ssamba", 1), ("ssast", 2)])
-@pytest.mark.parametrize("frames,stride,grid", [
-    (1024, 16, (8, 64)), (1024, 10, (12, 101)), (512, 10, (12, 50)), (128, 10, (12, 12)),
-])
+@pytest.mark.parametrize(
+    "frames,stride,grid",
+    [
+        (1024, 16, (8, 64)),
+        (1024, 10, (12, 101)),
+        (512, 10, (12, 50)),
+        (128, 10, (12, 12)),
+    ],
+)
 def test_token_order_is_frequency_major_after_prefix(arch, n_prefix, frames, stride, grid):
-    cfg = replace(model_preset("test", arch), embed_dim=8, num_heads=2, fstride=stride, tstride=stride,
-                  scan_backend="reference")
+    cfg = replace(
+        model_preset("test", arch), embed_dim=8, num_heads=2, fstride=stride, tstride=stride, scan_backend="reference"
+    )
     model = AudioModel(cfg, Geometry(128, frames), pretrain_heads=False)
     assert model.grid == grid and model.num_patches == grid[0] * grid[1]
     enc = model.v
@@ -112,7 +134,7 @@ def test_token_order_is_frequency_major_after_prefix(arch, n_prefix, frames, str
     fbank = torch.zeros(len(probes), frames, 128)
     for b, (f, t) in enumerate(probes):
         if stride == 16:  # non-overlapping: light the whole 16 x 16 region of patch (f, t)
-            fbank[b, t * 16:(t + 1) * 16, f * 16:(f + 1) * 16] = 1.0
+            fbank[b, t * 16 : (t + 1) * 16, f * 16 : (f + 1) * 16] = 1.0
         else:  # overlapping patches: one pixel that lies in patch (f, t) and in no other patch
             fbank[b, t * stride + stride - 1, f * stride + stride - 1] = 1.0
     tokens = embedded_tokens(arch, enc, fbank)
@@ -131,7 +153,7 @@ def naive_direction(x, z, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, Dskip, dt
     k = conv_w.shape[-1]
     u = F.silu(F.conv1d(F.pad(x, (k - 1, 0)), conv_w, conv_b, groups=x.shape[1]))  # causal, left pad 3
     dbc = u.transpose(1, 2) @ x_proj_w.t()  # (B, L, R + 2N)
-    dt, bm, cm = dbc[..., :dt_rank], dbc[..., dt_rank:dt_rank + d_state], dbc[..., dt_rank + d_state:]
+    dt, bm, cm = dbc[..., :dt_rank], dbc[..., dt_rank : dt_rank + d_state], dbc[..., dt_rank + d_state :]
     delta = F.softplus(dt @ dt_w.t() + dt_b)  # (B, L, d_inner)
     A = -torch.exp(A_log)  # (d_inner, N)
     h = torch.zeros(x.shape[0], x.shape[1], d_state)
@@ -160,11 +182,27 @@ def test_unidirectional_mixer_has_no_backward_parameters_and_is_causal():
     uni = Mamba(mixer_cfg(bimamba=False), "reference")
     names = [n for n, _ in uni.named_parameters()]
     assert not [n for n in names if "_b" in n.split(".")[0]]
-    assert set(names) == {"in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
-                          "dt_proj.bias", "A_log", "D", "out_proj.weight"}
+    assert set(names) == {
+        "in_proj.weight",
+        "conv1d.weight",
+        "conv1d.bias",
+        "x_proj.weight",
+        "dt_proj.weight",
+        "dt_proj.bias",
+        "A_log",
+        "D",
+        "out_proj.weight",
+    }
     bi = Mamba(mixer_cfg(), "reference")
-    assert {"conv1d_b.weight", "conv1d_b.bias", "x_proj_b.weight", "dt_proj_b.weight", "dt_proj_b.bias",
-            "A_b_log", "D_b"} <= {n for n, _ in bi.named_parameters()}
+    assert {
+        "conv1d_b.weight",
+        "conv1d_b.bias",
+        "x_proj_b.weight",
+        "dt_proj_b.weight",
+        "dt_proj_b.bias",
+        "A_b_log",
+        "D_b",
+    } <= {n for n, _ in bi.named_parameters()}
     # causality: a change at token 5 leaves tokens 0..4 of the unidirectional output untouched,
     # but reaches them through the backward scan of the bidirectional mixer
     x = torch.randn(2, 9, 32)
@@ -184,7 +222,7 @@ def test_mixer_init_follows_spec():
     assert torch.equal(m.dt_proj_b.bias, torch.zeros(m.d_inner))  # the Vim quirk
     dt = F.softplus(m.dt_proj.bias)
     assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
-    bound = m.dt_rank ** -0.5
+    bound = m.dt_rank**-0.5
     assert m.dt_proj.weight.abs().max() <= bound and m.dt_proj_b.weight.abs().max() <= bound
 
 
@@ -193,12 +231,15 @@ def test_direction_matches_naive_spec_scan():
     randomise(m, 1)
     x = torch.randn(2, m.d_inner, 7)
     z = torch.randn(2, m.d_inner, 7)
-    for conv, xp, dtp, a_log, dsk in [(m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D),
-                                      (m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b)]:
+    for conv, xp, dtp, a_log, dsk in [
+        (m.conv1d, m.x_proj, m.dt_proj, m.A_log, m.D),
+        (m.conv1d_b, m.x_proj_b, m.dt_proj_b, m.A_b_log, m.D_b),
+    ]:
         with torch.no_grad():
             got = m._direction(x, z, conv, xp, dtp, a_log, dsk)
-            ref = naive_direction(x, z, conv.weight, conv.bias, xp.weight, dtp.weight, dtp.bias, a_log, dsk,
-                                  m.dt_rank, m.d_state)
+            ref = naive_direction(
+                x, z, conv.weight, conv.bias, xp.weight, dtp.weight, dtp.bias, a_log, dsk, m.dt_rank, m.d_state
+            )
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -258,8 +299,14 @@ def spec_blocks(enc: MambaEncoder, hidden: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("twice", [True, False])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_blocks_match_spec_pseudocode(pairing, twice, norm):
-    cfg = replace(model_preset("test"), depth=4, layer_pairing=pairing, final_norm_twice=twice, norm=norm,
-                  scan_backend="reference")
+    cfg = replace(
+        model_preset("test"),
+        depth=4,
+        layer_pairing=pairing,
+        final_norm_twice=twice,
+        norm=norm,
+        scan_backend="reference",
+    )
     enc = MambaEncoder(cfg, 128, 64).eval()
     randomise(enc, 3)
     hidden = torch.randn(2, 1 + enc.num_patches, 32)
@@ -275,7 +322,11 @@ def test_switches_change_the_output():
     hidden = torch.randn(2, 1 + enc.num_patches, 32)
     outs = {}
     with torch.no_grad():
-        for name, changes in {"ref": {}, "no_pair": {"layer_pairing": False}, "once": {"final_norm_twice": False}}.items():
+        for name, changes in {
+            "ref": {},
+            "no_pair": {"layer_pairing": False},
+            "once": {"final_norm_twice": False},
+        }.items():
             enc.cfg = replace(base, **changes)
             outs[name] = enc.blocks(hidden)
     assert not torch.allclose(outs["ref"], outs["no_pair"], atol=1e-4)

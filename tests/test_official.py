@@ -80,7 +80,7 @@ def _inner(x, z, s, m, suf):
     xp = F.pad(x.transpose(1, 2), (3, 0))
     u = F.silu(F.conv1d(xp, w, s[m + f"conv1d{suf}.bias"], groups=w.shape[0])).transpose(1, 2)  # (B, L, 2D)
     dbc = u @ s[m + f"x_proj{suf}.weight"].t()
-    dt, bm, cm = dbc[..., :R], dbc[..., R:R + 16], dbc[..., R + 16:]
+    dt, bm, cm = dbc[..., :R], dbc[..., R : R + 16], dbc[..., R + 16 :]
     delta = F.softplus(dt @ s[m + f"dt_proj{suf}.weight"].t() + s[m + f"dt_proj{suf}.bias"])
     A = -torch.exp(s[a_key])
     Dp = s[m + ("D" if not suf else "D_b")]
@@ -96,7 +96,7 @@ def _inner(x, z, s, m, suf):
 def _mixer(h, s, i):
     m = f"v.layers.{i}.mixer."
     xz = h @ s[m + "in_proj.weight"].t()
-    x, z = xz[..., :2 * D], xz[..., 2 * D:]
+    x, z = xz[..., : 2 * D], xz[..., 2 * D :]
     y_f = _inner(x, z, s, m, "")
     y_b = _inner(x.flip(1), z.flip(1), s, m, "_b").flip(1)
     return ((y_f + y_b) / 2) @ s[m + "out_proj.weight"].t()
@@ -109,8 +109,9 @@ def _layer(h, r, s, i):
 
 def reference_tokens(s, fbank, stride=16, masks=None):
     s = {k.removeprefix("module."): v for k, v in s.items()}
-    x = F.conv2d(fbank.transpose(1, 2).unsqueeze(1), s["v.patch_embed.proj.weight"], s["v.patch_embed.proj.bias"],
-                 stride=stride)
+    x = F.conv2d(
+        fbank.transpose(1, 2).unsqueeze(1), s["v.patch_embed.proj.weight"], s["v.patch_embed.proj.bias"], stride=stride
+    )
     x = x.flatten(2).transpose(1, 2)
     if masks is not None:
         for b in range(x.shape[0]):
@@ -132,8 +133,16 @@ def reference_losses(s, fbank, mask):
     nce, mse, correct = 0.0, 0.0, 0
     for b in range(fbank.shape[0]):
         out = tok[b, mask[b] + 1]
-        c = F.linear(F.relu(F.linear(out, sd["cpredlayer.0.weight"], sd["cpredlayer.0.bias"])), sd["cpredlayer.2.weight"], sd["cpredlayer.2.bias"])
-        gp = F.linear(F.relu(F.linear(out, sd["gpredlayer.0.weight"], sd["gpredlayer.0.bias"])), sd["gpredlayer.2.weight"], sd["gpredlayer.2.bias"])
+        c = F.linear(
+            F.relu(F.linear(out, sd["cpredlayer.0.weight"], sd["cpredlayer.0.bias"])),
+            sd["cpredlayer.2.weight"],
+            sd["cpredlayer.2.bias"],
+        )
+        gp = F.linear(
+            F.relu(F.linear(out, sd["gpredlayer.0.weight"], sd["gpredlayer.0.bias"])),
+            sd["gpredlayer.2.weight"],
+            sd["gpredlayer.2.bias"],
+        )
         tgt = target[b, mask[b]]
         total = tgt @ c.t()
         nce += torch.diag(F.log_softmax(total, -1)).sum()
@@ -181,8 +190,11 @@ def test_finetuned_form_logits_match_the_spec(norm):
     with torch.no_grad():
         tok = reference_tokens(state, fbank, stride=10)
         pooled = tok[:, 1:].mean(1)
-        ref = F.linear(F.layer_norm(pooled, (D,), s["mlp_head.0.weight"], s["mlp_head.0.bias"]),
-                       s["mlp_head.1.weight"], s["mlp_head.1.bias"])
+        ref = F.linear(
+            F.layer_norm(pooled, (D,), s["mlp_head.0.weight"], s["mlp_head.0.bias"]),
+            s["mlp_head.1.weight"],
+            s["mlp_head.1.bias"],
+        )
         logits = model(fbank)
     diff = (logits - ref).abs().max().item()
     print(f"{norm}: max |logits - SPEC reference| = {diff:.2e}")
@@ -220,7 +232,9 @@ def test_official_file_round_trip(tmp_path):
     torch.save(state, path)
     model, info = import_official(path)
     assert torch.equal(model.state_dict()["v.layers.3.mixer.A_b_log"], state["module.v.layers.3.mixer.A_b_log"])
-    assert math.isclose(float(model.state_dict()["v.norm_f.weight"].sum()), float(state["module.v.norm_f.weight"].sum()))
+    assert math.isclose(
+        float(model.state_dict()["v.norm_f.weight"].sum()), float(state["module.v.norm_f.weight"].sum())
+    )
 
 
 def test_finetune_starts_from_an_official_pretraining_file(small_demo, tmp_path):
@@ -244,12 +258,19 @@ def official_ssast_state(form: str, heads: int = 2, depth: int = 2, n_classes: i
     def t(*shape, scale=0.1):
         return torch.randn(*shape, generator=g) * scale
 
-    s = {"module.v.cls_token": t(1, 1, D), "module.v.dist_token": t(1, 1, D),
-         "module.v.pos_embed": t(1, 2 + grid[0] * grid[1], D),
-         "module.v.patch_embed.proj.weight": t(D, 1, 16, 16, scale=0.02), "module.v.patch_embed.proj.bias": t(D),
-         "module.v.norm.weight": 1 + t(D), "module.v.norm.bias": t(D),
-         "module.v.head.weight": t(1000, D), "module.v.head.bias": t(1000),
-         "module.v.head_dist.weight": t(1000, D), "module.v.head_dist.bias": t(1000)}
+    s = {
+        "module.v.cls_token": t(1, 1, D),
+        "module.v.dist_token": t(1, 1, D),
+        "module.v.pos_embed": t(1, 2 + grid[0] * grid[1], D),
+        "module.v.patch_embed.proj.weight": t(D, 1, 16, 16, scale=0.02),
+        "module.v.patch_embed.proj.bias": t(D),
+        "module.v.norm.weight": 1 + t(D),
+        "module.v.norm.bias": t(D),
+        "module.v.head.weight": t(1000, D),
+        "module.v.head.bias": t(1000),
+        "module.v.head_dist.weight": t(1000, D),
+        "module.v.head_dist.bias": t(1000),
+    }
     for i in range(depth):
         b = f"module.v.blocks.{i}."
         for n in ("norm1", "norm2"):
@@ -272,8 +293,16 @@ def official_ssast_state(form: str, heads: int = 2, depth: int = 2, n_classes: i
 
 def reference_ssast_logits(state, fbank, heads, depth, stride=10):
     s = {k.removeprefix("module."): v for k, v in state.items()}
-    x = F.conv2d(fbank.transpose(1, 2).unsqueeze(1), s["v.patch_embed.proj.weight"], s["v.patch_embed.proj.bias"],
-                 stride=stride).flatten(2).transpose(1, 2)
+    x = (
+        F.conv2d(
+            fbank.transpose(1, 2).unsqueeze(1),
+            s["v.patch_embed.proj.weight"],
+            s["v.patch_embed.proj.bias"],
+            stride=stride,
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
     b = x.shape[0]
     x = torch.cat([s["v.cls_token"].expand(b, -1, -1), s["v.dist_token"].expand(b, -1, -1), x], 1) + s["v.pos_embed"]
     dh = D // heads
@@ -289,8 +318,11 @@ def reference_ssast_logits(state, fbank, heads, depth, stride=10):
         x = x + h @ s[p + "mlp.fc2.weight"].t() + s[p + "mlp.fc2.bias"]
     x = F.layer_norm(x, (D,), s["v.norm.weight"], s["v.norm.bias"], eps=1e-6)
     pooled = x[:, 2:].mean(1)
-    return F.linear(F.layer_norm(pooled, (D,), s["mlp_head.0.weight"], s["mlp_head.0.bias"]),
-                    s["mlp_head.1.weight"], s["mlp_head.1.bias"])
+    return F.linear(
+        F.layer_norm(pooled, (D,), s["mlp_head.0.weight"], s["mlp_head.0.bias"]),
+        s["mlp_head.1.weight"],
+        s["mlp_head.1.bias"],
+    )
 
 
 def test_ssast_finetuned_form_matches_the_spec():
@@ -306,7 +338,11 @@ def test_ssast_finetuned_form_matches_the_spec():
     print(f"SSAST: max |logits - SPEC reference| = {diff:.2e}")
     assert diff < 1e-4
     assert sorted(d.split(" ")[0] for d in info["dropped"]) == [
-        "v.head.bias", "v.head.weight", "v.head_dist.bias", "v.head_dist.weight"]
+        "v.head.bias",
+        "v.head.weight",
+        "v.head_dist.bias",
+        "v.head_dist.weight",
+    ]
 
 
 def test_ssast_pretraining_form_loads_with_heads():

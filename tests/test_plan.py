@@ -50,8 +50,16 @@ def test_arms_are_scaled_to_the_preset(tmp_path):
 
 
 def test_tuned_values_are_resolved_per_trial(tmp_path):
-    plan = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--tune", "finetune.lr=loguniform:1e-4:1e-2",
-                   "--tune-samples", "3")
+    plan = plan_of(
+        NORM,
+        "--smoke-test",
+        "--storage",
+        str(tmp_path),
+        "--tune",
+        "finetune.lr=loguniform:1e-4:1e-2",
+        "--tune-samples",
+        "3",
+    )
     assert plan.searching and plan.n_trials == 2 * 3 and plan.metric == "ft/demo/final"
     t = plan.trial({"cell": 1, "finetune.lr": 0.003})
     assert t.arm == "rmsnorm" and t.tuned == {"finetune.lr": 0.003}
@@ -62,19 +70,22 @@ def test_tuned_values_are_resolved_per_trial(tmp_path):
         plan.trial({"cell": 0, "finetune.epochs": 3})
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--arms", "layernorm,groupnorm"], "unknown arms"),
-    (["--set", "model.nrom=rmsnorm"], "model.nrom"),
-    (["--tune", "finetune.lr=gauss:1:2"], "distribution must be one of"),
-    (["--tune", "finetune.lr=loguniform:0:1"], "0 < LOW <= HIGH"),
-    (["--tune", "finetune.lrr=uniform:0:1"], "finetune.lrr"),
-    (["--tasks", "fsdd"], "needs a manifest"),
-    (["--tasks", "fsdd=/no/such.parquet"], "does not exist"),
-    (["--seeds", "0"], "must be positive"),
-    (["--seeds", "x"], "expected a count"),
-    (["--tune-samples", "0", "--tune", "finetune.lr=uniform:0:1"], "--tune-samples"),
-    (["--workers-per-trial", "0"], "--workers-per-trial"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--arms", "layernorm,groupnorm"], "unknown arms"),
+        (["--set", "model.nrom=rmsnorm"], "model.nrom"),
+        (["--tune", "finetune.lr=gauss:1:2"], "distribution must be one of"),
+        (["--tune", "finetune.lr=loguniform:0:1"], "0 < LOW <= HIGH"),
+        (["--tune", "finetune.lrr=uniform:0:1"], "finetune.lrr"),
+        (["--tasks", "fsdd"], "needs a manifest"),
+        (["--tasks", "fsdd=/no/such.parquet"], "does not exist"),
+        (["--seeds", "0"], "must be positive"),
+        (["--seeds", "x"], "expected a count"),
+        (["--tune-samples", "0", "--tune", "finetune.lr=uniform:0:1"], "--tune-samples"),
+        (["--workers-per-trial", "0"], "--workers-per-trial"),
+    ],
+)
 def test_bad_options_fail_before_anything_starts(tmp_path, argv, match):
     with pytest.raises(ConfigError, match=match):
         plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), *argv)

@@ -95,8 +95,15 @@ def _step_of(last_pt: Path) -> int:
 # ------------------------------------------------------------------------------ Ray started by a subprocess
 def _env(cache_env: Path, ray_tmp: Path) -> dict:
     env = dict(os.environ)
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "SSAMBA_CACHE": str(cache_env), "RAY_TMPDIR": str(ray_tmp),
-                "PYTHONUNBUFFERED": "1", MARK: str(ray_tmp)})
+    env.update(
+        {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "SSAMBA_CACHE": str(cache_env),
+            "RAY_TMPDIR": str(ray_tmp),
+            "PYTHONUNBUFFERED": "1",
+            MARK: str(ray_tmp),
+        }
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -166,11 +173,20 @@ print(json.dumps({"who": me, "reused": res["reused"], "t": time.time()}), flush=
 """
 
 
-def _racers(pdir: Path, log: Path, names: list[str], work: float, delay: float = 6.0,
-            fail: bool = False) -> list[subprocess.Popen]:
+def _racers(
+    pdir: Path, log: Path, names: list[str], work: float, delay: float = 6.0, fail: bool = False
+) -> list[subprocess.Popen]:
     go = time.time() + delay  # after the imports (torch) of every racer
-    return [subprocess.Popen([PY, "-c", _RACER, str(pdir), str(log), n, str(go), str(work), "fail" if fail else "ok"],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in names]
+    return [
+        subprocess.Popen(
+            [PY, "-c", _RACER, str(pdir), str(log), n, str(go), str(work), "fail" if fail else "ok"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in names
+    ]
 
 
 def _events(log: Path) -> list[dict]:
@@ -349,11 +365,23 @@ def test_driver_killed_during_shared_pretraining_then_resume(small_demo, cache_e
     script.write_text(_SHARED_SCRIPT.format(root=str(ROOT)))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = tmp_path / "store"
-    cmd = [PY, str(script), *FAST, *_data_args(small_demo), *LONGER_PRETRAINING, "--storage", str(store),
-           "--mlflow-uri", uri, "--max-concurrent", "2"]
+    cmd = [
+        PY,
+        str(script),
+        *FAST,
+        *_data_args(small_demo),
+        *LONGER_PRETRAINING,
+        "--storage",
+        str(store),
+        "--mlflow-uri",
+        uri,
+        "--max-concurrent",
+        "2",
+    ]
     env = _env(cache_env, ray_tmp)
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     pre_root = store / "shared-smoke" / "pretrain"
     deadline = time.time() + 240
     pdir = None
@@ -397,8 +425,10 @@ def test_driver_killed_during_shared_pretraining_then_resume(small_demo, cache_e
     assert done["trial"] == computer["run_name"] and done["pretrain/step"] == 30
     assert not list(pdir.glob("*.tmp")) and not (pdir / "last.pt").exists()
     resumed_at = _metric_times(t, computer["run_id"], "pretrain/resumed_from_step")[0]
-    print(f"driver killed at pretraining step {resume_step}: --resume continued it {resumed_at - killed_at:.1f} s "
-          f"later (fresh Ray included) and completed the sweep {done_at - killed_at:.1f} s after the kill")
+    print(
+        f"driver killed at pretraining step {resume_step}: --resume continued it {resumed_at - killed_at:.1f} s "
+        f"later (fresh Ray included) and completed the sweep {done_at - killed_at:.1f} s after the kill"
+    )
 
 
 # ============================================================================== item 1: a worker killed mid-stage
@@ -415,8 +445,10 @@ def test_worker_killed_mid_pretraining_resumes_within_the_retry_bound(small_demo
     sets = {"data.manifest": str(small_demo), "pretrain.max_steps": "30", "pretrain.plateau_every": "5"}
     store = tmp_path / "store"
     pre_root = store / "workerkill-smoke" / "pretrain"
-    plan = {_pretrain_key(sets, arms[a]): {"arm": a, "kills": n, "at": [], "steps": []}
-            for a, n in (("once", 1), ("twice", 2))}
+    plan = {
+        _pretrain_key(sets, arms[a]): {"arm": a, "kills": n, "at": [], "steps": []}
+        for a, n in (("once", 1), ("twice", 2))
+    }
     stop = threading.Event()
 
     def holder(lock: Path):
@@ -449,8 +481,22 @@ def test_worker_killed_mid_pretraining_resumes_within_the_retry_bound(small_demo
     watcher.start()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:
-        res = _run_sweep(factor, [*FAST, *_data_args(small_demo), *LONGER_PRETRAINING, "--storage", str(store),
-                                  "--mlflow-uri", uri, "--worker-retries", "1", "--max-failures", "0"])
+        res = _run_sweep(
+            factor,
+            [
+                *FAST,
+                *_data_args(small_demo),
+                *LONGER_PRETRAINING,
+                "--storage",
+                str(store),
+                "--mlflow-uri",
+                uri,
+                "--worker-retries",
+                "1",
+                "--max-failures",
+                "0",
+            ],
+        )
     finally:
         stop.set()
         watcher.join(timeout=10)
@@ -474,9 +520,11 @@ def test_worker_killed_mid_pretraining_resumes_within_the_retry_bound(small_demo
     # past the bound: one restart, then the second kill fails the trial
     assert len(t.metric_history(twice["run_id"], "pretrain/resumed_from_step")) == 1
     assert "ft/demo/final" not in (t.client.get_run(twice["run_id"]).data.metrics)
-    print(f"worker killed at pretraining step {k['steps'][0]}: the restarted worker resumed at step "
-          f"{int(resumed[0][1])} {recovery:.1f} s after the kill; trial 'twice' failed after its 2nd kill "
-          f"(worker retries 1): {twice['tags.trial.error'].splitlines()[0][:160]}")
+    print(
+        f"worker killed at pretraining step {k['steps'][0]}: the restarted worker resumed at step "
+        f"{int(resumed[0][1])} {recovery:.1f} s after the kill; trial 'twice' failed after its 2nd kill "
+        f"(worker retries 1): {twice['tags.trial.error'].splitlines()[0][:160]}"
+    )
 
 
 # ============================================================================== item 4: bounded storage
@@ -491,17 +539,27 @@ def _checkpoint_bounds() -> dict[str, int]:
 
     cfg = preset("smoke")
     pre = AudioModel(cfg.model, Geometry(128, cfg.pretrain.target_length), num_classes=0, pretrain_heads=True)
-    ft = AudioModel(replace(cfg.model, fstride=cfg.finetune.fstride, tstride=cfg.finetune.tstride),
-                    Geometry(128, cfg.finetune.target_length), num_classes=8)
+    ft = AudioModel(
+        replace(cfg.model, fstride=cfg.finetune.fstride, tstride=cfg.finetune.tstride),
+        Geometry(128, cfg.finetune.target_length),
+        num_classes=8,
+    )
     n = {name: sum(t.numel() for t in m.state_dict().values()) for name, m in (("pretrain", pre), ("ft", ft))}
     meta = 64 * 1024
-    return {"pretrain/best.pt": 4 * n["pretrain"] + meta, "pretrain/last.pt": 12 * n["pretrain"] + meta,
-            "ft/best.pt": 4 * n["ft"] + meta, "ft/last.pt": 12 * n["ft"] + meta}
+    return {
+        "pretrain/best.pt": 4 * n["pretrain"] + meta,
+        "pretrain/last.pt": 12 * n["pretrain"] + meta,
+        "ft/best.pt": 4 * n["ft"] + meta,
+        "ft/last.pt": 12 * n["ft"] + meta,
+    }
 
 
 BOOKKEEPING = 256 * 1024  # per trial: Tune/Train state, progress and result files, DONE, sweep.json
-KEPT = {"all": ("pretrain/best.pt", "pretrain/last.pt", "ft/best.pt", "ft/last.pt"),
-        "best": ("pretrain/best.pt", "ft/best.pt"), "none": ()}
+KEPT = {
+    "all": ("pretrain/best.pt", "pretrain/last.pt", "ft/best.pt", "ft/last.pt"),
+    "best": ("pretrain/best.pt", "ft/best.pt"),
+    "none": (),
+}
 
 
 @pytest.mark.timeout(420)
@@ -518,15 +576,28 @@ def test_checkpoint_retention_bounds_the_sweep_storage(small_demo, local_ray, tm
     measured = {}
     for keep in ("all", "best", "none"):
         home = tmp_path / keep
-        res = _run_sweep(factor, [*FAST, *_data_args(small_demo), "--storage", str(home / "store"),
-                                  "--mlflow-uri", f"sqlite:///{home / 'mlflow.db'}", "--keep-checkpoints", keep])
+        res = _run_sweep(
+            factor,
+            [
+                *FAST,
+                *_data_args(small_demo),
+                "--storage",
+                str(home / "store"),
+                "--mlflow-uri",
+                f"sqlite:///{home / 'mlflow.db'}",
+                "--keep-checkpoints",
+                keep,
+            ],
+        )
         assert all(tr["error"] is None for tr in res.trials)
         store, artifacts = _tree_bytes(home / "store"), _tree_bytes(home / "mlartifacts")
         ckpts = {str(p.relative_to(home / "store")): p.stat().st_size for p in (home / "store").rglob("*.pt")}
         bound = sum(bounds[k] for k in KEPT[keep]) + BOOKKEEPING
         measured[keep] = store
-        print(f"retention {keep}: sweep storage {store:,} bytes (bound {bound:,}), checkpoints kept {ckpts}, "
-              f"MLflow artifacts {artifacts:,} bytes, mlflow.db {(home / 'mlflow.db').stat().st_size:,} bytes")
+        print(
+            f"retention {keep}: sweep storage {store:,} bytes (bound {bound:,}), checkpoints kept {ckpts}, "
+            f"MLflow artifacts {artifacts:,} bytes, mlflow.db {(home / 'mlflow.db').stat().st_size:,} bytes"
+        )
         assert store <= bound, (keep, store, bound)
         assert len(ckpts) == len(KEPT[keep]), ckpts
         assert len(list((home / "mlartifacts").rglob("checkpoints/*/best.pt"))) == 2
@@ -547,8 +618,12 @@ def broken_manifest(small_demo, tmp_path_factory) -> tuple[Path, dict[str, str]]
     root = tmp_path_factory.mktemp("broken") / "corpus"
     shutil.copytree(m.root, root)
     train = m.df["path"][m.df["split"] == "train"].tolist()
-    victims = {train[3]: "junk header", train[17]: "empty file", train[40]: "missing",
-               m.df["path"][m.df["split"] == "validation"].iloc[0]: "text file"}
+    victims = {
+        train[3]: "junk header",
+        train[17]: "empty file",
+        train[40]: "missing",
+        m.df["path"][m.df["split"] == "validation"].iloc[0]: "text file",
+    }
     for rel, kind in victims.items():
         target = root / rel
         if kind == "missing":
@@ -569,18 +644,42 @@ def fault_sweep(broken_manifest, local_ray, tmp_path_factory):
     from ssamba.sweep.driver import Factor
 
     manifest, victims = broken_manifest
-    factor = Factor(name="faults", reference="ok", arms={
-        "ok": {}, "strict": {"data.strict": True}, "nan": {"pretrain.mse_weight": 9.0}})  # its own pretraining: the NaN hook is not in the key
+    factor = Factor(
+        name="faults",
+        reference="ok",
+        arms={"ok": {}, "strict": {"data.strict": True}, "nan": {"pretrain.mse_weight": 9.0}},
+    )  # its own pretraining: the NaN hook is not in the key
     home = tmp_path_factory.mktemp("faults")
     uri = f"sqlite:///{home / 'mlflow.db'}"
     t0 = time.time()
-    res = _run_sweep(factor, [*FAST, *_data_args(manifest), "--storage", str(home / "store"), "--mlflow-uri", uri,
-                              "--max-failures", "0", "--worker-retries", "0",
-                              "--set", "pretrain.max_steps=16", "--set", "pretrain.plateau_every=8"])
+    res = _run_sweep(
+        factor,
+        [
+            *FAST,
+            *_data_args(manifest),
+            "--storage",
+            str(home / "store"),
+            "--mlflow-uri",
+            uri,
+            "--max-failures",
+            "0",
+            "--worker-retries",
+            "0",
+            "--set",
+            "pretrain.max_steps=16",
+            "--set",
+            "pretrain.plateau_every=8",
+        ],
+    )
     print(f"fault sweep (ok / strict / nan) took {time.time() - t0:.1f} s")
     tracker, _, trials = _runs(uri)
-    return {"result": res, "uri": uri, "tracker": tracker, "victims": victims,
-            "trials": {r["tags.ablation.arm"]: r for _, r in trials.iterrows()}}
+    return {
+        "result": res,
+        "uri": uri,
+        "tracker": tracker,
+        "victims": victims,
+        "trials": {r["tags.ablation.arm"]: r for _, r in trials.iterrows()},
+    }
 
 
 def _artifact_json(tracker, run_id: str, path: str) -> dict:
@@ -605,8 +704,10 @@ def test_broken_clips_are_skipped_counted_and_listed_in_mlflow(fault_sweep):
         for path, reason in listed["clips"].items():
             assert reason.split(":")[0] in ("unreadable", "empty", "missing"), reason
         counts[stage] = listed["count"]
-    print(f"broken clips: {len(victims)} of 96 in the manifest; skipped and listed: pretraining {counts['pretrain']}, "
-          f"fine-tuning {counts['ft_demo']}")
+    print(
+        f"broken clips: {len(victims)} of 96 in the manifest; skipped and listed: pretraining {counts['pretrain']}, "
+        f"fine-tuning {counts['ft_demo']}"
+    )
 
 
 @pytest.mark.timeout(420)
@@ -637,6 +738,8 @@ def test_nan_loss_fails_the_trial_and_the_sweep_goes_on(fault_sweep):
     table = buf.getvalue()
     row = next(line for line in table.splitlines() if line.startswith("| nan |"))
     assert "1 failed" in row, table
-    assert any(line.startswith("- failed: nan seed 0") and "NonFiniteLossError" in line and "at step 2" in line
-               for line in table.splitlines()), table
+    assert any(
+        line.startswith("- failed: nan seed 0") and "NonFiniteLossError" in line and "at step 2" in line
+        for line in table.splitlines()
+    ), table
     print(f"summary row: {row}")

@@ -49,8 +49,15 @@ def _free_port() -> int:
 
 def _env(ray_tmp: Path, **extra) -> dict:
     env = dict(os.environ)
-    env.update({"RAY_TMPDIR": str(ray_tmp), MARK: str(ray_tmp), "PYTHONUNBUFFERED": "1",
-                "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra})
+    env.update(
+        {
+            "RAY_TMPDIR": str(ray_tmp),
+            MARK: str(ray_tmp),
+            "PYTHONUNBUFFERED": "1",
+            "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **extra,
+        }
+    )
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -89,8 +96,9 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path | Non
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: "
-                                 f"{log.read_text()[-3000:] if log and log.exists() else ''}")
+            raise AssertionError(
+                f"server exited with {proc.returncode}: {log.read_text()[-3000:] if log and log.exists() else ''}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -152,8 +160,9 @@ def loopback_netns():
                 raise OSError(ctypes.get_errno(), "setns")
             os.close(fd)
 
-        interfaces = [line.split(":")[0].strip() for line in Path(f"/proc/{holder.pid}/net/dev").read_text()
-                      .splitlines()[2:]]
+        interfaces = [
+            line.split(":")[0].strip() for line in Path(f"/proc/{holder.pid}/net/dev").read_text().splitlines()[2:]
+        ]
         assert interfaces == ["lo"], interfaces
         yield join
     finally:
@@ -168,8 +177,11 @@ def _ray_workers(procs, node_b: bool) -> list:
     out = []
     for p in procs:
         try:
-            if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::RayTrainWorker") and \
-                    (p.environ().get(NODE_MARK) == "b") == node_b:
+            if (
+                p.cmdline()[:1]
+                and p.cmdline()[0].startswith("ray::RayTrainWorker")
+                and (p.environ().get(NODE_MARK) == "b") == node_b
+            ):
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
@@ -181,26 +193,72 @@ def _ray_workers(procs, node_b: bool) -> list:
 def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, loopback_netns):
     join = loopback_netns
     # single-machine mode forbids a second node; the namespace keeps everything on loopback instead
-    env = _env(ray_tmp, RAY_AUTH_MODE="disabled", SSAMBA_CACHE=str(cache_env),
-               # a dead node noticed within ~3 s (the GCS health-checks each raylet; Ray's defaults wait longer)
-               RAY_health_check_initial_delay_ms="1000", RAY_health_check_period_ms="1000",
-               RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="3")
+    env = _env(
+        ray_tmp,
+        RAY_AUTH_MODE="disabled",
+        SSAMBA_CACHE=str(cache_env),
+        # a dead node noticed within ~3 s (the GCS health-checks each raylet; Ray's defaults wait longer)
+        RAY_health_check_initial_delay_ms="1000",
+        RAY_health_check_period_ms="1000",
+        RAY_health_check_timeout_ms="1000",
+        RAY_health_check_failure_threshold="3",
+    )
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     ray_bin = str(Path(PY).parent / "ray")
     gcs = _free_port()
     t0 = time.time()
     # no --temp-dir: Ray then uses $RAY_TMPDIR/ray, where its state API (used by Ray Train's clean-up
     # actors) finds this cluster's address even with other Ray clusters on the machine
-    head = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                           "--num-cpus", "1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(_free_port()),
-                           "--dashboard-agent-listen-port", str(_free_port()),
-                           "--ray-client-server-port", str(_free_port()), "--disable-usage-stats"],
-                          env=env, capture_output=True, text=True, timeout=180, preexec_fn=join)
+    head = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--num-cpus",
+            "1",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(_free_port()),
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--ray-client-server-port",
+            str(_free_port()),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=join,
+    )
     assert head.returncode == 0, head.stdout[-3000:] + head.stderr[-3000:]
-    worker = subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{gcs}", "--node-ip-address", "127.0.0.1",
-                             "--num-cpus", "1", "--resources", '{"node_b": 1}',
-                             "--dashboard-agent-listen-port", str(_free_port()), "--disable-usage-stats"],
-                            env={**env, NODE_MARK: "b"}, capture_output=True, text=True, timeout=180, preexec_fn=join)
+    worker = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--address",
+            f"127.0.0.1:{gcs}",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            "1",
+            "--resources",
+            '{"node_b": 1}',
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--disable-usage-stats",
+        ],
+        env={**env, NODE_MARK: "b"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        preexec_fn=join,
+    )
     assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
     cluster_s = time.time() - t0
     raylets = [p for p in marked_processes(str(ray_tmp)).values() if p.name() == "raylet"]
@@ -209,10 +267,23 @@ def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, lo
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log = tmp_path / "sweep.log"
     with open(log, "w") as out:
-        sweep = subprocess.Popen([PY, str(ROOT / "sweeps" / "masking.py"), "--smoke-test", "--storage",
-                                  str(tmp_path / "store"), "--mlflow-uri", uri],
-                                 env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, cwd=tmp_path, stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=join)
+        sweep = subprocess.Popen(
+            [
+                PY,
+                str(ROOT / "sweeps" / "masking.py"),
+                "--smoke-test",
+                "--storage",
+                str(tmp_path / "store"),
+                "--mlflow-uri",
+                uri,
+            ],
+            env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=join,
+        )
     # wait until a trial trains on node b (its Ray Train worker has been running for a few seconds)
     deadline, seen_b, seen_head = time.time() + 300, None, False
     while time.time() < deadline and sweep.poll() is None:
@@ -225,8 +296,9 @@ def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, lo
         else:
             seen_b = None
         time.sleep(0.5)
-    assert seen_b and seen_head and sweep.poll() is None, \
+    assert seen_b and seen_head and sweep.poll() is None, (
         f"the trials did not run on both nodes (head {seen_head}, node b {bool(seen_b)}): {log.read_text()[-3000:]}"
+    )
     # node b lost: its raylet and every process of that node, by pid
     node_b = [p for p in marked_processes(str(ray_tmp)).values() if _node_of(p) == "b"]
     lost = {p.pid: p for p in node_b}
@@ -243,13 +315,17 @@ def test_two_nodes_one_lost_the_sweep_completes(cache_env, tmp_path, ray_tmp, lo
     recovery = time.time() - t_kill
     text = log.read_text()
     assert rc == 0, text[-5000:]
-    print(f"\ntwo nodes on loopback up in {cluster_s:.1f} s; killed node b (raylet pid {raylet_b[0]}, {killed} "
-          f"processes) {t_kill - t0 - cluster_s:.1f} s into the sweep; the sweep completed {recovery:.1f} s after "
-          f"the kill (total {time.time() - t0:.1f} s)")
+    print(
+        f"\ntwo nodes on loopback up in {cluster_s:.1f} s; killed node b (raylet pid {raylet_b[0]}, {killed} "
+        f"processes) {t_kill - t0 - cluster_s:.1f} s into the sweep; the sweep completed {recovery:.1f} s after "
+        f"the kill (total {time.time() - t0:.1f} s)"
+    )
     assert "0.98 CPU per worker" in text  # a worker fits beside both trial drivers on one surviving node
     retried = [m for m in ("after retrying", "[FailurePolicy] RETRY") if m in text]
-    print(f"recovery seen in the sweep's output: {retried}; "
-          f"orphaned placement groups removed: {text.count('removed placement group')}")
+    print(
+        f"recovery seen in the sweep's output: {retried}; "
+        f"orphaned placement groups removed: {text.count('removed placement group')}"
+    )
     assert retried, text[-5000:]
     _, parents, trials = _runs(uri)
     assert len(parents) == 1 and (parents["status"] == "FINISHED").all()
@@ -282,8 +358,11 @@ def _writer(uri: str, experiment_id: str, index: int, steps: int, barrier: str) 
     errors, start = [], time.time()
     for step in range(steps):
         try:
-            t.log_metrics(run_id, {"loss": 1.0 / (step + 1) + index, "acc": step / steps,
-                                   "lr": 1e-3 * (index + 1) + 1e-6 * step}, step=step)
+            t.log_metrics(
+                run_id,
+                {"loss": 1.0 / (step + 1) + index, "acc": step / steps, "lr": 1e-3 * (index + 1) + 1e-6 * step},
+                step=step,
+            )
         except Exception as exc:  # noqa: BLE001 - counted, that is the point
             errors.append(f"step {step}: {type(exc).__name__}: {exc}"[:300])
     end = time.time()
@@ -311,9 +390,14 @@ def _concurrent_logging(uri: str, label: str, tmp_path: Path, ray_tmp: Path) -> 
     barrier, out = tmp_path / f"barrier-{label}", tmp_path / f"writers-{label}.json"
     barrier.mkdir()
     t0 = time.time()
-    proc = subprocess.run([PY, __file__, "writers", uri, exp, str(STEPS), str(barrier), str(out)],
-                          env=_env(ray_tmp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [PY, __file__, "writers", uri, exp, str(STEPS), str(barrier), str(out)],
+        env=_env(ray_tmp, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -328,9 +412,11 @@ def _concurrent_logging(uri: str, label: str, tmp_path: Path, ray_tmp: Path) -> 
     errors = [e for r in res for e in r["errors"]]
     expected = WRITERS * STEPS * len(KEYS)
     span = max(r["end"] for r in res) - min(r["start"] for r in res)
-    print(f"\n{label}: {WRITERS} concurrent Ray tasks x {STEPS} steps x {len(KEYS)} metrics: expected {expected}, "
-          f"written {written}, lost {expected - written}, errors {len(errors)}; logging took {span:.1f} s "
-          f"({expected / span:.0f} points/s), {elapsed:.1f} s with Ray start-up")
+    print(
+        f"\n{label}: {WRITERS} concurrent Ray tasks x {STEPS} steps x {len(KEYS)} metrics: expected {expected}, "
+        f"written {written}, lost {expected - written}, errors {len(errors)}; logging took {span:.1f} s "
+        f"({expected / span:.0f} points/s), {elapsed:.1f} s with Ray start-up"
+    )
     assert errors == []
     assert written == expected
     return {"expected": expected, "written": written, "span": span}
@@ -344,8 +430,9 @@ def test_concurrent_logging_to_the_default_sqlite_store(tmp_path, ray_tmp):
 
 def _postgres_bin() -> Path | None:
     """The folder holding initdb, pg_ctl and postgres: Debian's /usr/lib/postgresql/<version>/bin, else PATH."""
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                    key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0
+    )
     found = debian[-1] if debian else (Path(shutil.which("initdb")).resolve() if shutil.which("initdb") else None)
     if found and all((found.parent / n).exists() for n in ("pg_ctl", "postgres")):
         return found.parent
@@ -370,17 +457,37 @@ def postgres():
     pg_ctl = run_as + [str(bindir / "pg_ctl"), "-D", str(data)]
     t0 = time.time()
     try:
-        init = subprocess.run(run_as + [str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
-                                        "-E", "UTF8", "--locale=C"], capture_output=True, text=True, timeout=120)
+        init = subprocess.run(
+            run_as
+            + [str(bindir / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust", "-E", "UTF8", "--locale=C"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert init.returncode == 0, init.stdout[-2000:] + init.stderr[-2000:]
-        start = subprocess.run(pg_ctl + ["-l", str(folder / "postgres.log"), "-w", "-t", "60", "-o",
-                                         f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}", "start"],
-                               capture_output=True, text=True, timeout=90)
+        start = subprocess.run(
+            pg_ctl
+            + [
+                "-l",
+                str(folder / "postgres.log"),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}",
+                "start",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
         assert start.returncode == 0, start.stdout + start.stderr + (folder / "postgres.log").read_text()[-2000:]
         with psycopg.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres", autocommit=True) as c:
             c.execute("CREATE DATABASE mlflow")
-        print(f"\nPostgreSQL ({bindir}) on 127.0.0.1:{port}, up in {time.time() - t0:.1f} s"
-              f"{' as nobody' if as_root else ''}")
+        print(
+            f"\nPostgreSQL ({bindir}) on 127.0.0.1:{port}, up in {time.time() - t0:.1f} s"
+            f"{' as nobody' if as_root else ''}"
+        )
         yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
     finally:
         subprocess.run(pg_ctl + ["-m", "immediate", "stop"], capture_output=True, timeout=60)
@@ -393,9 +500,25 @@ def test_concurrent_logging_to_an_mlflow_server_on_postgres(tmp_path, ray_tmp, p
     port = _free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as out:  # the README's command: python -m ssamba.sweep.tracking ui
-        server = subprocess.Popen([PY, "-m", "ssamba.sweep.tracking", "ui", "--backend-store-uri", postgres,
-                                   "--port", str(port), "--", "--artifacts-destination", str(tmp_path / "artifacts")],
-                                  cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "ssamba.sweep.tracking",
+                "ui",
+                "--backend-store-uri",
+                postgres,
+                "--port",
+                str(port),
+                "--",
+                "--artifacts-destination",
+                str(tmp_path / "artifacts"),
+            ],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         up = _wait_http(f"http://127.0.0.1:{port}/health", server, 120, log)
         import psutil
@@ -457,8 +580,9 @@ def test_every_torch_load_in_the_code_is_weights_only():
             where = f"{path.relative_to(ROOT)}:{call.lineno}"
             assert owner == "torch", f"{where}: {owner}.load unpickles arbitrary objects"
             kw = {k.arg: k.value for k in call.keywords}
-            assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, \
+            assert isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True, (
                 f"{where}: torch.load without weights_only=True"
+            )
             found.append(where)
     print(f"\ntorch.load calls, all weights_only=True: {found}")
     assert found  # the scan does see the loaders
@@ -477,9 +601,22 @@ def test_the_mlflow_ui_command_binds_loopback(tmp_path):
     port = _free_port()
     log = tmp_path / "ui.log"
     with open(log, "w") as out:
-        ui = subprocess.Popen([PY, "-m", "ssamba.sweep.tracking", "ui", "--backend-store-uri",
-                               f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)],
-                              cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        ui = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "ssamba.sweep.tracking",
+                "ui",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'mlflow.db'}",
+                "--port",
+                str(port),
+            ],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         up = _wait_http(f"http://127.0.0.1:{port}/health", ui, 120, log)
         root = psutil.Process(ui.pid)
@@ -491,8 +628,13 @@ def test_the_mlflow_ui_command_binds_loopback(tmp_path):
         _stop_tree(ui)
 
 
-SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-secret-4f9a8c7e", "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-77e1c0de",
-           "HF_TOKEN": "hf_token_9b3d5e7f", "DB_PASSWORD": "db-pw-0c4e2a9b", "SSAMBA_API_KEY": "api-key-6d8f1b3a"}
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-4f9a8c7e",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-pw-77e1c0de",
+    "HF_TOKEN": "hf_token_9b3d5e7f",
+    "DB_PASSWORD": "db-pw-0c4e2a9b",
+    "SSAMBA_API_KEY": "api-key-6d8f1b3a",
+}
 
 
 @pytest.mark.reliability
@@ -503,9 +645,16 @@ def test_tracker_scrubs_secrets_from_params_and_tags(tmp_path, monkeypatch):
     for k, v in SECRETS.items():
         monkeypatch.setenv(k, v)
     t = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id, _ = t.get_or_create_run(t.experiment("scrub"), key_tags={"k": "1"}, name="r",
-                                    params={"cmd": f"--token {SECRETS['HF_TOKEN']}", "db_password": "x",
-                                            "uri": "postgresql://u:hunter22@db/mlflow"})
+    run_id, _ = t.get_or_create_run(
+        t.experiment("scrub"),
+        key_tags={"k": "1"},
+        name="r",
+        params={
+            "cmd": f"--token {SECRETS['HF_TOKEN']}",
+            "db_password": "x",
+            "uri": "postgresql://u:hunter22@db/mlflow",
+        },
+    )
     t.set_tags(run_id, {"trial.error": f"connect failed for {SECRETS['DB_PASSWORD']}", "api_token": "y"})
     data = t.client.get_run(run_id).data
     assert data.params == {"cmd": "--token ***", "uri": "postgresql://u:***@db/mlflow"}
@@ -525,10 +674,26 @@ def test_sweep_binds_loopback_and_logs_no_secrets(cache_env, tmp_path, ray_tmp):
     env = _env(ray_tmp, SSAMBA_CACHE=str(cache_env), **SECRETS)
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # the sweep sets it itself for its local Ray
     t0 = time.time()
-    sweep = subprocess.Popen([PY, str(ROOT / "sweeps" / "norm.py"), "--smoke-test", "--quiet", "--arms", "rmsnorm",
-                              "--storage", str(tmp_path / "store"), "--mlflow-uri", uri],
-                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    sweep = subprocess.Popen(
+        [
+            PY,
+            str(ROOT / "sweeps" / "norm.py"),
+            "--smoke-test",
+            "--quiet",
+            "--arms",
+            "rmsnorm",
+            "--storage",
+            str(tmp_path / "store"),
+            "--mlflow-uri",
+            uri,
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     bound: set = set()
     try:
         while sweep.poll() is None and time.time() - t0 < 360:  # every listening socket of its Ray, while it runs
@@ -540,8 +705,10 @@ def test_sweep_binds_loopback_and_logs_no_secrets(cache_env, tmp_path, ray_tmp):
             os.killpg(sweep.pid, signal.SIGKILL)
     assert sweep.returncode == 0, out[-4000:]
     dashboards = {(ip, port) for pid, name, ip, port in bound if name == "ray-dashboard"}
-    print(f"\nsmoke sweep with its local Ray ran {time.time() - t0:.1f} s; listening sockets seen: "
-          f"{len(bound)} ({len({p for p, *_ in bound})} processes), dashboard on {sorted(dashboards)}")
+    print(
+        f"\nsmoke sweep with its local Ray ran {time.time() - t0:.1f} s; listening sockets seen: "
+        f"{len(bound)} ({len({p for p, *_ in bound})} processes), dashboard on {sorted(dashboards)}"
+    )
     assert dashboards, "the dashboard was not seen listening"
     # torch.distributed's rendezvous store (a TCPStore, set up by Ray Train in each worker even for one
     # worker) listens on every interface and has no option to bind one: the one known exception

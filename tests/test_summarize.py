@@ -20,23 +20,53 @@ TASKS = ["esc50", "sc"]
 
 
 def parent(sweep_id="s1", factor="masking", arms=("250", "300", "400"), reference="400", tasks=TASKS, start=0):
-    return {"run_id": f"parent-{sweep_id}", "status": "RUNNING", "start_time": start, "tags.sweep.role": "parent",
-            "tags.sweep.id": sweep_id, "tags.ablation.factor": factor, "tags.sweep.arms": json.dumps(list(arms)),
-            "tags.sweep.reference_arm": reference, "tags.sweep.tasks": json.dumps(list(tasks)),
-            "tags.sweep.preset": "demo"}
+    return {
+        "run_id": f"parent-{sweep_id}",
+        "status": "RUNNING",
+        "start_time": start,
+        "tags.sweep.role": "parent",
+        "tags.sweep.id": sweep_id,
+        "tags.ablation.factor": factor,
+        "tags.sweep.arms": json.dumps(list(arms)),
+        "tags.sweep.reference_arm": reference,
+        "tags.sweep.tasks": json.dumps(list(tasks)),
+        "tags.sweep.preset": "demo",
+    }
 
 
 _counter = iter(range(1, 10**6))
 
 
-def trial(arm, seed, metrics, *, status="FINISHED", tstatus="finished", factor="masking", sweep_id="s1",
-          params=None, start=None, error=None):
+def trial(
+    arm,
+    seed,
+    metrics,
+    *,
+    status="FINISHED",
+    tstatus="finished",
+    factor="masking",
+    sweep_id="s1",
+    params=None,
+    start=None,
+    error=None,
+):
     i = next(_counter)
-    row = {"run_id": f"r{i}", "status": status, "start_time": i if start is None else start,
-           "tags.sweep.role": "trial", "tags.sweep.id": sweep_id, "tags.ablation.factor": factor,
-           "tags.ablation.arm": arm, "tags.seed": str(seed), "tags.trial.status": tstatus,
-           "params.seed": str(seed), "params.name": "demo", "params.pretrain.mask_count": arm,
-           "params.finetune.lr": "0.0001", "params.data.cache_dir": f"/tmp/cache-{i}"}
+    row = {
+        "run_id": f"r{i}",
+        "status": status,
+        "start_time": i if start is None else start,
+        "tags.sweep.role": "trial",
+        "tags.sweep.id": sweep_id,
+        "tags.ablation.factor": factor,
+        "tags.ablation.arm": arm,
+        "tags.seed": str(seed),
+        "tags.trial.status": tstatus,
+        "params.seed": str(seed),
+        "params.name": "demo",
+        "params.pretrain.mask_count": arm,
+        "params.finetune.lr": "0.0001",
+        "params.data.cache_dir": f"/tmp/cache-{i}",
+    }
     row.update({f"params.{k}": v for k, v in (params or {}).items()})
     for k, v in metrics.items():
         row[f"metrics.ft/{k}/final" if k in TASKS else f"metrics.{k}"] = v
@@ -61,9 +91,19 @@ def full_sweep(extra=()):
     rows = [parent()]
     for arm in ("400", "250", "300"):  # not the natural order on purpose
         for seed, (a, b) in VALUES[arm].items():
-            rows.append(trial(arm, seed, {"esc50": a, "sc": b, "pretrain/acc": 0.3 + 0.01 * seed,
-                                          "pretrain/loss": {"250": 2.0, "300": 1.5, "400": 1.8}[arm] + seed,
-                                          "cost/device_hours": 0.002}))
+            rows.append(
+                trial(
+                    arm,
+                    seed,
+                    {
+                        "esc50": a,
+                        "sc": b,
+                        "pretrain/acc": 0.3 + 0.01 * seed,
+                        "pretrain/loss": {"250": 2.0, "300": 1.5, "400": 1.8}[arm] + seed,
+                        "cost/device_hours": 0.002,
+                    },
+                )
+            )
     return frame(*rows, *extra)
 
 
@@ -128,8 +168,13 @@ def test_grouping_splits_differing_settings_into_labelled_rows():
         rows.append(trial("300", seed, {"esc50": 0.7, "sc": 0.8}))
     (t,) = summarize(frame(*rows))
     labels = [r.label for r in t.rows]
-    assert labels == ["250", "300 (name=demo, model.depth=<unset>)", "300 (name=smoke, model.depth=2)",
-                      "400 (finetune.lr=0.0001)", "400 (finetune.lr=0.001)"]
+    assert labels == [
+        "250",
+        "300 (name=demo, model.depth=<unset>)",
+        "300 (name=smoke, model.depth=2)",
+        "400 (finetune.lr=0.0001)",
+        "400 (finetune.lr=0.001)",
+    ]
     rows_ = by_label(t)
     # never averaged together; the per-run cache_dir (noise) did not split anything
     assert rows_["400 (finetune.lr=0.001)"].cells["esc50"].mean == pytest.approx(0.605)
@@ -163,8 +208,12 @@ def test_failed_running_incomplete_are_counted_and_excluded():
 
 
 def test_single_seed_gives_no_std_and_no_interval():
-    rows = [parent(), trial("400", 0, {"esc50": 0.812, "sc": 0.7}), trial("250", 0, {"esc50": 0.8, "sc": 0.7}),
-            trial("250", 1, {"esc50": 0.9, "sc": 0.7})]
+    rows = [
+        parent(),
+        trial("400", 0, {"esc50": 0.812, "sc": 0.7}),
+        trial("250", 0, {"esc50": 0.8, "sc": 0.7}),
+        trial("250", 1, {"esc50": 0.9, "sc": 0.7}),
+    ]
     (t,) = summarize(frame(*rows))
     ref = by_label(t)["400"]
     assert ref.cells["esc50"].n == 1 and ref.cells["esc50"].std is None
@@ -192,10 +241,13 @@ def test_duplicate_seed_keeps_the_latest_run():
 
 
 def test_several_factors_give_separate_tables():
-    rows = [parent(), parent("s2", "direction", ("bidirectional", "unidirectional"), "bidirectional"),
-            trial("400", 0, {"esc50": 0.7, "sc": 0.8}),
-            trial("unidirectional", 0, {"esc50": 0.6, "sc": 0.7}, factor="direction", sweep_id="s2"),
-            trial("bidirectional", 0, {"esc50": 0.7, "sc": 0.8}, factor="direction", sweep_id="s2")]
+    rows = [
+        parent(),
+        parent("s2", "direction", ("bidirectional", "unidirectional"), "bidirectional"),
+        trial("400", 0, {"esc50": 0.7, "sc": 0.8}),
+        trial("unidirectional", 0, {"esc50": 0.6, "sc": 0.7}, factor="direction", sweep_id="s2"),
+        trial("bidirectional", 0, {"esc50": 0.7, "sc": 0.8}, factor="direction", sweep_id="s2"),
+    ]
     tables = summarize(frame(*rows))
     assert [t.factor for t in tables] == ["direction", "masking"]
     assert [r.arm for r in tables[0].rows] == ["bidirectional", "unidirectional"]
@@ -266,34 +318,73 @@ def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
     tr.experiment("unrelated")  # not a sweep experiment: never read
     parents = {}
     for sid in ("s1", "s2"):
-        pid, _ = tr.get_or_create_run(exp, key_tags={"sweep.role": "parent", "sweep.id": sid}, name=f"sweep-{sid}",
-                                      tags={"ablation.factor": "masking", "sweep.arms": json.dumps(["300", "400"]),
-                                            "sweep.reference_arm": "400", "sweep.tasks": json.dumps(["esc50"]),
-                                            "sweep.preset": "demo", "git.commit": "abc"})
+        pid, _ = tr.get_or_create_run(
+            exp,
+            key_tags={"sweep.role": "parent", "sweep.id": sid},
+            name=f"sweep-{sid}",
+            tags={
+                "ablation.factor": "masking",
+                "sweep.arms": json.dumps(["300", "400"]),
+                "sweep.reference_arm": "400",
+                "sweep.tasks": json.dumps(["esc50"]),
+                "sweep.preset": "demo",
+                "git.commit": "abc",
+            },
+        )
         parents[sid] = pid
     for arm, accs in (("400", (0.70, 0.80)), ("300", (0.75, 0.86))):
         for seed, acc in enumerate(accs):
             rid, _ = tr.get_or_create_run(
-                exp, key_tags={"trial.key": f"{arm}-{seed}"}, name=f"{arm}-s{seed}",
-                tags={"mlflow.parentRunId": parents["s1"], "sweep.role": "trial", "sweep.id": "s1",
-                      "ablation.factor": "masking", "ablation.arm": arm, "seed": seed, "git.commit": "abc",
-                      "trial.status": "finished"},
-                params={"name": "demo", "seed": seed, "pretrain.mask_count": int(arm), "finetune.lr": 1e-4})
-            tr.log_metrics(rid, {"ft/esc50/final": acc, "pretrain/acc": 0.4, "pretrain/loss": 1.0,
-                                 "cost/device_hours": 0.01})
+                exp,
+                key_tags={"trial.key": f"{arm}-{seed}"},
+                name=f"{arm}-s{seed}",
+                tags={
+                    "mlflow.parentRunId": parents["s1"],
+                    "sweep.role": "trial",
+                    "sweep.id": "s1",
+                    "ablation.factor": "masking",
+                    "ablation.arm": arm,
+                    "seed": seed,
+                    "git.commit": "abc",
+                    "trial.status": "finished",
+                },
+                params={"name": "demo", "seed": seed, "pretrain.mask_count": int(arm), "finetune.lr": 1e-4},
+            )
+            tr.log_metrics(
+                rid, {"ft/esc50/final": acc, "pretrain/acc": 0.4, "pretrain/loss": 1.0, "cost/device_hours": 0.01}
+            )
             tr.finish(rid)
     rid, _ = tr.get_or_create_run(
-        exp, key_tags={"trial.key": "300-2"}, name="300-s2",
-        tags={"mlflow.parentRunId": parents["s1"], "sweep.role": "trial", "sweep.id": "s1",
-              "ablation.factor": "masking", "ablation.arm": "300", "seed": 2, "trial.status": "failed",
-              "trial.error": "ValueError: bad clip"},
-        params={"name": "demo", "seed": 2, "pretrain.mask_count": 300, "finetune.lr": 1e-4})
+        exp,
+        key_tags={"trial.key": "300-2"},
+        name="300-s2",
+        tags={
+            "mlflow.parentRunId": parents["s1"],
+            "sweep.role": "trial",
+            "sweep.id": "s1",
+            "ablation.factor": "masking",
+            "ablation.arm": "300",
+            "seed": 2,
+            "trial.status": "failed",
+            "trial.error": "ValueError: bad clip",
+        },
+        params={"name": "demo", "seed": 2, "pretrain.mask_count": 300, "finetune.lr": 1e-4},
+    )
     tr.finish(rid, "FAILED")
     rid, _ = tr.get_or_create_run(  # sweep s2 holds one more run of arm 400: filtered out by --sweep-id s1
-        exp, key_tags={"trial.key": "s2-400-5"}, name="400-s5",
-        tags={"sweep.role": "trial", "sweep.id": "s2", "ablation.factor": "masking", "ablation.arm": "400",
-              "seed": 5, "trial.status": "finished"},
-        params={"name": "demo", "seed": 5, "pretrain.mask_count": 400, "finetune.lr": 1e-4})
+        exp,
+        key_tags={"trial.key": "s2-400-5"},
+        name="400-s5",
+        tags={
+            "sweep.role": "trial",
+            "sweep.id": "s2",
+            "ablation.factor": "masking",
+            "ablation.arm": "400",
+            "seed": 5,
+            "trial.status": "finished",
+        },
+        params={"name": "demo", "seed": 5, "pretrain.mask_count": 400, "finetune.lr": 1e-4},
+    )
     tr.log_metrics(rid, {"ft/esc50/final": 0.1})
     tr.finish(rid)
 
@@ -330,9 +421,15 @@ def test_mlflow_names_are_spelled_once():
     assert N.ft_final("esc50") == "ft/esc50/final" and N.is_final("ft/esc50/final") and not N.is_final("ft/x/acc")
     assert N.column("tags", N.ARM) == "tags.ablation.arm"
     root = Path(__file__).resolve().parents[1]
-    literal = re.compile(r'"(sweep\.(role|id|arms|tasks|status|trials|failed)|ablation\.(arm|factor)|trial\.'
-                         r'(key|status|error)|git\.commit|pretrain\.(key|reused)|cost/[a-z_]+|ssamba\.sweep)"')
-    offenders = [f"{p.relative_to(root)}:{i}" for p in [*root.glob("ssamba/**/*.py"), *root.glob("ablations/*.py")]
-                 if p.name != "names.py"
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if literal.search(line)]
+    literal = re.compile(
+        r'"(sweep\.(role|id|arms|tasks|status|trials|failed)|ablation\.(arm|factor)|trial\.'
+        r'(key|status|error)|git\.commit|pretrain\.(key|reused)|cost/[a-z_]+|ssamba\.sweep)"'
+    )
+    offenders = [
+        f"{p.relative_to(root)}:{i}"
+        for p in [*root.glob("ssamba/**/*.py"), *root.glob("ablations/*.py")]
+        if p.name != "names.py"
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if literal.search(line)
+    ]
     assert not offenders, offenders

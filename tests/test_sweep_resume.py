@@ -24,13 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
-
-
 def _env(cache_env, ray_tmp: Path) -> dict:
     env = dict(os.environ)
-    env.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "SSAMBA_CACHE": str(cache_env),
-                "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1", MARK: str(ray_tmp),
-                "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}"})  # `python` of a job
+    env.update(
+        {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "SSAMBA_CACHE": str(cache_env),
+            "RAY_TMPDIR": str(ray_tmp),
+            "PYTHONUNBUFFERED": "1",
+            MARK: str(ray_tmp),
+            "PATH": f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )  # `python` of a job
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -57,11 +62,22 @@ def ray_tmp():
 
 def test_killed_sweep_resumes_without_rerunning_or_duplicating(cache_env, tmp_path, ray_tmp):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [PY, str(ROOT / "sweeps" / "masking.py"), "--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
-           "--mlflow-uri", uri, "--max-concurrent", "1"]
+    cmd = [
+        PY,
+        str(ROOT / "sweeps" / "masking.py"),
+        "--smoke-test",
+        "--quiet",
+        "--storage",
+        str(tmp_path / "store"),
+        "--mlflow-uri",
+        uri,
+        "--max-concurrent",
+        "1",
+    ]
     env = _env(cache_env, ray_tmp)
-    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     results = tmp_path / "store" / "masking-smoke" / "trials"
     deadline = time.time() + 300
     first: Path | None = None
@@ -113,17 +129,53 @@ def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
     env["RAY_AUTH_MODE"] = "disabled"
     ray_bin = str(Path(PY).parent / "ray")
     gcs, dash, agent = _free_port(), _free_port(), _free_port()
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-                            "--dashboard-agent-listen-port", str(agent),
-                            "--temp-dir", str(ray_tmp), "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=180)
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "2",
+            "--dashboard-agent-listen-port",
+            str(agent),
+            "--temp-dir",
+            str(ray_tmp),
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT), "--",
-                  "python", "sweeps/norm.py", "--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
-                  "--mlflow-uri", uri]
+        submit = [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "sweeps/norm.py",
+            "--smoke-test",
+            "--quiet",
+            "--storage",
+            str(tmp_path / "store"),
+            "--mlflow-uri",
+            uri,
+        ]
         for _ in range(20):  # the dashboard agent takes a few seconds to accept jobs after `ray start`
             job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in job.stderr + job.stdout:

@@ -17,8 +17,7 @@ def local_ray(cache_env):
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     nodes = ray.nodes()
     assert all(n["NodeManagerAddress"] == "127.0.0.1" for n in nodes)
     yield ray
@@ -32,16 +31,14 @@ def _store(uri):
     return t, t.runs_frame(t.sweep_experiments())
 
 
-@pytest.mark.parametrize("factor_name,n_arms", [("MASKING", 3), ("DIRECTION", 2), ("NORM", 2),
-                                                ("MASKING_STRATEGY", 3)])
+@pytest.mark.parametrize("factor_name,n_arms", [("MASKING", 3), ("DIRECTION", 2), ("NORM", 2), ("MASKING_STRATEGY", 3)])
 def test_smoke_sweep_end_to_end(local_ray, tmp_path, factor_name, n_arms, capsys):
     from ablations.run import main
     from ssamba.sweep import factors
 
     factor = getattr(factors, factor_name)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    rc = main(factor.name, ["--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
-                                "--mlflow-uri", uri])
+    rc = main(factor.name, ["--smoke-test", "--quiet", "--storage", str(tmp_path / "store"), "--mlflow-uri", uri])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert f"## Ablation: {factor.name}" in out  # the table is printed
@@ -56,10 +53,20 @@ def test_smoke_sweep_end_to_end(local_ray, tmp_path, factor_name, n_arms, capsys
     assert (trials["tags.sweep.id"] == sweep_id).all()
     assert (trials["tags.mlflow.parentRunId"] == parents["run_id"].iloc[0]).all()
     assert (trials["status"] == "FINISHED").all() and (trials["tags.trial.status"] == "finished").all()
-    for col in ("tags.ablation.factor", "tags.seed", "tags.git.commit", "params.model.norm",
-                "params.pretrain.mask_count", "params.finetune.lr", "params.seed",
-                "metrics.ft/demo/final", "metrics.pretrain/acc", "metrics.cost/device_hours",
-                "metrics.cost/wall_s", "metrics.cost/samples_per_s"):
+    for col in (
+        "tags.ablation.factor",
+        "tags.seed",
+        "tags.git.commit",
+        "params.model.norm",
+        "params.pretrain.mask_count",
+        "params.finetune.lr",
+        "params.seed",
+        "metrics.ft/demo/final",
+        "metrics.pretrain/acc",
+        "metrics.cost/device_hours",
+        "metrics.cost/wall_s",
+        "metrics.cost/samples_per_s",
+    ):
         assert col in trials.columns and trials[col].notna().all(), col
     assert (trials["tags.ablation.factor"] == factor.name).all()
     # each arm's defining config value is what the arm says

@@ -41,13 +41,20 @@ def test_pretrain_is_repeatable_on_cpu(small_demo, tmp_path):
 
 
 def test_resume_continues_where_it_stopped(small_demo, tmp_path):
-    straight = run_pretrain(_cfg(small_demo, **{"pretrain.max_steps": "8", "pretrain.plateau_every": "2"}),
-                            tmp_path / "straight", log=_quiet)
+    straight = run_pretrain(
+        _cfg(small_demo, **{"pretrain.max_steps": "8", "pretrain.plateau_every": "2"}),
+        tmp_path / "straight",
+        log=_quiet,
+    )
     lines = []
-    run_pretrain(_cfg(small_demo, **{"pretrain.max_steps": "4", "pretrain.plateau_every": "2"}),
-                 tmp_path / "resumed", log=_quiet)
-    resumed = run_pretrain(_cfg(small_demo, **{"pretrain.max_steps": "8", "pretrain.plateau_every": "2"}),
-                           tmp_path / "resumed", log=lines.append)
+    run_pretrain(
+        _cfg(small_demo, **{"pretrain.max_steps": "4", "pretrain.plateau_every": "2"}), tmp_path / "resumed", log=_quiet
+    )
+    resumed = run_pretrain(
+        _cfg(small_demo, **{"pretrain.max_steps": "8", "pretrain.plateau_every": "2"}),
+        tmp_path / "resumed",
+        log=lines.append,
+    )
     assert any("resumed from" in line and "step 4" in line for line in lines)
     assert resumed.steps == 8
     assert resumed.last_eval["pretrain/acc"] == pytest.approx(straight.last_eval["pretrain/acc"])
@@ -65,8 +72,9 @@ def test_finetune_from_pretraining_at_another_stride(small_demo, tmp_path):
     model, payload = load_checkpoint(ft.best_path)
     assert model.grid == (12, 9) and payload["label_vocab"] == read_manifest(small_demo).label_vocab
     # the pretrained patch conv carried over unchanged (weights equal before training? compare with lr 0)
-    frozen = run_finetune(replace(cfg, finetune=replace(cfg.finetune, lr=0.0)), tmp_path / "ft0",
-                          init=pre.best_path, log=_quiet)
+    frozen = run_finetune(
+        replace(cfg, finetune=replace(cfg.finetune, lr=0.0)), tmp_path / "ft0", init=pre.best_path, log=_quiet
+    )
     w_pre = read_checkpoint(pre.best_path)["state_dict"]["v.patch_embed.proj.weight"]
     w_ft = read_checkpoint(frozen.best_path)["state_dict"]["v.patch_embed.proj.weight"]
     assert torch.equal(w_pre, w_ft)
@@ -114,11 +122,20 @@ def test_mask_count_too_large_for_the_grid(small_demo, tmp_path):
 
 def test_gradient_accumulation_matches_the_larger_batch(small_demo, tmp_path):
     """Two micro-batches of 4 accumulate to the same step as one batch of 8 (same clips, same order)."""
-    common = {"finetune.max_steps": "1", "finetune.lr": "1e-3", "finetune.noise": "false", "finetune.freqm": "0",
-              "finetune.timem": "0", "finetune.mixup": "0.0"}
+    common = {
+        "finetune.max_steps": "1",
+        "finetune.lr": "1e-3",
+        "finetune.noise": "false",
+        "finetune.freqm": "0",
+        "finetune.timem": "0",
+        "finetune.mixup": "0.0",
+    }
     a = run_finetune(_cfg(small_demo, **common, **{"finetune.batch_size": "8"}), tmp_path / "a", log=_quiet)
-    b = run_finetune(_cfg(small_demo, **common, **{"finetune.batch_size": "4", "finetune.grad_accum": "2"}),
-                     tmp_path / "b", log=_quiet)
+    b = run_finetune(
+        _cfg(small_demo, **common, **{"finetune.batch_size": "4", "finetune.grad_accum": "2"}),
+        tmp_path / "b",
+        log=_quiet,
+    )
     c = run_finetune(_cfg(small_demo, **common, **{"finetune.batch_size": "4"}), tmp_path / "c", log=_quiet)
     wa, wb, wc = (read_checkpoint(r.best_path)["state_dict"] for r in (a, b, c))
     diff_ab = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
@@ -152,8 +169,9 @@ def test_checkpoint_config_holds_the_statistics_used(small_demo, tmp_path):
 
     m = read_manifest(small_demo)
     cfg = _cfg(small_demo, **{"pretrain.max_steps": "2"})
-    want_mean, want_std, _ = resolve_stats(m.split("train"), cfg.frontend, cfg.pretrain.clip_input(), True, None,
-                                           log=_quiet)
+    want_mean, want_std, _ = resolve_stats(
+        m.split("train"), cfg.frontend, cfg.pretrain.clip_input(), True, None, log=_quiet
+    )
     assert want_mean != pytest.approx(AUDIOSET_MEAN)  # the demo corpus is not AudioSet
     stored = read_checkpoint(run_pretrain(cfg, tmp_path / "pre", log=_quiet).best_path)
     assert stored["config"]["pretrain.mean"] == pytest.approx(want_mean)
@@ -171,11 +189,15 @@ def test_stage_settings_are_declared_once_and_name_their_stage():
     from ssamba.sweep.worker import injected_nan_step
 
     keys = set(to_flat(ExperimentConfig()))
-    assert not {k for k in keys if k.startswith(("augment.", "frontend.target_length", "frontend.mean", "frontend.std"))}
+    assert not {
+        k for k in keys if k.startswith(("augment.", "frontend.target_length", "frontend.mean", "frontend.std"))
+    }
     assert not {k for k in keys if "fault" in k}  # test hooks are not settings
-    for key, value, match in (("pretrain.std", "0", "pretrain.std must be > 0"),
-                              ("finetune.mixup", "2", "finetune.mixup is a probability"),
-                              ("pretrain.target_length", "8", "pretrain.target_length must be >= 16")):
+    for key, value, match in (
+        ("pretrain.std", "0", "pretrain.std must be > 0"),
+        ("finetune.mixup", "2", "finetune.mixup is a probability"),
+        ("pretrain.target_length", "8", "pretrain.target_length must be >= 16"),
+    ):
         with pytest.raises(ConfigError, match=match):
             apply_overrides(preset("smoke"), {key: value})
     clip = apply_overrides(preset("paper-tiny"), {"finetune.freqm": "7"}).finetune.clip_input()

@@ -18,7 +18,7 @@ from ssamba.ops.scan import selective_scan_ref
 def _inputs(b, ch, L, groups, sets, seed=0):
     g = torch.Generator().manual_seed(seed)
     period = ch // sets
-    r = lambda *s, scale=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * scale)  # noqa: E731
+    r = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
     u, delta = r(b, ch, L), r(b, ch, L, scale=0.5)
     B, C = r(b, groups, 16, L), r(b, groups, 16, L)
     A_log = [torch.log(torch.rand(period, 16, generator=g, dtype=torch.float64) * 4 + 0.1) for _ in range(sets)]
@@ -31,27 +31,31 @@ def _reference(u, delta, B, C, A_log, D, bias, softplus, dy):
     leaves = [t.clone().requires_grad_() for t in (u, delta, B, C, *A_log, *D, *bias)]
     n = len(A_log)
     uu, dd, BB, CC = leaves[:4]
-    Al, Dl, bl = leaves[4:4 + n], leaves[4 + n:4 + 2 * n], leaves[4 + 2 * n:]
+    Al, Dl, bl = leaves[4 : 4 + n], leaves[4 + n : 4 + 2 * n], leaves[4 + 2 * n :]
     A = -torch.exp(torch.cat(Al))
     y = selective_scan_ref(uu, dd, A, BB, CC, torch.cat(Dl), delta_bias=torch.cat(bl), delta_softplus=softplus)
     y.backward(dy)
     return y.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("b,ch,L,groups,sets,tile,softplus", [
-    (2, 8, 37, 2, 2, 16, True),   # two directions, a partial last tile
-    (1, 6, 16, 1, 1, 16, True),   # exactly one tile
-    (3, 4, 50, 2, 1, 8, False),   # groups within one set, no softplus
-    (2, 8, 5, 4, 2, 16, True),    # shorter than a tile
-])
+@pytest.mark.parametrize(
+    "b,ch,L,groups,sets,tile,softplus",
+    [
+        (2, 8, 37, 2, 2, 16, True),  # two directions, a partial last tile
+        (1, 6, 16, 1, 1, 16, True),  # exactly one tile
+        (3, 4, 50, 2, 1, 8, False),  # groups within one set, no softplus
+        (2, 8, 5, 4, 2, 16, True),  # shorter than a tile
+    ],
+)
 def test_emulated_forward_and_backward_match_autograd(b, ch, L, groups, sets, tile, softplus):
     u, delta, B, C, A_log, D, bias = _inputs(b, ch, L, groups, sets)
     if not softplus:  # dt = delta + bias itself: keep it positive
         delta, bias = delta.abs() * 0.2, [x.abs() * 0.1 for x in bias]
     dy = torch.randn(b, ch, L, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     pair = (lambda xs: tuple(xs)) if sets == 2 else (lambda xs: xs[0])
-    y, grads = TS.train_scan_emulated(u, delta, pair(A_log), B, C, pair(D), pair(bias), softplus,
-                                      period=ch // sets, dy=dy, tile=tile)
+    y, grads = TS.train_scan_emulated(
+        u, delta, pair(A_log), B, C, pair(D), pair(bias), softplus, period=ch // sets, dy=dy, tile=tile
+    )
     y_ref, g_ref = _reference(u, delta, B, C, A_log, D, bias, softplus, dy)
     worst = (y - y_ref).abs().max().item()
     assert worst < 1e-10, worst
@@ -76,17 +80,20 @@ def test_large_dt_and_long_sequence_stay_finite_and_exact():
     assert ((grads["delta"] - g_ref[1]).norm() / g_ref[1].norm()) < 1e-8
 
 
-@pytest.mark.parametrize("args,why", [
-    ((768, 2, 384, 16, 32), ""),
-    ((3072, 2, 1536, 16, 128), ""),
-    ((384, 1, 384, 16, 65535), ""),
-    ((768, 2, 384, 8, 32), "d_state must be 16"),
-    ((768, 5, 384, 16, 32), "5 B/C groups do not divide 768"),
-    ((96 * 2, 4, 96, 16, 8), r"channels per group \(48\) must be a multiple of 32"),
-    ((80, 1, 80, 16, 8), r"channels \(80\) must be a multiple of 32"),
-    ((1152, 3, 384, 16, 8), "one or two parameter sets"),
-    ((768, 2, 384, 16, 65536), "batch 65536 is over 65535"),
-])
+@pytest.mark.parametrize(
+    "args,why",
+    [
+        ((768, 2, 384, 16, 32), ""),
+        ((3072, 2, 1536, 16, 128), ""),
+        ((384, 1, 384, 16, 65535), ""),
+        ((768, 2, 384, 8, 32), "d_state must be 16"),
+        ((768, 5, 384, 16, 32), "5 B/C groups do not divide 768"),
+        ((96 * 2, 4, 96, 16, 8), r"channels per group \(48\) must be a multiple of 32"),
+        ((80, 1, 80, 16, 8), r"channels \(80\) must be a multiple of 32"),
+        ((1152, 3, 384, 16, 8), "one or two parameter sets"),
+        ((768, 2, 384, 16, 65536), "batch 65536 is over 65535"),
+    ],
+)
 def test_launch_shape_rules(args, why):
     got = TS.supported(*args)
     assert (got == "") if not why else re.search(why, got), got
@@ -101,8 +108,14 @@ def test_public_function_checks_shapes_before_launching():
     with pytest.raises(ValueError, match="B must be"):
         TS.train_scan(u, u, (A, A), B[:, :, :8], B)
     with pytest.raises(ValueError, match="channels per group"):
-        TS.train_scan(torch.zeros(2, 64, 10), torch.zeros(2, 64, 10), (A, A), torch.zeros(2, 4, 16, 10),
-                      torch.zeros(2, 4, 16, 10), period=32)
+        TS.train_scan(
+            torch.zeros(2, 64, 10),
+            torch.zeros(2, 64, 10),
+            (A, A),
+            torch.zeros(2, 4, 16, 10),
+            torch.zeros(2, 4, 16, 10),
+            period=32,
+        )
     with pytest.raises(ValueError, match="need 2 parameter sets"):
         TS.train_scan(u, u, A, B, B, period=32)
 
@@ -118,8 +131,12 @@ def test_params_struct_mirrors_the_kernel():
     src = TS.SOURCE.read_text()
     body = re.search(r"struct Params \{(.*?)\};", src, re.S).group(1)
     body = re.sub(r"//[^\n]*", "", body)
-    names = [n for decl in body.split(";") if decl.strip()
-             for n in re.findall(r"\*?\s*(\w+)\s*(?:,|$)", decl.strip().split(None, 1)[1].replace("*", " "))]
+    names = [
+        n
+        for decl in body.split(";")
+        if decl.strip()
+        for n in re.findall(r"\*?\s*(\w+)\s*(?:,|$)", decl.strip().split(None, 1)[1].replace("*", " "))
+    ]
     assert names == [f[0] for f in TS._Params._fields_]
     assert re.search(rf"constexpr int TT = {TS.TILE};", src) and re.search(rf"constexpr int BD = {TS.BLOCK};", src)
 
@@ -150,12 +167,20 @@ class _Emulated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         u, delta, B, C, A0, A1, D0, D1, b0, b1 = ctx.saved_tensors
-        _, g = TS.train_scan_emulated(u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=ctx.period,
-                                      dy=dy, tile=8)
+        _, g = TS.train_scan_emulated(
+            u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=ctx.period, dy=dy, tile=8
+        )
         cast = lambda t, like: t.to(like.dtype)  # noqa: E731
-        return (cast(g["u"], u), cast(g["delta"], delta), cast(g["B"], B), cast(g["C"], C),
-                *(cast(x, A0) for x in g["A_log"]), *(cast(x, D0) for x in g["D"]),
-                *(cast(x, b0) for x in g["delta_bias"]), None)
+        return (
+            cast(g["u"], u),
+            cast(g["delta"], delta),
+            cast(g["B"], B),
+            cast(g["C"], C),
+            *(cast(x, A0) for x in g["A_log"]),
+            *(cast(x, D0) for x in g["D"]),
+            *(cast(x, b0) for x in g["delta_bias"]),
+            None,
+        )
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -305,6 +330,7 @@ def test_failed_self_check_falls_back_with_one_warning(monkeypatch):
     with pytest.warns(UserWarning, match=r"disagrees with the reference scan on sm_test \(dB 3.1e-01\)"):
         assert TS.train_scan_fn() is None
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert TS.train_scan_fn() is None  # said once
@@ -316,8 +342,11 @@ def test_first_use_check_runs_in_fp32_with_gradients_whatever_the_callers_contex
     seen = {}
 
     def record(device):
-        seen.update(grad=torch.is_grad_enabled(), inference=torch.is_inference_mode_enabled(),
-                    autocast=torch.is_autocast_enabled("cuda"))
+        seen.update(
+            grad=torch.is_grad_enabled(),
+            inference=torch.is_inference_mode_enabled(),
+            autocast=torch.is_autocast_enabled("cuda"),
+        )
         return ""
 
     monkeypatch.setattr(TS, "self_check", record)

@@ -39,25 +39,30 @@ def demo_step_times(batch: int = 32) -> dict[str, float]:
         def run():
             model.zero_grad(set_to_none=True)
             fn().backward()
+
         return run
 
     res["pretrain forward+backward (1 pass)"] = _time(step(lambda: model.pretrain_losses(x, masks[0])["loss"]))
     res["pretrain forward+backward (2 passes, official)"] = _time(
-        step(lambda: model.pretrain_losses(x, masks[0], masks[1])["loss"]))
+        step(lambda: model.pretrain_losses(x, masks[0], masks[1])["loss"])
+    )
     res["fine-tune forward+backward"] = _time(step(lambda: model(x).logsumexp(-1).mean()))
     return res
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ssamba.bench.cpu", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m ssamba.bench.cpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"demo preset (4 layers, D=64, bidirectional, 65 tokens), batch {args.batch}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"demo preset (4 layers, D=64, bidirectional, 65 tokens), batch {args.batch}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print("| step | ms |\n|---|---:|")
     for k, v in demo_step_times(args.batch).items():
         print(f"| {k} | {v:.1f} |")

@@ -18,8 +18,14 @@ def _rate(n: int, seconds: float) -> str:
     return f"{n / seconds:10.1f}"
 
 
-def run_bench(manifest_path, *, limit: int = 400, workers: int = 0, frontend: FrontendConfig = FrontendConfig(),
-              clip: ClipInput = ClipInput()) -> dict:
+def run_bench(
+    manifest_path,
+    *,
+    limit: int = 400,
+    workers: int = 0,
+    frontend: FrontendConfig = FrontendConfig(),
+    clip: ClipInput = ClipInput(),
+) -> dict:
     """Time the three ways a clip reaches training; prints a table and returns the figures (clips/s)."""
     manifest = read_manifest(manifest_path)
     if limit and len(manifest) > limit:
@@ -55,12 +61,16 @@ def run_bench(manifest_path, *, limit: int = 400, workers: int = 0, frontend: Fr
         results["cache_raw_get"] = 3 * n / (time.perf_counter() - t0)
         size = sum(f.stat().st_size for f in cache.folder.iterdir())
     dur = float(manifest.df["duration"].fillna(0).mean())
-    print(f"data bench: {n} clips of {manifest.meta.get('dataset')!r} (mean {dur:.2f} s), "
-          f"{os.cpu_count()} CPUs, torch threads {threads}, target_length {clip.target_length}")
+    print(
+        f"data bench: {n} clips of {manifest.meta.get('dataset')!r} (mean {dur:.2f} s), "
+        f"{os.cpu_count()} CPUs, torch threads {threads}, target_length {clip.target_length}"
+    )
     print("| path | clips/s |")
     print("|---|---:|")
     print(f"| decode + resample + fbank + pad + normalise (1 process) | {_rate(1, 1 / results['on_the_fly'])} |")
-    print(f"| cache build ({workers or 1} process{'es' if workers > 1 else ''}) | {_rate(1, 1 / results['cache_build'])} |")
+    print(
+        f"| cache build ({workers or 1} process{'es' if workers > 1 else ''}) | {_rate(1, 1 / results['cache_build'])} |"
+    )
     print(f"| cached fbank + pad + normalise (dataset item) | {_rate(1, 1 / results['cache_read'])} |")
     print(f"| cached fbank, raw zero-copy get | {_rate(1, 1 / results['cache_raw_get'])} |")
     print(f"cache: {size / 2**20:.1f} MiB for {n} clips, opened in {open_s * 1e3:.1f} ms; {bad} bad clips")

@@ -33,10 +33,11 @@ from ssamba.config import ModelConfig, model_preset
 DEFAULT_TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 22000, 32768, 65536]
 QUICK_TOKENS = [512, 2048, 8192, 22000]
 SIZES = ("tiny", "small", "base")
-ALL_MODELS = ([f"ssamba-{s}-{v}" for s in SIZES for v in ("bi", "uni")]
-              + [f"ssast-{s}-{v}" for s in SIZES for v in ("mat", "fused")])
+ALL_MODELS = [f"ssamba-{s}-{v}" for s in SIZES for v in ("bi", "uni")] + [
+    f"ssast-{s}-{v}" for s in SIZES for v in ("mat", "fused")
+]
 PAPER_CLAIM = "Paper: 92.7% faster and 95.4% more memory-efficient than SSAST-tiny at ~22k tokens (L40, fp32, batch 2)"
-MiB = 2 ** 20
+MiB = 2**20
 
 
 @dataclass
@@ -105,15 +106,19 @@ def parse_tokens(text: str) -> list[int]:
     return fixed
 
 
-def sweep_lengths(tokens: Iterable[int], measure: Callable[[int], dict], free: Callable[[], None] = lambda: None
-                  ) -> Iterator[dict]:
+def sweep_lengths(
+    tokens: Iterable[int], measure: Callable[[int], dict], free: Callable[[], None] = lambda: None
+) -> Iterator[dict]:
     """Yield ``measure(n)`` for growing ``n``; an OOM (or error) is recorded and ends the sweep."""
     for n in tokens:
         try:
             entry = {"tokens": n, "status": "ok", **measure(n)}
         except Exception as e:  # noqa: BLE001 - a long run records it and goes on to the next model
-            entry = ({"tokens": n, "status": "oom"} if is_oom(e) else
-                     {"tokens": n, "status": "error", "error": f"{type(e).__name__}: {e}"[:500]})
+            entry = (
+                {"tokens": n, "status": "oom"}
+                if is_oom(e)
+                else {"tokens": n, "status": "error", "error": f"{type(e).__name__}: {e}"[:500]}
+            )
         free()
         yield entry
         if entry["status"] != "ok":
@@ -150,9 +155,11 @@ class Bench:
         if backend is None and cfg is not None:
             backend = "attention:" + cfg.attention
         self.res["models"][name] = {
-            "params": sum(p.numel() for p in model.parameters()), "backend": backend or "n/a",
+            "params": sum(p.numel() for p in model.parameters()),
+            "backend": backend or "n/a",
             "conv": "causal_conv1d" if backend == "cuda" and mamba_conv() is not None else "reference",
-            "config": asdict(cfg) if cfg is not None else {}}
+            "config": asdict(cfg) if cfg is not None else {},
+        }
 
     def _forward(self, model, b: int, n: int, dtype: str) -> Callable[[], None]:
         x = torch.randn(b, frames(n), 128, device=self.device)
@@ -160,6 +167,7 @@ class Bench:
         def fwd():
             with torch.no_grad(), autocast(self.device, dtype):
                 model.encode(x)
+
         return fwd
 
     def _inference_point(self, name: str, dtype: str, n: int) -> dict:
@@ -174,8 +182,12 @@ class Bench:
             fwd = functools.partial(graphed, torch.randn(s.batch, frames(n), 128, device=self.device))
         self.timer.reset_peak()
         runs = self.timer.runs(fwd, s.warmup, s.repeats)
-        entry = {"batch": s.batch, "latency_ms": _reduce(runs, s.reduce), "latency_runs_ms": runs,
-                 "peak_mem_bytes": self.timer.peak()}
+        entry = {
+            "batch": s.batch,
+            "latency_ms": _reduce(runs, s.reduce),
+            "latency_runs_ms": runs,
+            "peak_mem_bytes": self.timer.peak(),
+        }
         del fwd, graphed  # (a graph holds its memory pool)
         if s.throughput:
             entry.update(self._throughput(model, n, dtype))
@@ -191,11 +203,19 @@ class Bench:
         best, capped = find_max_batch(ok, self.s.max_batch, start=1)
         for _ in range(4):  # near the limit a timing run can still fail (fragmentation): back off
             runs: list[float] = []
-            if fits(lambda: runs.extend(self.timer.runs(self._forward(model, best, n, dtype), 1,
-                                                        max(2, self.s.repeats // 2))), self.device):
+            if fits(
+                lambda: runs.extend(
+                    self.timer.runs(self._forward(model, best, n, dtype), 1, max(2, self.s.repeats // 2))
+                ),
+                self.device,
+            ):
                 ms = _reduce(runs, "median")
-                return {"max_batch": best, "batch_capped": capped, "throughput_batch_ms": ms,
-                        "throughput_seq_s": best * 1e3 / ms}
+                return {
+                    "max_batch": best,
+                    "batch_capped": capped,
+                    "throughput_batch_ms": ms,
+                    "throughput_seq_s": best * 1e3 / ms,
+                }
             best, capped = max(1, int(best * 0.9)), False
         raise OOM(f"throughput timing ran out of memory down to batch {best}")
 
@@ -217,10 +237,16 @@ class Bench:
                 loss = model.pretrain_losses(x, m_d, m_g)["loss"]
             loss.backward()
             opt.step()
+
         self.timer.reset_peak()
         runs = self.timer.runs(step, max(1, s.warmup), max(1, s.repeats // 2))  # warm-up: optimizer state
-        return {"batch": s.train_batch, "step_ms": _reduce(runs, "median"), "step_runs_ms": runs,
-                "peak_mem_bytes": self.timer.peak(), "masked": count}
+        return {
+            "batch": s.train_batch,
+            "step_ms": _reduce(runs, "median"),
+            "step_runs_ms": runs,
+            "peak_mem_bytes": self.timer.peak(),
+            "masked": count,
+        }
 
     def run(self) -> dict:
         s, free = self.s, (lambda: free_memory(self.device))
@@ -240,9 +266,14 @@ class Bench:
                     e = next(sweep_lengths([s.train_tokens], lambda n: self._train_point(name, dtype, n), free))
                     self.res["train"].append({"model": name, "dtype": dtype, **e})
                     self.save()
-                    self.log(f"{name:18s} {dtype:4s} train N={s.train_tokens} x {s.train_batch}: "
-                             + (f"{e['step_ms']:.1f} ms/step, peak {fmt_bytes(e['peak_mem_bytes'])}"
-                                if e["status"] == "ok" else e["status"]))
+                    self.log(
+                        f"{name:18s} {dtype:4s} train N={s.train_tokens} x {s.train_batch}: "
+                        + (
+                            f"{e['step_ms']:.1f} ms/step, peak {fmt_bytes(e['peak_mem_bytes'])}"
+                            if e["status"] == "ok"
+                            else e["status"]
+                        )
+                    )
         self.res["headline"] = headline(self.res)
         self.save()
         return self.res
@@ -255,15 +286,24 @@ def _reduce(runs: list[float], how: str) -> float:
 def _progress(e: dict) -> str:
     if e["status"] != "ok":
         return e["status"].upper() + (f" {e.get('error', '')}" if e["status"] == "error" else "")
-    return (f"latency {e['latency_ms']:.2f} ms (batch {e['batch']}), peak {fmt_bytes(e['peak_mem_bytes'])}, "
-            f"{e['throughput_seq_s']:.2f} seq/s at batch {e['max_batch']}  [{e['elapsed_s']:.1f} s]")
+    return (
+        f"latency {e['latency_ms']:.2f} ms (batch {e['batch']}), peak {fmt_bytes(e['peak_mem_bytes'])}, "
+        f"{e['throughput_seq_s']:.2f} seq/s at batch {e['max_batch']}  [{e['elapsed_s']:.1f} s]"
+    )
 
 
 def environment(device: torch.device) -> dict:
-    meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "torch": torch.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda, "device_type": device.type,
-            "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "argv": sys.argv[1:]}
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+        "device_type": device.type,
+        "device": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "argv": sys.argv[1:],
+    }
     if device.type == "cuda":
         prop = torch.cuda.get_device_properties(device)
         meta.update(device=prop.name, device_memory_bytes=prop.total_memory)
@@ -296,11 +336,18 @@ def relative(a: float, b: float, better: str, worse: str) -> tuple[float, str]:
 def compare(a: dict, b: dict) -> dict:
     """Two inference entries (SSAMBA ``a``, SSAST ``b``) -> ratios and the paper-style phrases."""
     faster, speed = relative(a["latency_ms"], b["latency_ms"], "{:.1f}% faster", "{:.1f}% slower")
-    out = {"latency_ratio": b["latency_ms"] / a["latency_ms"], "faster_pct": faster, "speed_phrase": speed,
-           "memory_less_pct": None, "memory_phrase": "memory n/a", "throughput_ratio": None}
+    out = {
+        "latency_ratio": b["latency_ms"] / a["latency_ms"],
+        "faster_pct": faster,
+        "speed_phrase": speed,
+        "memory_less_pct": None,
+        "memory_phrase": "memory n/a",
+        "throughput_ratio": None,
+    }
     if a.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
         out["memory_less_pct"], out["memory_phrase"] = relative(
-            a["peak_mem_bytes"], b["peak_mem_bytes"], "{:.1f}% more memory-efficient", "needs {:.1f}% more memory")
+            a["peak_mem_bytes"], b["peak_mem_bytes"], "{:.1f}% more memory-efficient", "needs {:.1f}% more memory"
+        )
     if a.get("throughput_seq_s") and b.get("throughput_seq_s"):
         out["throughput_ratio"] = a["throughput_seq_s"] / b["throughput_seq_s"]
     return out
@@ -308,20 +355,27 @@ def compare(a: dict, b: dict) -> dict:
 
 def label(name: str) -> str:
     arch, size, var = name.split("-")
-    return f"{arch.upper()}-{size} ({ {'mat': 'materialised'}.get(var, var)})"
+    return f"{arch.upper()}-{size} ({ {'mat': 'materialised'}.get(var, var) })"
 
 
 def headline(res: dict, target: int = 22000) -> list[dict]:
     """Per dtype and size (tiny first): SSAMBA-bi vs SSAST materialised and fused at the length nearest ``target``."""
     rows = []
-    sizes = sorted({e["model"].split("-")[1] for e in res["inference"]},
-                   key=lambda z: (("tiny", "small", "base").index(z) if z in SIZES else 3, z))
+    sizes = sorted(
+        {e["model"].split("-")[1] for e in res["inference"]},
+        key=lambda z: (("tiny", "small", "base").index(z) if z in SIZES else 3, z),
+    )
     for size in sizes:
         ours = f"ssamba-{size}-bi"
         for dtype in sorted({e["dtype"] for e in res["inference"]}):
+
             def ok(m):
-                return {e["tokens"]: e for e in res["inference"]
-                        if e["model"] == m and e["dtype"] == dtype and e["status"] == "ok"}
+                return {
+                    e["tokens"]: e
+                    for e in res["inference"]
+                    if e["model"] == m and e["dtype"] == dtype and e["status"] == "ok"
+                }
+
             mine = ok(ours)
             for base in (f"ssast-{size}-mat", f"ssast-{size}-fused"):
                 theirs = ok(base)
@@ -332,18 +386,25 @@ def headline(res: dict, target: int = 22000) -> list[dict]:
                 a, b = mine[n], theirs[n]
                 c = compare(a, b)
                 mem = f" and {c['memory_phrase']}" if c["memory_less_pct"] is not None else ""
-                thr = (f", throughput {a['throughput_seq_s']:.1f} vs {b['throughput_seq_s']:.1f} seq/s "
-                       f"({c['throughput_ratio']:.2f}x; batch {a['max_batch']} vs {b['max_batch']})"
-                       if c["throughput_ratio"] else "")
-                line = (f"[{dtype}, {n} tokens, batch {a['batch']}] {label(ours)} is {c['speed_phrase']}{mem} than "
-                        f"{label(base)}: latency {a['latency_ms']:.1f} ms vs {b['latency_ms']:.1f} ms "
-                        f"({c['latency_ratio']:.2f}x), peak memory {fmt_bytes(a.get('peak_mem_bytes'))} vs "
-                        f"{fmt_bytes(b.get('peak_mem_bytes'))}{thr}; scan backend "
-                        f"{res.get('models', {}).get(ours, {}).get('backend', '?')}")
+                thr = (
+                    f", throughput {a['throughput_seq_s']:.1f} vs {b['throughput_seq_s']:.1f} seq/s "
+                    f"({c['throughput_ratio']:.2f}x; batch {a['max_batch']} vs {b['max_batch']})"
+                    if c["throughput_ratio"]
+                    else ""
+                )
+                line = (
+                    f"[{dtype}, {n} tokens, batch {a['batch']}] {label(ours)} is {c['speed_phrase']}{mem} than "
+                    f"{label(base)}: latency {a['latency_ms']:.1f} ms vs {b['latency_ms']:.1f} ms "
+                    f"({c['latency_ratio']:.2f}x), peak memory {fmt_bytes(a.get('peak_mem_bytes'))} vs "
+                    f"{fmt_bytes(b.get('peak_mem_bytes'))}{thr}; scan backend "
+                    f"{res.get('models', {}).get(ours, {}).get('backend', '?')}"
+                )
                 if n != target:
-                    stop = [f"; {e['model']} {'out of memory' if e['status'] == 'oom' else e['status']} at {e['tokens']}"
-                            for e in res["inference"] if e["model"] in (ours, base) and e["dtype"] == dtype
-                            and e["status"] != "ok"]
+                    stop = [
+                        f"; {e['model']} {'out of memory' if e['status'] == 'oom' else e['status']} at {e['tokens']}"
+                        for e in res["inference"]
+                        if e["model"] in (ours, base) and e["dtype"] == dtype and e["status"] != "ok"
+                    ]
                     line += f" [nearest measured to {target}{''.join(stop)}]"
                 rows.append({"dtype": dtype, "tokens": n, "ours": ours, "baseline": base, **c, "line": line})
     return rows
@@ -351,25 +412,36 @@ def headline(res: dict, target: int = 22000) -> list[dict]:
 
 def markdown(res: dict) -> str:
     models = res.get("models", {})
-    out = [f"Device: {res['meta'].get('device')} | torch {res['meta'].get('torch')} | {res['meta'].get('date')} | "
-           f"protocol {res['meta'].get('settings', {}).get('protocol')}", "",
-           "| model | dtype | backend | tokens | batch | latency ms | peak memory | max batch | seq/s | status |",
-           "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    out = [
+        f"Device: {res['meta'].get('device')} | torch {res['meta'].get('torch')} | {res['meta'].get('date')} | "
+        f"protocol {res['meta'].get('settings', {}).get('protocol')}",
+        "",
+        "| model | dtype | backend | tokens | batch | latency ms | peak memory | max batch | seq/s | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for e in res["inference"]:
         be = models.get(e["model"], {}).get("backend", "")
         if e["status"] == "ok":
-            out.append(f"| {e['model']} | {e['dtype']} | {be} | {e['tokens']} | {e['batch']} | {e['latency_ms']:.2f} | "
-                       f"{fmt_bytes(e['peak_mem_bytes'])} | {e['max_batch']} | {e['throughput_seq_s']:.2f} | ok |")
+            out.append(
+                f"| {e['model']} | {e['dtype']} | {be} | {e['tokens']} | {e['batch']} | {e['latency_ms']:.2f} | "
+                f"{fmt_bytes(e['peak_mem_bytes'])} | {e['max_batch']} | {e['throughput_seq_s']:.2f} | ok |"
+            )
         else:
             out.append(f"| {e['model']} | {e['dtype']} | {be} | {e['tokens']} | | | | | | {e['status']} |")
     if res["train"]:
-        out += ["", "| model | dtype | tokens x batch | train step ms | peak memory | status |",
-                "|---|---|---|---:|---:|---|"]
+        out += [
+            "",
+            "| model | dtype | tokens x batch | train step ms | peak memory | status |",
+            "|---|---|---|---:|---:|---|",
+        ]
         for e in res["train"]:
             ok = e["status"] == "ok"
-            out.append(f"| {e['model']} | {e['dtype']} | {e['tokens']} x {e.get('batch', '')} | "
-                       f"{e['step_ms']:.1f} | {fmt_bytes(e['peak_mem_bytes'])} | ok |" if ok else
-                       f"| {e['model']} | {e['dtype']} | {e['tokens']} | | | {e['status']} |")
+            out.append(
+                f"| {e['model']} | {e['dtype']} | {e['tokens']} x {e.get('batch', '')} | "
+                f"{e['step_ms']:.1f} | {fmt_bytes(e['peak_mem_bytes'])} | ok |"
+                if ok
+                else f"| {e['model']} | {e['dtype']} | {e['tokens']} | | | {e['status']} |"
+            )
     return "\n".join(out)
 
 
@@ -377,14 +449,18 @@ def plot(res: dict, out: Path, prefix: str = "") -> list[Path]:
     """Log-log plots of latency, peak memory and throughput vs tokens; an x marks where a model ran out."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no plots (rerun with --replot where it is)", flush=True)
         return []
     written = []
-    metrics = [("latency_ms", 1.0, "latency (ms)"), ("peak_mem_bytes", 1 / MiB, "peak memory (MiB)"),
-               ("throughput_seq_s", 1.0, "throughput (sequences/s)")]
+    metrics = [
+        ("latency_ms", 1.0, "latency (ms)"),
+        ("peak_mem_bytes", 1 / MiB, "peak memory (MiB)"),
+        ("throughput_seq_s", 1.0, "throughput (sequences/s)"),
+    ]
     series = sorted({(e["model"], e["dtype"]) for e in res["inference"]})
     names = sorted({m for m, _ in series})
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
@@ -392,8 +468,11 @@ def plot(res: dict, out: Path, prefix: str = "") -> list[Path]:
         fig, ax = plt.subplots(figsize=(8, 5.5))
         drawn = False
         for m, d in series:
-            pts = [(e["tokens"], e[key] * scale) for e in res["inference"]
-                   if e["model"] == m and e["dtype"] == d and e["status"] == "ok" and e.get(key)]
+            pts = [
+                (e["tokens"], e[key] * scale)
+                for e in res["inference"]
+                if e["model"] == m and e["dtype"] == d and e["status"] == "ok" and e.get(key)
+            ]
             if not pts:
                 continue
             xs, ys = zip(*pts)
@@ -427,8 +506,8 @@ def report(res: dict, out: Path, paper: bool) -> None:
     for p in plot(res, out, prefix):
         print(f"plot: {p}")
     print()
-    for h in res["headline"] or [{"line": "no headline: it needs ssamba-<size>-bi and ssast-<size>-mat/fused measured at a common length"}]:
+    for h in res["headline"] or [
+        {"line": "no headline: it needs ssamba-<size>-bi and ssast-<size>-mat/fused measured at a common length"}
+    ]:
         print("HEADLINE " + h["line"])
     print(PAPER_CLAIM, flush=True)
-
-

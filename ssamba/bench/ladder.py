@@ -33,14 +33,30 @@ from ssamba.config import ModelConfig
 
 _OFF = dict(chunk_scan=False)
 LEVELS = [
-    ("reference path (per-direction scans, flips)", dict(fuse_directions=False, pad=False, fused_norm=False, **_OFF), False),
-    ("+ directions in one scan, channel-first, no flips", dict(fuse_directions=True, pad=False, fused_norm=False, **_OFF), False),
+    (
+        "reference path (per-direction scans, flips)",
+        dict(fuse_directions=False, pad=False, fused_norm=False, **_OFF),
+        False,
+    ),
+    (
+        "+ directions in one scan, channel-first, no flips",
+        dict(fuse_directions=True, pad=False, fused_norm=False, **_OFF),
+        False,
+    ),
     ("+ length padded to the scan chunk", dict(fuse_directions=True, pad=True, fused_norm=False, **_OFF), False),
     ("+ CUDA graph", dict(fuse_directions=True, pad=True, fused_norm=False, **_OFF), True),
     ("+ fused add-norm (Triton), graphed", dict(fuse_directions=True, pad=True, fused_norm=True, **_OFF), True),
     ("(fused add-norm, eager)", dict(fuse_directions=True, pad=True, fused_norm=True, **_OFF), False),
-    ("+ chunked scan (sequence across blocks), graphed", dict(fuse_directions=True, pad=True, fused_norm=True, chunk_scan=True), True),
-    ("(chunked scan, unpadded), graphed", dict(fuse_directions=True, pad=False, fused_norm=True, chunk_scan=True), True),
+    (
+        "+ chunked scan (sequence across blocks), graphed",
+        dict(fuse_directions=True, pad=True, fused_norm=True, chunk_scan=True),
+        True,
+    ),
+    (
+        "(chunked scan, unpadded), graphed",
+        dict(fuse_directions=True, pad=False, fused_norm=True, chunk_scan=True),
+        True,
+    ),
     ("(chunked scan, eager)", dict(fuse_directions=True, pad=True, fused_norm=True, chunk_scan=True), False),
 ]
 
@@ -57,16 +73,23 @@ def floor_bytes(cfg: ModelConfig, tokens: int, batch: int = 1, dtype: str = "bf1
     r = 4 if cfg.residual_in_fp32 else e
     d, di, n, rk = cfg.embed_dim, cfg.d_inner, cfg.d_state, cfg.resolved_dt_rank
     g = 2 if cfg.bimamba else 1
-    per = (d * (2 * e + 2 * r) + (d + 2 * di) * e + 2 * g * di * e + g * (di + rk + 2 * n) * e
-           + g * (rk + di) * e + g * (3 * di + 2 * n) * e + (g + 2) * di * e + (di + d) * e)
-    weights_per_layer = (d * 2 * di + g * (di * 4 + di * (rk + 2 * n) + rk * di + 2 * di + di * n + di)
-                         + di * d + 2 * d)
+    per = (
+        d * (2 * e + 2 * r)
+        + (d + 2 * di) * e
+        + 2 * g * di * e
+        + g * (di + rk + 2 * n) * e
+        + g * (rk + di) * e
+        + g * (3 * di + 2 * n) * e
+        + (g + 2) * di * e
+        + (di + d) * e
+    )
+    weights_per_layer = d * 2 * di + g * (di * 4 + di * (rk + 2 * n) + rk * di + 2 * di + di * n + di) + di * d + 2 * d
     length = tokens + 1
     final = d * (2 * e + 2 * r) + 2 * d * e
     return int(batch * length * (cfg.depth * per + final) + cfg.depth * weights_per_layer * e)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 2 ** 30, repeats: int = 10) -> float:
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30, repeats: int = 10) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + written over the median time)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
@@ -95,9 +118,11 @@ def _measure(model, tokens: int, batch: int, dtype: str, graphed: bool, device, 
                 run = GraphedInference(model.encode, autocast=dtype)
                 fn = lambda: run(x)  # noqa: E731
             else:
+
                 def fn():
                     with torch.no_grad(), autocast(device, dtype):
                         model.encode(x)
+
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             out[key] = median_ms(fn, 3, repeats)
@@ -115,33 +140,52 @@ def _measure(model, tokens: int, batch: int, dtype: str, graphed: bool, device, 
     return out
 
 
-def run_ladder(tokens: list[int], dtype: str = "bf16", batch: int = 64, repeats: int = 20,
-               out: Path | None = None, scan_backend: str = "cuda") -> dict:
+def run_ladder(
+    tokens: list[int],
+    dtype: str = "bf16",
+    batch: int = 64,
+    repeats: int = 20,
+    out: Path | None = None,
+    scan_backend: str = "cuda",
+) -> dict:
     from ssamba.model.encoder import set_speedups
 
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    res = {"meta": environment(device) | {"copy_bandwidth_bytes_s": bw, "dtype": dtype, "batch": batch},
-           "rows": []}
-    print(f"[ladder] {res['meta']['device']}: copy bandwidth {bw / 1e12:.2f} TB/s; {dtype}; "
-          f"throughput at batch {batch}", flush=True)
+    res = {"meta": environment(device) | {"copy_bandwidth_bytes_s": bw, "dtype": dtype, "batch": batch}, "rows": []}
+    print(
+        f"[ladder] {res['meta']['device']}: copy bandwidth {bw / 1e12:.2f} TB/s; {dtype}; throughput at batch {batch}",
+        flush=True,
+    )
     _, cfg = model_config("ssamba-tiny-bi", scan_backend)
     for n in tokens:
         floor_1 = floor_bytes(cfg, n, 1, dtype) / bw * 1e3
         model = build_model("ssamba-tiny-bi", n, device, False, scan_backend)
         for i, (name, switches, graphed) in enumerate(LEVELS):
             set_speedups(model, **switches)
-            row = {"tokens": n, "model": "ssamba-tiny-bi", "level": i, "step": name, "graphed": graphed,
-                   "floor_ms": floor_1, **_measure(model, n, batch, dtype, graphed, device, repeats)}
+            row = {
+                "tokens": n,
+                "model": "ssamba-tiny-bi",
+                "level": i,
+                "step": name,
+                "graphed": graphed,
+                "floor_ms": floor_1,
+                **_measure(model, n, batch, dtype, graphed, device, repeats),
+            }
             res["rows"].append(row)
             print(f"[ladder] N={n} {i}. {name}: {_fmt(row)}", flush=True)
         del model
         ssast = build_model("ssast-tiny-fused", n, device, False)
         for graphed in (False, True):
-            row = {"tokens": n, "model": "ssast-tiny-fused", "level": None,
-                   "step": "SSAST-tiny fused attention" + (", CUDA graph" if graphed else ""),
-                   "graphed": graphed, "floor_ms": None,
-                   **_measure(ssast, n, batch, dtype, graphed, device, repeats)}
+            row = {
+                "tokens": n,
+                "model": "ssast-tiny-fused",
+                "level": None,
+                "step": "SSAST-tiny fused attention" + (", CUDA graph" if graphed else ""),
+                "graphed": graphed,
+                "floor_ms": None,
+                **_measure(ssast, n, batch, dtype, graphed, device, repeats),
+            }
             res["rows"].append(row)
             print(f"[ladder] N={n} {row['step']}: {_fmt(row)}", flush=True)
         del ssast
@@ -164,17 +208,24 @@ def _fmt(row: dict) -> str:
 def ladder_markdown(res: dict) -> str:
 
     m = res["meta"]
-    lines = [f"Encoder speed-ups, {m.get('device', '?')}, {m['dtype']}, copy bandwidth "
-             f"{m['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s", "",
-             f"| tokens | step | batch 1 latency (ms) | x floor | peak mem (batch 1) | seq/s at batch {m['batch']} |",
-             "|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Encoder speed-ups, {m.get('device', '?')}, {m['dtype']}, copy bandwidth "
+        f"{m['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s",
+        "",
+        f"| tokens | step | batch 1 latency (ms) | x floor | peak mem (batch 1) | seq/s at batch {m['batch']} |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for r in res["rows"]:
         lat = r.get("latency_ms")
         ratio = f"{lat / r['floor_ms']:.1f}" if lat and r.get("floor_ms") else ""
-        lines.append(f"| {r['tokens']} | {r['step']} | {lat:.2f} |" if lat else f"| {r['tokens']} | {r['step']} | OOM |")
-        lines[-1] += (f" {ratio} | {fmt_bytes(r.get('peak_mem_bytes'))} | "
-                      f"{r['throughput_seq_s']:.1f} |" if r.get("throughput_seq_s") else
-                      f" {ratio} | {fmt_bytes(r.get('peak_mem_bytes'))} | OOM |")
+        lines.append(
+            f"| {r['tokens']} | {r['step']} | {lat:.2f} |" if lat else f"| {r['tokens']} | {r['step']} | OOM |"
+        )
+        lines[-1] += (
+            f" {ratio} | {fmt_bytes(r.get('peak_mem_bytes'))} | {r['throughput_seq_s']:.1f} |"
+            if r.get("throughput_seq_s")
+            else f" {ratio} | {fmt_bytes(r.get('peak_mem_bytes'))} | OOM |"
+        )
     floors = sorted({(r["tokens"], r["floor_ms"]) for r in res["rows"] if r.get("floor_ms")})
     lines.append("")
     lines += [f"Memory-bound floor of SSAMBA-tiny bi at {n} tokens, batch 1: {f:.2f} ms" for n, f in floors]

@@ -24,8 +24,15 @@ import torch
 from ssamba.bench.encoder import environment
 
 
-def run_pretrain_bench(preset_name: str = "paper-tiny", manifest: str = "", steps: int = 60, warmup: int = 10,
-                       batch_size: int | None = None, num_workers: int = 8, out: Path | None = None) -> dict:
+def run_pretrain_bench(
+    preset_name: str = "paper-tiny",
+    manifest: str = "",
+    steps: int = 60,
+    warmup: int = 10,
+    batch_size: int | None = None,
+    num_workers: int = 8,
+    out: Path | None = None,
+) -> dict:
     from ssamba.config.presets import preset
     from ssamba.model.audio_model import AudioModel, Geometry
     from ssamba.train.data import load_manifest, make_loaders
@@ -34,12 +41,27 @@ def run_pretrain_bench(preset_name: str = "paper-tiny", manifest: str = "", step
     device = torch.device("cuda")
     cfg = preset(preset_name)
     p = replace(cfg.pretrain, batch_size=batch_size or cfg.pretrain.batch_size)
-    cfg = replace(cfg, pretrain=p, data=replace(cfg.data, manifest=manifest, num_workers=num_workers),
-                  model=replace(cfg.model, scan_backend="auto"))
+    cfg = replace(
+        cfg,
+        pretrain=p,
+        data=replace(cfg.data, manifest=manifest, num_workers=num_workers),
+        model=replace(cfg.model, scan_backend="auto"),
+    )
     fe = cfg.frontend
-    loaders = make_loaders(load_manifest(cfg.data.manifest), fe, p.clip_input(), cfg=cfg, train_split=cfg.data.train_split,
-                           eval_split="", fold=0, batch_size=p.batch_size, use_manifest_stats=cfg.data.stats_from_manifest)
-    model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, p.target_length), num_classes=0, pretrain_heads=True).to(device)
+    loaders = make_loaders(
+        load_manifest(cfg.data.manifest),
+        fe,
+        p.clip_input(),
+        cfg=cfg,
+        train_split=cfg.data.train_split,
+        eval_split="",
+        fold=0,
+        batch_size=p.batch_size,
+        use_manifest_stats=cfg.data.stats_from_manifest,
+    )
+    model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, p.target_length), num_classes=0, pretrain_heads=True).to(
+        device
+    )
     task = PretrainTask(p, model.grid, cfg.seed)
     opt = task.optimizer(model)
     model.train()
@@ -93,23 +115,38 @@ def run_pretrain_bench(preset_name: str = "paper-tiny", manifest: str = "", step
         step(fixed, i)
     torch.cuda.synchronize()
     gpu_only = (time.perf_counter() - t0) / (steps // 2)
-    res = {"meta": environment(device), "preset": preset_name, "tokens": tokens, "batch": p.batch_size,
-           "num_workers": num_workers, "steps": steps, "samples_per_s": n_samples / wall,
-           "step_s": wall / steps, "step_s_fixed_batch": gpu_only, "samples_per_s_fixed_batch": p.batch_size / gpu_only,
-           "data_wait_s_mean": statistics.fmean(waits), "data_wait_s_max": max(waits),
-           "gpu_gap_s_mean": statistics.fmean(gaps) if gaps else 0.0, "gpu_gap_s_max": max(gaps) if gaps else 0.0,
-           "gpu_idle_fraction": sum(gaps) / wall if gaps else 0.0,
-           "steps_with_data_wait_over_1ms": sum(w > 1e-3 for w in waits)}
-    lines = [f"Pretraining throughput, {res['meta'].get('device', '?')}, {preset_name} ({tokens} tokens), bf16, "
-             f"batch {p.batch_size}, {num_workers} loader workers, {steps} steps after {warmup} warm-up", "",
-             "| measure | value |", "|---|---:|",
-             f"| samples/s (real loader) | {res['samples_per_s']:.1f} |",
-             f"| samples/s (one batch kept on the GPU) | {res['samples_per_s_fixed_batch']:.1f} |",
-             f"| step time, real loader / fixed batch (ms) | {res['step_s'] * 1e3:.1f} / {gpu_only * 1e3:.1f} |",
-             f"| host wait for a batch, mean / max (ms) | {res['data_wait_s_mean'] * 1e3:.2f} / {res['data_wait_s_max'] * 1e3:.2f} |",
-             f"| steps whose batch took > 1 ms to arrive | {res['steps_with_data_wait_over_1ms']} of {steps} |",
-             f"| GPU idle gap between steps, mean / max (ms) | {res['gpu_gap_s_mean'] * 1e3:.2f} / {res['gpu_gap_s_max'] * 1e3:.2f} |",
-             f"| GPU idle fraction of wall time | {res['gpu_idle_fraction'] * 100:.1f}% |"]
+    res = {
+        "meta": environment(device),
+        "preset": preset_name,
+        "tokens": tokens,
+        "batch": p.batch_size,
+        "num_workers": num_workers,
+        "steps": steps,
+        "samples_per_s": n_samples / wall,
+        "step_s": wall / steps,
+        "step_s_fixed_batch": gpu_only,
+        "samples_per_s_fixed_batch": p.batch_size / gpu_only,
+        "data_wait_s_mean": statistics.fmean(waits),
+        "data_wait_s_max": max(waits),
+        "gpu_gap_s_mean": statistics.fmean(gaps) if gaps else 0.0,
+        "gpu_gap_s_max": max(gaps) if gaps else 0.0,
+        "gpu_idle_fraction": sum(gaps) / wall if gaps else 0.0,
+        "steps_with_data_wait_over_1ms": sum(w > 1e-3 for w in waits),
+    }
+    lines = [
+        f"Pretraining throughput, {res['meta'].get('device', '?')}, {preset_name} ({tokens} tokens), bf16, "
+        f"batch {p.batch_size}, {num_workers} loader workers, {steps} steps after {warmup} warm-up",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| samples/s (real loader) | {res['samples_per_s']:.1f} |",
+        f"| samples/s (one batch kept on the GPU) | {res['samples_per_s_fixed_batch']:.1f} |",
+        f"| step time, real loader / fixed batch (ms) | {res['step_s'] * 1e3:.1f} / {gpu_only * 1e3:.1f} |",
+        f"| host wait for a batch, mean / max (ms) | {res['data_wait_s_mean'] * 1e3:.2f} / {res['data_wait_s_max'] * 1e3:.2f} |",
+        f"| steps whose batch took > 1 ms to arrive | {res['steps_with_data_wait_over_1ms']} of {steps} |",
+        f"| GPU idle gap between steps, mean / max (ms) | {res['gpu_gap_s_mean'] * 1e3:.2f} / {res['gpu_gap_s_max'] * 1e3:.2f} |",
+        f"| GPU idle fraction of wall time | {res['gpu_idle_fraction'] * 100:.1f}% |",
+    ]
     table = "\n".join(lines) + "\n"
     print(table, flush=True)
     if out is not None:

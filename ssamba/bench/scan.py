@@ -5,6 +5,7 @@ and on a GPU mamba-ssm's scan against the chunked scan at several chunk lengths 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import Optional
 
@@ -72,9 +73,12 @@ def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - benchm
         )
 
 
-
-def benchmark(shapes: list[tuple[int, int]] | None = None, dtype: torch.dtype = torch.bfloat16,
-              repeats: int = 20, kernels: tuple[str, ...] = ("pipelined",)) -> list[dict]:
+def benchmark(
+    shapes: list[tuple[int, int]] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    repeats: int = 20,
+    kernels: tuple[str, ...] = ("pipelined",),
+) -> list[dict]:
     """Time mamba-ssm's ``selective_scan_fn`` against :func:`chunk_scan` (several chunk lengths) on
     random inputs shaped like the fast mixer's (``(1, channels, L)``, 2 groups); prints a table."""
     dev = torch.device("cuda")
@@ -106,8 +110,21 @@ def benchmark(shapes: list[tuple[int, int]] | None = None, dtype: torch.dtype = 
         auto = plan_chunk_len(1, ch, L, sms)
         for kernel in kernels:
             for cl in sorted({auto, 128, 256, 512, 1024, -(-L // TILE) * TILE}):
-                fn = lambda: chunk_scan(u, delta, A, Bm, Cm, D, bias, True, param_repeat=rep,  # noqa: E731
-                                        param_period=768, chunk_len=cl, kernel=kernel)
+                fn = functools.partial(
+                    chunk_scan,
+                    u,
+                    delta,
+                    A,
+                    Bm,
+                    Cm,
+                    D,
+                    bias,
+                    True,
+                    param_repeat=rep,
+                    param_period=768,
+                    chunk_len=cl,
+                    kernel=kernel,
+                )
                 y = fn()
                 key = f"{kernel[0]}{cl}" + ("*" if cl == auto else "")
                 row[f"{key}_us"] = timed(fn)
@@ -115,13 +132,13 @@ def benchmark(shapes: list[tuple[int, int]] | None = None, dtype: torch.dtype = 
                     row[f"{key}_maxdiff"] = (y.float() - ref.float()).abs().max().item()
         row["auto_chunk_len"] = auto
         rows.append(row)
-        print("[scan] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-              flush=True)
+        print(
+            "[scan] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+            flush=True,
+        )
         del ref, y
         torch.cuda.empty_cache()
     return rows
-
-
 
 
 if __name__ == "__main__":  # pragma: no cover

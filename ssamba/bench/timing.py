@@ -28,8 +28,9 @@ def free_memory(device: torch.device | None = None) -> None:
 
 def is_oom(e: BaseException) -> bool:
     """``torch.cuda.OutOfMemoryError``, or a library's allocation failure (cuBLAS, extensions) said in words."""
-    return isinstance(e, OOM) or (isinstance(e, RuntimeError) and any(
-        k in str(e) for k in ("out of memory", "ALLOC_FAILED", "OutOfMemory")))
+    return isinstance(e, OOM) or (
+        isinstance(e, RuntimeError) and any(k in str(e) for k in ("out of memory", "ALLOC_FAILED", "OutOfMemory"))
+    )
 
 
 def fits(fn: Callable[[], object], device: torch.device | None = None) -> bool:
@@ -105,7 +106,6 @@ def autocast(device: torch.device, dtype: str):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-
 
 
 def median_ms(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device | None = None) -> float:

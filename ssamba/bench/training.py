@@ -43,18 +43,36 @@ GEOMETRIES = {
     "finetune": (128, 10, 10, "classify"),
 }
 LEVELS = [  # (label, set_speedups switches, whole step replayed from a CUDA graph)
-    ("reference path (per-direction conv + scan, flips)",
-     dict(fuse_directions=False, train_scan=False, fused_gate=False, fused_norm=False), False),
-    ("+ fast mixer (directions as channels, batch-major; mamba-ssm scan)",
-     dict(fuse_directions=True, train_scan=False, fused_gate=False, fused_norm=False), False),
-    ("+ training scan (thread per channel, checkpointed states)",
-     dict(fuse_directions=True, train_scan=True, fused_gate=False, fused_norm=False), False),
-    ("+ direction sum + gate in one Triton kernel each way",
-     dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=False), False),
-    ("+ fused add-norm in training (drop-path before it)",
-     dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=True), False),
-    ("+ whole step replayed from a CUDA graph",
-     dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=True), True),
+    (
+        "reference path (per-direction conv + scan, flips)",
+        dict(fuse_directions=False, train_scan=False, fused_gate=False, fused_norm=False),
+        False,
+    ),
+    (
+        "+ fast mixer (directions as channels, batch-major; mamba-ssm scan)",
+        dict(fuse_directions=True, train_scan=False, fused_gate=False, fused_norm=False),
+        False,
+    ),
+    (
+        "+ training scan (thread per channel, checkpointed states)",
+        dict(fuse_directions=True, train_scan=True, fused_gate=False, fused_norm=False),
+        False,
+    ),
+    (
+        "+ direction sum + gate in one Triton kernel each way",
+        dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=False),
+        False,
+    ),
+    (
+        "+ fused add-norm in training (drop-path before it)",
+        dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=True),
+        False,
+    ),
+    (
+        "+ whole step replayed from a CUDA graph",
+        dict(fuse_directions=True, train_scan=True, fused_gate=True, fused_norm=True),
+        True,
+    ),
 ]
 MASKED = 400
 CLASSES = 35
@@ -85,8 +103,12 @@ def build(name: str, geometry: str, device: torch.device):
     _, cfg = model_config(name, "auto")
     cfg = replace(cfg, fstride=fs, tstride=ts)
     with torch.device(device):
-        model = AudioModel(cfg, Geometry(128, frames), num_classes=CLASSES if task == "classify" else 0,
-                           pretrain_heads=task == "pretrain")
+        model = AudioModel(
+            cfg,
+            Geometry(128, frames),
+            num_classes=CLASSES if task == "classify" else 0,
+            pretrain_heads=task == "pretrain",
+        )
     return model.train()
 
 
@@ -96,8 +118,7 @@ def make_step(model, geometry: str, batch: int, dtype: str, device: torch.device
     from ssamba.model.masking import make_masks
 
     frames, _, _, task = GEOMETRIES[geometry]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=5e-8,
-                            capturable=graphed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=5e-8, capturable=graphed)
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, frames, 128, device=device, generator=g)
     if task == "pretrain":
@@ -138,8 +159,9 @@ def make_step(model, geometry: str, batch: int, dtype: str, device: torch.device
     return graph.replay
 
 
-def measure(model, geometry: str, batch: int, dtype: str, device, warmup: int, repeats: int,
-            graphed: bool = False) -> dict:
+def measure(
+    model, geometry: str, batch: int, dtype: str, device, warmup: int, repeats: int, graphed: bool = False
+) -> dict:
 
     step = None
     try:
@@ -160,8 +182,7 @@ def measure(model, geometry: str, batch: int, dtype: str, device, warmup: int, r
 
 def largest_batch(model, geometry: str, dtype: str, device, start: int, cap: int, graphed: bool = False) -> int:
     """The largest batch whose step runs (doubling from ``start``, then bisection), at most ``cap``."""
-    return search_batch(lambda b: "error" not in measure(model, geometry, b, dtype, device, 1, 1, graphed),
-                        start, cap)
+    return search_batch(lambda b: "error" not in measure(model, geometry, b, dtype, device, 1, 1, graphed), start, cap)
 
 
 def search_batch(ok, start: int, cap: int) -> int:
@@ -214,7 +235,7 @@ def matmul_peak(device: torch.device, dtype: str, size: int = 8192, repeats: int
     ms = median_ms(lambda: a @ b, 2, repeats)
     a = b = None  # noqa: F841 - free the operands (the closure reads these names)
     torch.cuda.empty_cache()
-    return 2 * size ** 3 / (ms / 1e3)
+    return 2 * size**3 / (ms / 1e3)
 
 
 def train_floor(cfg, geometry: str, batch: int, dtype: str, bandwidth: float, peak: float) -> dict:
@@ -229,13 +250,26 @@ def train_floor(cfg, geometry: str, batch: int, dtype: str, bandwidth: float, pe
     tokens, passes = f * t, 2 if task == "pretrain" else 1
     nbytes = 3 * passes * floor_bytes(cfg, tokens, batch, dtype)
     flops = 3 * passes * matmul_flops(cfg, tokens, batch)
-    return {"floor_bytes": nbytes, "floor_flops": flops, "floor_bytes_ms": nbytes / bandwidth * 1e3,
-            "floor_flops_ms": flops / peak * 1e3}
+    return {
+        "floor_bytes": nbytes,
+        "floor_flops": flops,
+        "floor_bytes_ms": nbytes / bandwidth * 1e3,
+        "floor_flops_ms": flops / peak * 1e3,
+    }
 
 
-def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str], batches: list[str],
-                     levels: str = "all", warmup: int = 3, repeats: int = 10, max_cap: int = 2048,
-                     profile: bool = False, out: Path | None = None) -> dict:
+def run_train_ladder(
+    models: list[str],
+    geometries: list[str],
+    dtypes: list[str],
+    batches: list[str],
+    levels: str = "all",
+    warmup: int = 3,
+    repeats: int = 10,
+    max_cap: int = 2048,
+    profile: bool = False,
+    out: Path | None = None,
+) -> dict:
     from ssamba.model.encoder import set_speedups
 
     device = torch.device("cuda")
@@ -243,19 +277,31 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
     from ssamba.ops.scan import causal_conv1d_ref
 
     backend = resolve_backend("auto")
-    res = {"meta": environment(device) | {"scan_backend": backend,
-                                          "causal_conv1d": conv_fn(backend) is not causal_conv1d_ref},
-           "points": [], "profiles": []}
+    res = {
+        "meta": environment(device)
+        | {"scan_backend": backend, "causal_conv1d": conv_fn(backend) is not causal_conv1d_ref},
+        "points": [],
+        "profiles": [],
+    }
 
     bw = copy_bandwidth(device)
     peaks = {dt: matmul_peak(device, dt) for dt in dtypes}
     res["meta"] |= {"copy_bandwidth_bytes_s": bw, "matmul_peak_flops": peaks}
-    print(f"[train] copy bandwidth {bw / 1e12:.2f} TB/s; matmul peak "
-          + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items()), flush=True)
-    print(f"[train] scan backend {backend} (mamba-ssm {'found' if backend == 'cuda' else 'missing'}), "
-          f"causal-conv1d {'found' if res['meta']['causal_conv1d'] else 'missing (cuDNN conv)'}", flush=True)
-    print(f"[train] {res['meta']['device']}: models {models}, geometries {geometries}, dtypes {dtypes}, "
-          f"batches {batches}", flush=True)
+    print(
+        f"[train] copy bandwidth {bw / 1e12:.2f} TB/s; matmul peak "
+        + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items()),
+        flush=True,
+    )
+    print(
+        f"[train] scan backend {backend} (mamba-ssm {'found' if backend == 'cuda' else 'missing'}), "
+        f"causal-conv1d {'found' if res['meta']['causal_conv1d'] else 'missing (cuDNN conv)'}",
+        flush=True,
+    )
+    print(
+        f"[train] {res['meta']['device']}: models {models}, geometries {geometries}, dtypes {dtypes}, "
+        f"batches {batches}",
+        flush=True,
+    )
 
     def save():
         if out is not None:
@@ -266,8 +312,14 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
         for name in models:
             model = build(name, geometry, device)
             ssamba = name.startswith("ssamba")
-            steps = (list(enumerate(LEVELS)) if ssamba else
-                     [(None, ("SSAST, fused attention", {}, False)), (None, ("SSAST, fused attention, CUDA graph", {}, True))])
+            steps = (
+                list(enumerate(LEVELS))
+                if ssamba
+                else [
+                    (None, ("SSAST, fused attention", {}, False)),
+                    (None, ("SSAST, fused attention, CUDA graph", {}, True)),
+                ]
+            )
             if levels == "last":
                 steps = [s for s in steps if not s[1][2]][-1:] + [s for s in steps if s[1][2]][-1:]
             for dtype in dtypes:
@@ -279,7 +331,9 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
                         try:
                             set_speedups(model, **switches)
                         except RuntimeError as exc:  # e.g. fused add-norm without mamba-ssm's Triton norm
-                            res["points"].append(Point(name, geometry, dtype, level, label, 0, error=str(exc)[:120]).__dict__)
+                            res["points"].append(
+                                Point(name, geometry, dtype, level, label, 0, error=str(exc)[:120]).__dict__
+                            )
                             print(f"[train] {geometry} {name} {dtype} {level}. {label}: {exc}", flush=True)
                             continue
                     for spec in batches:
@@ -295,15 +349,28 @@ def run_train_ladder(models: list[str], geometries: list[str], dtypes: list[str]
                             row |= train_floor(model.cfg, geometry, b, dtype, bw, peaks[dtype])
                         res["points"].append(row)
                         save()
-                        print(f"[train] {geometry} {name} {dtype} {'' if level is None else f'{level}. '}{label} "
-                              f"batch {b}{' (max)' if p.max_batch else ''}: "
-                              + (p.error or f"{p.step_ms:.1f} ms, {p.samples_s:.0f} samples/s, "
-                                            f"peak {fmt_bytes(p.peak_mem_bytes)}"), flush=True)
+                        print(
+                            f"[train] {geometry} {name} {dtype} {'' if level is None else f'{level}. '}{label} "
+                            f"batch {b}{' (max)' if p.max_batch else ''}: "
+                            + (
+                                p.error
+                                or f"{p.step_ms:.1f} ms, {p.samples_s:.0f} samples/s, "
+                                f"peak {fmt_bytes(p.peak_mem_bytes)}"
+                            ),
+                            flush=True,
+                        )
                 if profile:
                     step = make_step(model, geometry, 32, dtype, device)
                     try:
-                        res["profiles"].append({"model": name, "geometry": geometry, "dtype": dtype, "batch": 32,
-                                                "kernels": top_kernels(step)})
+                        res["profiles"].append(
+                            {
+                                "model": name,
+                                "geometry": geometry,
+                                "dtype": dtype,
+                                "batch": 32,
+                                "kernels": top_kernels(step),
+                            }
+                        )
                     finally:
                         step = None
                         model.zero_grad(set_to_none=True)
@@ -323,35 +390,49 @@ def train_markdown(res: dict) -> str:
     m = res["meta"]
     head = f"Training step, {m.get('device', '?')}"
     if m.get("copy_bandwidth_bytes_s"):
-        head += (f"; copy bandwidth {m['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s, matmul peak "
-                 + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in m.get("matmul_peak_flops", {}).items()))
-    lines = [head, "",
-             "| geometry | model | dtype | step | batch | ms/step | samples/s | x SSAST (eager / graphed) | peak mem "
-             "| floor ms (bytes / FLOPs) |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        head += f"; copy bandwidth {m['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s, matmul peak " + ", ".join(
+            f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in m.get("matmul_peak_flops", {}).items()
+        )
+    lines = [
+        head,
+        "",
+        "| geometry | model | dtype | step | batch | ms/step | samples/s | x SSAST (eager / graphed) | peak mem "
+        "| floor ms (bytes / FLOPs) |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     ssast = {}
     for p in res["points"]:
         if p["model"].startswith("ssast") and p.get("samples_s"):
             size = p["model"].split("-")[1]
-            ssast[(p["geometry"], size, p["dtype"], p["max_batch"] or p["batch"], p.get("graphed", False))] = p["samples_s"]
+            ssast[(p["geometry"], size, p["dtype"], p["max_batch"] or p["batch"], p.get("graphed", False))] = p[
+                "samples_s"
+            ]
     for p in res["points"]:
         size = p["model"].split("-")[1]
         key = (p["geometry"], size, p["dtype"], p["max_batch"] or p["batch"])
         rel = ""
         if p.get("samples_s") and not p["model"].startswith("ssast"):
-            rel = " / ".join(f"{p['samples_s'] / ssast[key + (g,)]:.2f}" if ssast.get(key + (g,)) else "-"
-                             for g in (False, True))
+            rel = " / ".join(
+                f"{p['samples_s'] / ssast[key + (g,)]:.2f}" if ssast.get(key + (g,)) else "-" for g in (False, True)
+            )
         step = ("" if p["level"] is None else f"{p['level']}. ") + p["step"]
         b = f"{p['batch']}" + (" (max)" if p["max_batch"] else "")
-        floor = (f"{p['floor_bytes_ms']:.1f} / {p['floor_flops_ms']:.1f}" if p.get("floor_bytes_ms") is not None
-                 else "")
+        floor = f"{p['floor_bytes_ms']:.1f} / {p['floor_flops_ms']:.1f}" if p.get("floor_bytes_ms") is not None else ""
         if p.get("error"):
             lines.append(f"| {p['geometry']} | {p['model']} | {p['dtype']} | {step} | {b} | {p['error']} | | | | |")
         else:
-            lines.append(f"| {p['geometry']} | {p['model']} | {p['dtype']} | {step} | {b} | {p['step_ms']:.1f} | "
-                         f"{p['samples_s']:.0f} | {rel} | {fmt_bytes(p['peak_mem_bytes'])} | {floor} |")
+            lines.append(
+                f"| {p['geometry']} | {p['model']} | {p['dtype']} | {step} | {b} | {p['step_ms']:.1f} | "
+                f"{p['samples_s']:.0f} | {rel} | {fmt_bytes(p['peak_mem_bytes'])} | {floor} |"
+            )
     for prof in res.get("profiles", []):
-        lines += ["", f"Top kernels, {prof['model']} {prof['geometry']} {prof['dtype']} batch {prof['batch']} "
-                      "(one profiled step):", "", "| kernel | calls | total us |", "|---|---:|---:|"]
+        lines += [
+            "",
+            f"Top kernels, {prof['model']} {prof['geometry']} {prof['dtype']} batch {prof['batch']} "
+            "(one profiled step):",
+            "",
+            "| kernel | calls | total us |",
+            "|---|---:|---:|",
+        ]
         lines += [f"| `{k['kernel']}` | {k['calls']} | {k['total_us']:.0f} |" for k in prof["kernels"]]
     return "\n".join(lines) + "\n"

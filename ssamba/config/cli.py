@@ -13,8 +13,13 @@ from ssamba.config.presets import PRESETS, preset
 
 def add_config_args(p: argparse.ArgumentParser, default_preset: str = "demo") -> None:
     p.add_argument("--preset", default=default_preset, choices=PRESETS, help=f"named config (default {default_preset})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a dotted config key, e.g. --set model.norm=rmsnorm (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a dotted config key, e.g. --set model.norm=rmsnorm (repeatable)",
+    )
     p.add_argument("--out", help="output folder (default runs/<job>-<preset>-<time>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 

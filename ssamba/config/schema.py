@@ -59,8 +59,17 @@ class FrontendConfig:
     resample_rolloff: float = 0.99
 
     CACHE_FIELDS = (
-        "sample_rate", "num_mel_bins", "frame_length_ms", "frame_shift_ms", "window_type",
-        "dither", "htk_compat", "use_energy", "downmix", "resample_filter_width", "resample_rolloff",
+        "sample_rate",
+        "num_mel_bins",
+        "frame_length_ms",
+        "frame_shift_ms",
+        "window_type",
+        "dither",
+        "htk_compat",
+        "use_energy",
+        "downmix",
+        "resample_filter_width",
+        "resample_rolloff",
     )
 
     def __post_init__(self):
@@ -116,8 +125,16 @@ class ClipInput:
 
 
 def _clip_input(section: Any, stage: str) -> ClipInput:
-    return ClipInput(target_length=section.target_length, mean=section.mean, std=section.std, freqm=section.freqm,
-                     timem=section.timem, mixup=section.mixup, noise=section.noise, stage=stage)
+    return ClipInput(
+        target_length=section.target_length,
+        mean=section.mean,
+        std=section.std,
+        freqm=section.freqm,
+        timem=section.timem,
+        mixup=section.mixup,
+        noise=section.noise,
+        stage=stage,
+    )
 
 
 SIZES = {"tiny": 192, "small": 384, "base": 768}
@@ -164,16 +181,24 @@ class ModelConfig:
         checks = [
             (self.arch in ("ssamba", "ssast"), f"model.arch must be 'ssamba' or 'ssast', got {self.arch!r}"),
             (self.norm in ("layernorm", "rmsnorm"), f"model.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}"),
-            (self.scan_backend in SCAN_BACKENDS,
-             f"model.scan_backend must be one of {', '.join(SCAN_BACKENDS)}, got {self.scan_backend!r}"),
-            (self.attention in ("fused", "materialized"),
-             f"model.attention must be 'fused' or 'materialized', got {self.attention!r}"),
+            (
+                self.scan_backend in SCAN_BACKENDS,
+                f"model.scan_backend must be one of {', '.join(SCAN_BACKENDS)}, got {self.scan_backend!r}",
+            ),
+            (
+                self.attention in ("fused", "materialized"),
+                f"model.attention must be 'fused' or 'materialized', got {self.attention!r}",
+            ),
             (self.pooling in ("mean", "cls"), f"model.pooling must be 'mean' or 'cls', got {self.pooling!r}"),
-            (not (self.layer_pairing and self.arch == "ssamba" and self.depth % 2),
-             f"model.layer_pairing needs an even model.depth, got {self.depth}"),
+            (
+                not (self.layer_pairing and self.arch == "ssamba" and self.depth % 2),
+                f"model.layer_pairing needs an even model.depth, got {self.depth}",
+            ),
             (self.embed_dim > 0 and self.depth > 0, "model.embed_dim and model.depth must be positive"),
-            (self.arch != "ssast" or self.embed_dim % self.num_heads == 0,
-             f"model.embed_dim {self.embed_dim} must be divisible by model.num_heads {self.num_heads}"),
+            (
+                self.arch != "ssast" or self.embed_dim % self.num_heads == 0,
+                f"model.embed_dim {self.embed_dim} must be divisible by model.num_heads {self.num_heads}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -222,8 +247,10 @@ class DataConfig:
 
     def __post_init__(self):
         if self.num_workers < -1:
-            raise ConfigError(f"data.num_workers must be >= 0, or -1 for auto (0 on CPU, {GPU_LOADER_WORKERS} "
-                              f"per GPU worker); got {self.num_workers}")
+            raise ConfigError(
+                f"data.num_workers must be >= 0, or -1 for auto (0 on CPU, {GPU_LOADER_WORKERS} "
+                f"per GPU worker); got {self.num_workers}"
+            )
 
     def resolved_num_workers(self, device_type: str) -> int:
         """Loader processes on a ``device_type`` ('cpu' or 'cuda') worker: the setting, or auto's choice."""
@@ -266,8 +293,9 @@ class PretrainConfig:
     def __post_init__(self):
         self.clip_input()  # validates length, statistics and augmentations
         if self.mask_strategy not in MASK_STRATEGIES:
-            raise ConfigError(f"pretrain.mask_strategy must be one of {', '.join(MASK_STRATEGIES)}, "
-                              f"got {self.mask_strategy!r}")
+            raise ConfigError(
+                f"pretrain.mask_strategy must be one of {', '.join(MASK_STRATEGIES)}, got {self.mask_strategy!r}"
+            )
         if self.passes not in (1, 2):
             raise ConfigError(f"pretrain.passes must be 1 or 2, got {self.passes}")
         if self.mask_count <= 0:
@@ -352,7 +380,8 @@ class ExperimentConfig:
             raise ConfigError(
                 f"pretrain.mask_count {p.mask_count} is too large for {n} patches (grid {f} x {t}, strategy "
                 f"{p.mask_strategy}); it must be at most {max_mask_count(p.mask_strategy, n)}. Lower it or "
-                f"lengthen pretrain.target_length")
+                f"lengthen pretrain.target_length"
+            )
 
 
 # ------------------------------------------------------------------------------ dotted keys
@@ -468,7 +497,17 @@ def parse_set_args(items: list[str] | None) -> dict[str, str]:
 
 
 __all__ = [
-    "FrontendConfig", "ClipInput", "ModelConfig", "model_preset", "DataConfig", "PretrainConfig",
-    "FinetuneConfig", "ExperimentConfig", "to_flat", "from_flat", "apply_overrides", "parse_set_args",
+    "FrontendConfig",
+    "ClipInput",
+    "ModelConfig",
+    "model_preset",
+    "DataConfig",
+    "PretrainConfig",
+    "FinetuneConfig",
+    "ExperimentConfig",
+    "to_flat",
+    "from_flat",
+    "apply_overrides",
+    "parse_set_args",
     "parse_value",
 ]

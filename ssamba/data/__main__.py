@@ -1,10 +1,10 @@
 """Command line of the data layer: ``python -m ssamba.data {prepare,stats,cache,demo,bench} ...``.
 
-  prepare LAYOUT ROOT --out FILE.parquet   import a published layout into a manifest
-  stats FILE.parquet                       compute fbank mean/std and store them in the manifest
-  cache FILE.parquet                       precompute the fbank cache of every clip
-  demo [--out DIR]                         build the procedural demo corpus
-  bench FILE.parquet                       clips/s: decode + fbank on the fly vs the feature cache
+prepare LAYOUT ROOT --out FILE.parquet   import a published layout into a manifest
+stats FILE.parquet                       compute fbank mean/std and store them in the manifest
+cache FILE.parquet                       precompute the fbank cache of every clip
+demo [--out DIR]                         build the procedural demo corpus
+bench FILE.parquet                       clips/s: decode + fbank on the fly vs the feature cache
 """
 
 from __future__ import annotations
@@ -71,9 +71,11 @@ def _with_stats(manifest, fe, args):
         print(f"{len(failed)} clips could not be decoded and were left out of the statistics:", file=sys.stderr)
         for msg in list(failed.values())[:10]:
             print(f"  {msg}", file=sys.stderr)
-    print(f"mean {mean:.7f}  std {std:.7f}  ({n_clips} clips, {n_frames} frames"
-          f"{', split ' + args.split if args.split else ''}); use --set pretrain.mean=... "
-          f"pretrain.std=... (or finetune.*) or let training read them from the manifest")
+    print(
+        f"mean {mean:.7f}  std {std:.7f}  ({n_clips} clips, {n_frames} frames"
+        f"{', split ' + args.split if args.split else ''}); use --set pretrain.mean=... "
+        f"pretrain.std=... (or finetune.*) or let training read them from the manifest"
+    )
     return manifest.with_stats(mean, std, fe.fbank_key(), n_clips, n_frames)
 
 
@@ -122,13 +124,18 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ssamba.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m ssamba.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp, workers=True):
-        sp.add_argument("--set", action="append", metavar="frontend.KEY=VALUE",
-                        help="front-end override, e.g. --set frontend.num_mel_bins=128 (repeatable)")
+        sp.add_argument(
+            "--set",
+            action="append",
+            metavar="frontend.KEY=VALUE",
+            help="front-end override, e.g. --set frontend.num_mel_bins=128 (repeatable)",
+        )
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         if workers:
             sp.add_argument("--workers", type=int, default=0, help="processes for fbank computation (0: in-process)")
@@ -137,8 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("layout", choices=LAYOUTS)
     sp.add_argument("root", help="dataset folder (ssast_json / audioset_csv: the JSON / CSV file)")
     sp.add_argument("--out", required=True, help="manifest file to write (.parquet)")
-    sp.add_argument("--speaker-split", metavar="TRAIN,VAL,TEST",
-                    help="re-split speaker-disjointly by these fractions of speakers, e.g. 0.8,0.1,0.1")
+    sp.add_argument(
+        "--speaker-split",
+        metavar="TRAIN,VAL,TEST",
+        help="re-split speaker-disjointly by these fractions of speakers, e.g. 0.8,0.1,0.1",
+    )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--stats", action="store_true", help="also compute fbank statistics")
     sp.add_argument("--split", help="compute statistics on this split only (e.g. train)")

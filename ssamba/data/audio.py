@@ -28,7 +28,8 @@ def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     path = Path(path)
     if not path.is_file():
         raise AudioError(
-            path, "missing",
+            path,
+            "missing",
             "file not found. Fix: check the path, or the manifest's root (read_manifest(..., root=...)).",
         )
     try:
@@ -36,7 +37,8 @@ def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     except Exception as exc:  # libsndfile raises LibsndfileError / RuntimeError / TypeError
         kind = "empty" if path.stat().st_size == 0 else "unreadable"
         raise AudioError(
-            path, kind,
+            path,
+            kind,
             f"cannot be decoded as audio ({type(exc).__name__}: {exc}); the file is "
             f"{path.stat().st_size} bytes. Fix: re-encode it as WAV/FLAC/OGG or remove it from the manifest.",
         ) from None
@@ -47,7 +49,8 @@ def decode(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     bad = ~np.isfinite(data)
     if bad.any():
         raise AudioError(
-            path, "non_finite",
+            path,
+            "non_finite",
             f"contains {int(bad.sum())} NaN or infinite samples. Fix: re-export the file or remove it.",
         )
     return data, int(sr)

@@ -22,11 +22,11 @@ def spec_augment(fb: torch.Tensor, freqm: int, timem: int, rng: np.random.Genera
     if freqm > 0:
         w = int(rng.integers(0, min(freqm, n_f + 1)))
         start = int(rng.integers(0, n_f - w + 1))
-        out[:, start:start + w] = 0.0
+        out[:, start : start + w] = 0.0
     if timem > 0:
         w = int(rng.integers(0, min(timem, n_t + 1)))
         start = int(rng.integers(0, n_t - w + 1))
-        out[start:start + w, :] = 0.0
+        out[start : start + w, :] = 0.0
     return out
 
 

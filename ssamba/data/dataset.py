@@ -107,7 +107,9 @@ class ClipDataset(Dataset):
             return self._item(index, epoch)
         except AudioError as exc:
             if self.strict:
-                raise AudioError(exc.path, exc.reason, exc.message + " (strict mode: set strict=False to skip bad clips)") from None
+                raise AudioError(
+                    exc.path, exc.reason, exc.message + " (strict mode: set strict=False to skip bad clips)"
+                ) from None
             return BadClip(index, exc.path, exc.reason, exc.message)
 
     def _item(self, index: int, epoch: int | None = None) -> dict[str, Any]:

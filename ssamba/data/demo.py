@@ -162,7 +162,7 @@ def _adsr(n: int, sr: int, attack_s: float, release_s: float) -> np.ndarray:
     a = min(max(int(attack_s * sr), 1), n // 2)
     r = min(max(int(release_s * sr), 1), n - a)
     env[:a] = np.linspace(0.0, 1.0, a, endpoint=False)
-    env[n - r:] *= np.linspace(1.0, 0.0, r) ** 2
+    env[n - r :] *= np.linspace(1.0, 0.0, r) ** 2
     return env
 
 
@@ -224,7 +224,7 @@ def _chirp(rng, voice, n, sr, up: bool):
     ratio = _loguniform(rng, 1.6, 3.5)
     u = np.linspace(0.0, 1.0, n)
     if rng.random() < 0.5:  # exponential (constant semitones per second) or linear glide
-        f = f_lo * ratio ** u
+        f = f_lo * ratio**u
     else:
         f = f_lo * (1.0 + (ratio - 1.0) * u)
     if not up:
@@ -332,7 +332,7 @@ def synth_clip(
     onset = int(rng.integers(0, n_clip - n_event + 1))
     event = _GENERATORS[CLASSES[class_idx]](rng, voice, n_event, sample_rate)
     clip = np.zeros(n_clip)
-    clip[onset:onset + n_event] = event
+    clip[onset : onset + n_event] = event
     p_signal = float(np.mean(event * event)) + 1e-12
     snr_db = rng.uniform(*SNR_DB)
     alpha = rng.uniform(*NOISE_ALPHA)
@@ -374,8 +374,9 @@ def _params(seed: int, clips_per_class: int, duration_s: float, sample_rate: int
     }
 
 
-def default_out_dir(seed: int = 0, clips_per_class: int = DEFAULT_CLIPS_PER_CLASS,
-                    duration_s: float = 1.0, sample_rate: int = 16000) -> Path:
+def default_out_dir(
+    seed: int = 0, clips_per_class: int = DEFAULT_CLIPS_PER_CLASS, duration_s: float = 1.0, sample_rate: int = 16000
+) -> Path:
     """The cache folder of a corpus (its name holds every generation parameter; not created)."""
     return cache_dir("demo") / f"v{VERSION}-seed{seed}-n{clips_per_class}-d{duration_s:.10g}-sr{sample_rate}"
 
@@ -431,7 +432,7 @@ def _remove_stale_tmp(target: Path) -> None:
         if not p.name.startswith(tmp_prefix):
             continue
         # name: .<target>.tmp-<host>-<pid>-<hex>; the host name may itself contain '-'
-        parts = p.name[len(tmp_prefix):].split("-")
+        parts = p.name[len(tmp_prefix) :].split("-")
         if len(parts) < 3 or "-".join(parts[:-2]) != host or not parts[-2].isdigit():
             continue
         pid = int(parts[-2])
@@ -444,8 +445,7 @@ def _build(tmp: Path, target: Path, params: dict, progress: bool) -> None:
     sr, dur = params["sample_rate"], params["duration_s"]
     rows = []
     total = len(CLASSES) * n
-    with tqdm(total=total, desc=f"demo corpus ({total} clips)", unit="clip", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=total, desc=f"demo corpus ({total} clips)", unit="clip", disable=not progress, leave=False) as bar:
         for c, name in enumerate(CLASSES):
             (tmp / AUDIO_DIR / name).mkdir(parents=True, exist_ok=True)
             splits = _split_of_class(seed, c, n)
@@ -453,17 +453,22 @@ def _build(tmp: Path, target: Path, params: dict, progress: bool) -> None:
                 pcm, v, _ = synth_clip(c, i, seed=seed, duration_s=dur, sample_rate=sr)
                 rel = f"{AUDIO_DIR}/{name}/{name}_{i:04d}.wav"
                 sf.write(str(tmp / rel), pcm, sr, subtype="PCM_16", format="WAV")
-                rows.append({
-                    "path": rel,
-                    "labels": [name],
-                    "split": splits[i],
-                    "speaker": voice_name(v),
-                    "duration": len(pcm) / sr,
-                    "sample_rate": sr,
-                })
+                rows.append(
+                    {
+                        "path": rel,
+                        "labels": [name],
+                        "split": splits[i],
+                        "speaker": voice_name(v),
+                        "duration": len(pcm) / sr,
+                        "sample_rate": sr,
+                    }
+                )
                 bar.update(1)
     manifest = Manifest.from_rows(
-        rows, dataset="demo", root=target, label_vocab=list(CLASSES),
+        rows,
+        dataset="demo",
+        root=target,
+        label_vocab=list(CLASSES),
         notes={"generator": "ssamba.data.demo", "params": params},
     )
     manifest.write(tmp / MANIFEST_NAME)
@@ -566,8 +571,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="corpus folder (default: a cache folder named by the parameters)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--clips-per-class", type=int, default=DEFAULT_CLIPS_PER_CLASS,
-                        help=f"clips of each of the {len(CLASSES)} classes (default {DEFAULT_CLIPS_PER_CLASS})")
+    parser.add_argument(
+        "--clips-per-class",
+        type=int,
+        default=DEFAULT_CLIPS_PER_CLASS,
+        help=f"clips of each of the {len(CLASSES)} classes (default {DEFAULT_CLIPS_PER_CLASS})",
+    )
     parser.add_argument("--force", action="store_true", help="regenerate even if a complete corpus exists")
     args = parser.parse_args(argv)
     path = make_demo_corpus(args.out, seed=args.seed, clips_per_class=args.clips_per_class, force=args.force)

@@ -35,16 +35,18 @@ from ssamba.config import FrontendConfig
 from ssamba.data.audio import file_fbank
 from ssamba.data.manifest import Manifest
 
-SHARD_SCHEMA = pa.schema([
-    ("path", pa.string()),
-    ("size", pa.int64()),
-    ("mtime_ns", pa.int64()),
-    ("n_frames", pa.int32()),
-    ("n_bins", pa.int32()),
-    ("fbank", pa.large_binary()),
-    ("error_kind", pa.string()),
-    ("error", pa.string()),
-])
+SHARD_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("size", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("n_frames", pa.int32()),
+        ("n_bins", pa.int32()),
+        ("fbank", pa.large_binary()),
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 ROWS_PER_SHARD = 1024
 STALE_TMP_S = 3600.0  # a shard's temporary file this old belongs to a killed writer
 
@@ -61,8 +63,16 @@ def _compute(args: tuple[str, FrontendConfig]) -> dict:
     """Worker: one clip -> a shard row (fbank bytes, or the error)."""
     path, cfg = args
     size, mtime = _file_id(Path(path))
-    row = {"path": path, "size": size, "mtime_ns": mtime, "n_frames": 0, "n_bins": cfg.num_mel_bins,
-           "fbank": None, "error_kind": None, "error": None}
+    row = {
+        "path": path,
+        "size": size,
+        "mtime_ns": mtime,
+        "n_frames": 0,
+        "n_bins": cfg.num_mel_bins,
+        "fbank": None,
+        "error_kind": None,
+        "error": None,
+    }
     try:
         fb = file_fbank(path, cfg)
         row["n_frames"] = int(fb.shape[0])
@@ -102,12 +112,14 @@ class CachedFeatures:
                 continue  # a foreign or damaged file: never served
             t = len(self._tables)
             col = table.column("fbank").combine_chunks()
-            self._tables.append((
-                col.buffers()[2] or b"",
-                np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset:],
-                table.column("n_frames").to_numpy(),
-                table.column("n_bins").to_numpy(),
-            ))
+            self._tables.append(
+                (
+                    col.buffers()[2] or b"",
+                    np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset :],
+                    table.column("n_frames").to_numpy(),
+                    table.column("n_bins").to_numpy(),
+                )
+            )
             cols = table.select(["path", "size", "mtime_ns", "error_kind", "error"]).to_pydict()
             for r, p in enumerate(cols["path"]):
                 self._ids[p] = (cols["size"][r], cols["mtime_ns"][r])
@@ -159,7 +171,9 @@ class FeatureCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         return CachedFeatures(self.folder)
 
-    def build(self, manifest: Manifest, *, workers: int = 0, progress: bool = True) -> tuple[CachedFeatures, BuildReport]:
+    def build(
+        self, manifest: Manifest, *, workers: int = 0, progress: bool = True
+    ) -> tuple[CachedFeatures, BuildReport]:
         """Compute the fbank of every clip not already cached (or changed); returns the reader.
 
         ``workers`` > 0 computes in that many processes. Clips that fail to decode are recorded
@@ -222,8 +236,14 @@ class FeatureCache:
         return final
 
 
-def compute_stats(manifest: Manifest, cfg: FrontendConfig = FrontendConfig(), *, cache_root=None,
-                  workers: int = 0, progress: bool = True) -> tuple[float, float, int, int, dict[str, str]]:
+def compute_stats(
+    manifest: Manifest,
+    cfg: FrontendConfig = FrontendConfig(),
+    *,
+    cache_root=None,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[float, float, int, int, dict[str, str]]:
     """Dataset statistics of the fbank: mean and std over every frame and bin of every clip.
 
     Padding is not counted (only real frames). Returns ``(mean, std, n_clips, n_frames, failed)``;
@@ -247,7 +267,8 @@ def compute_stats(manifest: Manifest, cfg: FrontendConfig = FrontendConfig(), *,
         n_frames += fb.shape[0]
     if count == 0:
         raise AudioError(
-            manifest.meta.get("root") or "manifest", "empty",
+            manifest.meta.get("root") or "manifest",
+            "empty",
             f"no clip of the manifest could be decoded ({len(report.failed)} failed), so no statistics. "
             f"Fix: check the files listed by `python -m ssamba.data stats`.",
         )

@@ -196,9 +196,7 @@ class Manifest:
                     f"manifest root ({self.root}) or re-run `python -m ssamba.data prepare`"
                 )
         if problems:
-            raise ManifestError(
-                f"manifest of dataset {self.meta.get('dataset')!r} is invalid: " + "; ".join(problems)
-            )
+            raise ManifestError(f"manifest of dataset {self.meta.get('dataset')!r} is invalid: " + "; ".join(problems))
 
     def drop_duplicates(self) -> "Manifest":
         """Keep the first row of each path."""

@@ -39,16 +39,22 @@ def _arch_arg(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ssamba.kernels",
-                                description="Build (for the local GPU only) and check the mamba-ssm and causal-conv1d "
-                                            "CUDA kernels from their source distributions.")
+    p = argparse.ArgumentParser(
+        prog="python -m ssamba.kernels",
+        description="Build (for the local GPU only) and check the mamba-ssm and causal-conv1d "
+        "CUDA kernels from their source distributions.",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="{build,check}")
     all_pk = ",".join(PACKAGES)
     b = sub.add_parser("build", help="compile wheels for the local GPU architecture, install them, run check")
     b.add_argument("--sdist-dir", help="folder holding the sdists (default: $SSAMBA_SDISTS or ./carry/sdists)")
     b.add_argument("--packages", type=_packages_arg, default=parse_packages(all_pk), help=f"default: {all_pk}")
-    b.add_argument("--arch", type=_arch_arg, default="auto",
-                   help="auto (the visible GPUs) or compute capabilities, e.g. 9.0 or 8.0,9.0 (default: auto)")
+    b.add_argument(
+        "--arch",
+        type=_arch_arg,
+        default="auto",
+        help="auto (the visible GPUs) or compute capabilities, e.g. 9.0 or 8.0,9.0 (default: auto)",
+    )
     b.add_argument("--jobs", type=_positive_int, default=None, help="parallel compile jobs in all (default: CPU count)")
     b.add_argument("--wheel-dir", help="where the wheels go (default: $SSAMBA_WHEELS or ./carry/wheels)")
     b.add_argument("--log-dir", help="build logs (default: WHEEL_DIR/logs)")

@@ -47,8 +47,19 @@ def default_jobs() -> int:
 
 
 def pip_wheel_command(src: Path, out_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "--no-index",
-            "--wheel-dir", str(out_dir), str(src)]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-v",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--wheel-dir",
+        str(out_dir),
+        str(src),
+    ]
 
 
 def build_env(pkg: KernelPackage, archs: Sequence[Arch], jobs: int, base: Optional[dict] = None) -> dict:
@@ -72,8 +83,9 @@ def _wheel_version(path: Path) -> str:
     return parts[1] if len(parts) >= 2 else ""
 
 
-def find_reusable_wheel(wheel_dir: Path, pkg: KernelPackage, version: str, archs: Sequence[Arch],
-                        info: dict) -> Optional[Path]:
+def find_reusable_wheel(
+    wheel_dir: Path, pkg: KernelPackage, version: str, archs: Sequence[Arch], info: dict
+) -> Optional[Path]:
     """A wheel built earlier by this tool for the same version, architectures, torch and Python."""
     if not wheel_dir.is_dir():
         return None
@@ -85,8 +97,11 @@ def find_reusable_wheel(wheel_dir: Path, pkg: KernelPackage, version: str, archs
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             continue
-        if (meta.get("archs") == [a.torch_name for a in archs] and meta.get("torch") == info.get("torch")
-                and meta.get("python_tag") == info.get("python_tag")):
+        if (
+            meta.get("archs") == [a.torch_name for a in archs]
+            and meta.get("torch") == info.get("torch")
+            and meta.get("python_tag") == info.get("python_tag")
+        ):
             return whl
     return None
 
@@ -131,13 +146,23 @@ class BuildJob:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w", encoding="utf-8", errors="replace")
         log.write(self.header)
-        log.write(f"$ cd {self.src}\n$ MAX_JOBS={self.jobs} {self.pkg.env_prefix}_FORCE_BUILD=TRUE "
-                  f"TORCH_CUDA_ARCH_LIST={self.env.get('TORCH_CUDA_ARCH_LIST', '')} {' '.join(self.cmd)}\n\n")
+        log.write(
+            f"$ cd {self.src}\n$ MAX_JOBS={self.jobs} {self.pkg.env_prefix}_FORCE_BUILD=TRUE "
+            f"TORCH_CUDA_ARCH_LIST={self.env.get('TORCH_CUDA_ARCH_LIST', '')} {' '.join(self.cmd)}\n\n"
+        )
         log.flush()
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, cwd=self.src, env=self.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=self.src,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+            start_new_session=True,
+        )
 
         def read() -> None:
             try:
@@ -186,8 +211,14 @@ def _error_lines(lines: Iterable[str], limit: int = 12) -> list[str]:
     return (first + rest)[:limit]
 
 
-def run_builds(builds: Sequence[BuildJob], parallel: bool, out: TextIO, heartbeat: float = 60.0,
-               poll: float = 0.2, on_done: Optional[Callable[[BuildJob], None]] = None) -> None:
+def run_builds(
+    builds: Sequence[BuildJob],
+    parallel: bool,
+    out: TextIO,
+    heartbeat: float = 60.0,
+    poll: float = 0.2,
+    on_done: Optional[Callable[[BuildJob], None]] = None,
+) -> None:
     """Run the pip builds (all at once with ``parallel``), printing progress; fills each job's result.
 
     ``on_done(job)`` runs as each build succeeds (before its line is printed), e.g. to move the wheel.
@@ -207,8 +238,10 @@ def run_builds(builds: Sequence[BuildJob], parallel: bool, out: TextIO, heartbea
                 b = pending.pop(0)
                 b.start(events)
                 running.append(b)
-                say(f"[{_fmt_time(time.monotonic() - t0)}] {b.pkg.name} {b.version}: compiling with {b.jobs} jobs "
-                    f"(log: {b.log_path})")
+                say(
+                    f"[{_fmt_time(time.monotonic() - t0)}] {b.pkg.name} {b.version}: compiling with {b.jobs} jobs "
+                    f"(log: {b.log_path})"
+                )
             time.sleep(poll)
             while not events.empty():
                 b, msg = events.get()
@@ -267,8 +300,10 @@ def _finish(b: BuildJob) -> None:
         b.error = f"expected one {b.pkg.dist}-*.whl in {b.out_dir}, found {len(wheels)}"
         return
     if not wheel_has_extension(wheels[0], b.pkg):
-        b.error = (f"the wheel holds no compiled {b.pkg.extension} extension (was "
-                   f"{b.pkg.env_prefix}_SKIP_CUDA_BUILD set, or CUDA not found by setup.py?)")
+        b.error = (
+            f"the wheel holds no compiled {b.pkg.extension} extension (was "
+            f"{b.pkg.env_prefix}_SKIP_CUDA_BUILD set, or CUDA not found by setup.py?)"
+        )
         return
     b.wheel = wheels[0]
 
@@ -299,8 +334,10 @@ def cmd_build(args, out: Optional[TextIO] = None) -> int:
     log_dir = (Path(args.log_dir) if args.log_dir else wheel_dir / "logs").resolve()
     jobs = args.jobs or default_jobs()
     info = toolchain()
-    say(f"kernels for {', '.join(str(a) for a in archs)}: {', '.join(p.name for p in packages)} "
-        f"(python {info['python']}, torch {info['torch']}, CUDA {info['torch_cuda']}, nvcc {info['nvcc_version']})")
+    say(
+        f"kernels for {', '.join(str(a) for a in archs)}: {', '.join(p.name for p in packages)} "
+        f"(python {info['python']}, torch {info['torch']}, CUDA {info['torch_cuda']}, nvcc {info['nvcc_version']})"
+    )
 
     outcomes: dict[str, Outcome] = {p.name: Outcome(p) for p in packages}
     to_build: list[tuple[KernelPackage, Path]] = []
@@ -312,8 +349,10 @@ def cmd_build(args, out: Optional[TextIO] = None) -> int:
             whl = find_reusable_wheel(wheel_dir, pkg, version, archs, info)
             if whl is not None:
                 outcomes[pkg.name] = Outcome(pkg, version, "reused", 0.0, 0, whl)
-                say(f"{pkg.name} {version}: reusing {whl} (built for the same architecture, torch and Python; "
-                    "--force rebuilds)")
+                say(
+                    f"{pkg.name} {version}: reusing {whl} (built for the same architecture, torch and Python; "
+                    "--force rebuilds)"
+                )
                 continue
         if sdist is None:
             missing.append(pkg)
@@ -341,8 +380,10 @@ def cmd_build(args, out: Optional[TextIO] = None) -> int:
                 sources[pkg.name], prepared[pkg.name] = original, (src, rw)
                 listed = ", ".join("sm_" + sm for sm in rw.found)
                 kept = ", ".join("sm_" + sm for sm in rw.kept)
-                say(f"{pkg.name} {sdist_version(sdist)}: setup.py lists {len(rw.found)} architectures ({listed}); "
-                    f"building only {kept}")
+                say(
+                    f"{pkg.name} {sdist_version(sdist)}: setup.py lists {len(rw.found)} architectures ({listed}); "
+                    f"building only {kept}"
+                )
             for w in preflight(info, archs, sources):
                 say(f"warning: {w}")
         except BaseException:
@@ -370,12 +411,24 @@ def cmd_build(args, out: Optional[TextIO] = None) -> int:
                 old.unlink()
                 wheel_info_path(old).unlink(missing_ok=True)
             shutil.move(str(b.wheel), dest)
-            wheel_info_path(dest).write_text(json.dumps({
-                "package": b.pkg.name, "version": b.version, "archs": [a.torch_name for a in archs],
-                "torch": info["torch"], "torch_cuda": info["torch_cuda"], "nvcc": info["nvcc_version"],
-                "python_tag": info["python_tag"], "build_seconds": round(b.seconds, 1), "jobs": b.jobs,
-                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }, indent=2) + "\n")
+            wheel_info_path(dest).write_text(
+                json.dumps(
+                    {
+                        "package": b.pkg.name,
+                        "version": b.version,
+                        "archs": [a.torch_name for a in archs],
+                        "torch": info["torch"],
+                        "torch_cuda": info["torch_cuda"],
+                        "nvcc": info["nvcc_version"],
+                        "python_tag": info["python_tag"],
+                        "build_seconds": round(b.seconds, 1),
+                        "jobs": b.jobs,
+                        "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             b.wheel = dest
 
         run_builds(builds, parallel=args.parallel, out=out, on_done=store)
@@ -393,8 +446,16 @@ def cmd_build(args, out: Optional[TextIO] = None) -> int:
 
     installed_ok = True
     if ready and not args.no_install:
-        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--force-reinstall",
-               *[str(o.wheel) for o in ready]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--force-reinstall",
+            *[str(o.wheel) for o in ready],
+        ]
         say(f"installing {', '.join(o.wheel.name for o in ready)}")
         t = time.monotonic()
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -410,8 +471,10 @@ def cmd_build(args, out: Optional[TextIO] = None) -> int:
     say(f"{'package':<15}{'version':<14}{'arch':<10}{'status':<9}{'jobs':>5}  {'wall':>8}  wheel")
     for o in outcomes.values():
         wheel = f"{o.wheel.name} ({o.wheel.stat().st_size / 2**20:.1f} MiB)" if o.wheel else o.detail
-        say(f"{o.pkg.name:<15}{o.version:<14}{','.join(str(a) for a in archs):<10}{o.status:<9}"
-            f"{o.jobs or '-':>5}  {_fmt_time(o.seconds):>8}  {wheel}")
+        say(
+            f"{o.pkg.name:<15}{o.version:<14}{','.join(str(a) for a in archs):<10}{o.status:<9}"
+            f"{o.jobs or '-':>5}  {_fmt_time(o.seconds):>8}  {wheel}"
+        )
     say(f"total wall time {_fmt_time(time.monotonic() - t_start)}")
 
     rc = 0 if not failed and installed_ok else 1
@@ -421,7 +484,9 @@ def cmd_build(args, out: Optional[TextIO] = None) -> int:
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        res = subprocess.run([sys.executable, "-m", "ssamba.kernels", "check", "--packages",
-                              ",".join(o.pkg.name for o in ready)], env=env)
+        res = subprocess.run(
+            [sys.executable, "-m", "ssamba.kernels", "check", "--packages", ",".join(o.pkg.name for o in ready)],
+            env=env,
+        )
         rc = rc or res.returncode
     return rc

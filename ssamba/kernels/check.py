@@ -50,8 +50,9 @@ def _import_hint(exc: BaseException, pkg: KernelPackage) -> str:
     if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] not in (pkg.dist, pkg.extension):
         return f"{msg} -- {pkg.dist} needs the module {exc.name!r} (pip install {exc.name.split('.')[0]})"
     if "undefined symbol" in str(exc):
-        return (f"{msg} -- the extension was built against another torch; "
-                "rebuild: python -m ssamba.kernels build --force")
+        return (
+            f"{msg} -- the extension was built against another torch; rebuild: python -m ssamba.kernels build --force"
+        )
     if isinstance(exc, ModuleNotFoundError):
         return f"{msg} -- build it: python -m ssamba.kernels build"
     return msg
@@ -73,8 +74,16 @@ def _check_scan(fn, device) -> tuple[bool, str]:
     def r(*shape, scale=1.0):
         return torch.randn(*shape, generator=g, device=device) * scale
 
-    inputs = dict(u=r(b, d, L), delta=r(b, d, L, scale=0.5), A=-torch.exp(r(d, N, scale=0.5)), B=r(b, N, L),
-                  C=r(b, N, L), D=r(d), z=r(b, d, L), delta_bias=r(d, scale=0.3))
+    inputs = dict(
+        u=r(b, d, L),
+        delta=r(b, d, L, scale=0.5),
+        A=-torch.exp(r(d, N, scale=0.5)),
+        B=r(b, N, L),
+        C=r(b, N, L),
+        D=r(d),
+        z=r(b, d, L),
+        delta_bias=r(d, scale=0.3),
+    )
     gout = r(b, d, L)
     res = {}
     for name, f in (("cuda", fn), ("ref", selective_scan_ref)):
@@ -87,8 +96,10 @@ def _check_scan(fn, device) -> tuple[bool, str]:
     errs.update({f"d{k}": _rel_err(res["cuda"][1][k], res["ref"][1][k]) for k in inputs})
     worst = max(errs, key=errs.get)
     ok = errs[worst] < 1e-3
-    return ok, (f"selective_scan_fn fp32 (b={b} d={d} L={L} N={N}, z, D, delta_bias, softplus) vs reference: "
-                f"largest relative difference {errs[worst]:.1e} ({worst}) -> {'ok' if ok else 'MISMATCH'}")
+    return ok, (
+        f"selective_scan_fn fp32 (b={b} d={d} L={L} N={N}, z, D, delta_bias, softplus) vs reference: "
+        f"largest relative difference {errs[worst]:.1e} ({worst}) -> {'ok' if ok else 'MISMATCH'}"
+    )
 
 
 def _check_conv(fn, device) -> tuple[bool, str]:
@@ -98,9 +109,11 @@ def _check_conv(fn, device) -> tuple[bool, str]:
 
     g = torch.Generator(device=device).manual_seed(0)
     b, d, L, W = 2, 64, 80, 4
-    inputs = dict(x=torch.randn(b, d, L, generator=g, device=device),
-                  weight=torch.randn(d, W, generator=g, device=device) * 0.5,
-                  bias=torch.randn(d, generator=g, device=device))
+    inputs = dict(
+        x=torch.randn(b, d, L, generator=g, device=device),
+        weight=torch.randn(d, W, generator=g, device=device) * 0.5,
+        bias=torch.randn(d, generator=g, device=device),
+    )
     gout = torch.randn(b, d, L, generator=g, device=device)
     res = {}
     for name, f in (("cuda", fn), ("ref", causal_conv1d_ref)):
@@ -113,8 +126,10 @@ def _check_conv(fn, device) -> tuple[bool, str]:
     errs.update({f"d{k}": _rel_err(res["cuda"][1][k], res["ref"][1][k]) for k in inputs})
     worst = max(errs, key=errs.get)
     ok = errs[worst] < 1e-3
-    return ok, (f"causal_conv1d_fn fp32 (b={b} d={d} L={L} width={W}, bias, silu) vs reference: "
-                f"largest relative difference {errs[worst]:.1e} ({worst}) -> {'ok' if ok else 'MISMATCH'}")
+    return ok, (
+        f"causal_conv1d_fn fp32 (b={b} d={d} L={L} width={W}, bias, silu) vs reference: "
+        f"largest relative difference {errs[worst]:.1e} ({worst}) -> {'ok' if ok else 'MISMATCH'}"
+    )
 
 
 _CHECKS = {
@@ -160,8 +175,10 @@ def cmd_check(args, out: Optional[TextIO] = None) -> int:
             if isinstance(e, ModuleNotFoundError) and e.name and not e.name.startswith((pkg.dist, pkg.extension)):
                 try:
                     fn = getattr(_import_without_package_init(pkg.dist, module), attr)
-                    how = (f" [imported by bypassing {pkg.dist}/__init__.py, which fails: {hint}; the plain "
-                           f"`from {module} import {attr}` fails the same way]")
+                    how = (
+                        f" [imported by bypassing {pkg.dist}/__init__.py, which fails: {hint}; the plain "
+                        f"`from {module} import {attr}` fails the same way]"
+                    )
                 except Exception as e2:
                     hint = f"{hint}; without its __init__: {_import_hint(e2, pkg)}"
             if fn is None:
@@ -180,15 +197,19 @@ def cmd_check(args, out: Optional[TextIO] = None) -> int:
             good = False
             text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
             if "no kernel image" in text:
-                text += (f" -- built for another GPU architecture than sm_{cap[0]}{cap[1]}: "
-                         "python -m ssamba.kernels build --force")
+                text += (
+                    f" -- built for another GPU architecture than sm_{cap[0]}{cap[1]}: "
+                    "python -m ssamba.kernels build --force"
+                )
             line = f"running it on the GPU failed: {text}"
             traceback.print_exc(file=out)
         ok = ok and good
         say(f"  {line}")
     why = "; ".join(str(w.message) for w in caught)
-    say(f"ssamba.ops.backends.resolve_backend('auto') -> {backend!r}"
-        + (f" ({why})" if why and backend != "cuda" else ""))
+    say(
+        f"ssamba.ops.backends.resolve_backend('auto') -> {backend!r}"
+        + (f" ({why})" if why and backend != "cuda" else "")
+    )
     if any(p.name == "mamba-ssm" for p in packages) and backend != "cuda":
         ok = False
         say("  the model would NOT use the CUDA scan")

@@ -47,8 +47,6 @@ def parse_packages(text: str) -> list[KernelPackage]:
     return [p for p in PACKAGES.values() if p in chosen]
 
 
-
-
 @dataclass(frozen=True, order=True)
 class Arch:
     """A CUDA compute capability, e.g. ``Arch(9, 0)`` (H100/H200); ``suffix`` ``a``/``f`` for sm_90a etc."""

@@ -62,14 +62,22 @@ def _gencode_statement(stmt: ast.stmt) -> Optional[tuple[str, list[str]]]:
     target = strings = None
     if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
         call = stmt.value
-        if (isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Name)
-                and len(call.args) == 1 and not call.keywords):
+        if (
+            isinstance(call.func, ast.Attribute)
+            and isinstance(call.func.value, ast.Name)
+            and len(call.args) == 1
+            and not call.keywords
+        ):
             if call.func.attr == "append" and isinstance(call.args[0], ast.Constant):
                 target, strings = call.func.value.id, _str_elements(call.args[0])
             elif call.func.attr == "extend" and isinstance(call.args[0], (ast.List, ast.Tuple)):
                 target, strings = call.func.value.id, _str_elements(call.args[0])
-    elif (isinstance(stmt, ast.AugAssign) and isinstance(stmt.op, ast.Add) and isinstance(stmt.target, ast.Name)
-          and isinstance(stmt.value, (ast.List, ast.Tuple))):
+    elif (
+        isinstance(stmt, ast.AugAssign)
+        and isinstance(stmt.op, ast.Add)
+        and isinstance(stmt.target, ast.Name)
+        and isinstance(stmt.value, (ast.List, ast.Tuple))
+    ):
         target, strings = stmt.target.id, _str_elements(stmt.value)
     if target is None or not strings:
         return None
@@ -89,8 +97,12 @@ def _scan_gencode(tree: ast.AST, filename: str):
                 stmts.append(node)
                 claimed.update(id(n) for n in ast.walk(node))
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in claimed
-                and _SUSPICIOUS.search(node.value)):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and id(node) not in claimed
+            and _SUSPICIOUS.search(node.value)
+        ):
             raise KernelBuildError(
                 f"{filename}:{node.lineno}: GPU architecture flag {node.value!r} is used in a form this rewrite "
                 "does not recognise (it handles T.append/T.extend/T += of '-gencode' and 'arch=compute_XY,code=sm_XY' "
@@ -106,8 +118,10 @@ def _scan_gencode(tree: ast.AST, filename: str):
     stmts.sort(key=lambda s: (s.lineno, s.col_offset))
     targets = {_gencode_statement(s)[0] for s in stmts}
     if len(targets) != 1:
-        raise KernelBuildError(f"{filename}: -gencode flags go into several lists ({', '.join(sorted(targets))}); "
-                               "not a recognised setup.py shape")
+        raise KernelBuildError(
+            f"{filename}: -gencode flags go into several lists ({', '.join(sorted(targets))}); "
+            "not a recognised setup.py shape"
+        )
     target = targets.pop()
     found: list[str] = []
     pending_flag: Optional[int] = None
@@ -150,19 +164,30 @@ def _find_anchor(tree: ast.AST, target: str, first: ast.stmt, filename: str) -> 
         node = parents.get(id(node))
     candidates = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and node.targets[0].id == target):
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and node.targets[0].id == target
+        ):
             if node.lineno > first.lineno:
-                raise KernelBuildError(f"{filename}:{node.lineno}: {target} is reassigned after its -gencode flags; "
-                                       "not a recognised setup.py shape")
+                raise KernelBuildError(
+                    f"{filename}:{node.lineno}: {target} is reassigned after its -gencode flags; "
+                    "not a recognised setup.py shape"
+                )
             empty = (isinstance(node.value, ast.List) and not node.value.elts) or (
-                isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
-                and node.value.func.id == "list" and not node.value.args)
+                isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Name)
+                and node.value.func.id == "list"
+                and not node.value.args
+            )
             if empty and id(parents.get(id(node))) in ancestors:
                 candidates.append(node)
     if not candidates:
-        raise KernelBuildError(f"{filename}: no '{target} = []' found before the first -gencode flag (line "
-                               f"{first.lineno}); cannot place the local architecture. Not a recognised setup.py shape")
+        raise KernelBuildError(
+            f"{filename}: no '{target} = []' found before the first -gencode flag (line "
+            f"{first.lineno}); cannot place the local architecture. Not a recognised setup.py shape"
+        )
     return max(candidates, key=lambda n: n.lineno)
 
 
@@ -187,11 +212,14 @@ def restrict_gencode(source: str, archs: Sequence[Arch], filename: str = "setup.
     anchor_line = lines[anchor.lineno - 1]
     indent = anchor_line[: anchor.col_offset]
     if indent.strip():
-        raise KernelBuildError(f"{filename}:{anchor.lineno}: '{target} = []' shares its line with another "
-                               "statement; not a recognised setup.py shape")
+        raise KernelBuildError(
+            f"{filename}:{anchor.lineno}: '{target} = []' shares its line with another "
+            "statement; not a recognised setup.py shape"
+        )
     flags = ", ".join(f'"-gencode", "{a.gencode}"' for a in archs)
-    insertion = (f"{indent.decode()}{target} += [{flags}]  {_MARK} only "
-                 f"{', '.join(str(a) for a in archs)} (the local GPU)").encode("utf-8")
+    insertion = (
+        f"{indent.decode()}{target} += [{flags}]  {_MARK} only {', '.join(str(a) for a in archs)} (the local GPU)"
+    ).encode("utf-8")
     end_line = lines[anchor.end_lineno - 1]
     body_end = len(end_line.rstrip(b"\r\n"))
     newline = end_line[body_end:] or b"\n"
@@ -202,7 +230,7 @@ def restrict_gencode(source: str, archs: Sequence[Arch], filename: str = "setup.
     for line, col, eline, ecol, repl in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
         head = lines[line - 1][:col]
         tail = lines[eline - 1][ecol:]
-        lines[line - 1: eline] = [head + repl + tail]
+        lines[line - 1 : eline] = [head + repl + tail]
     text = b"".join(lines).decode("utf-8")
     if anchor.end_lineno == len(source.splitlines()) and not source.endswith("\n"):
         text += "\n"
@@ -216,8 +244,14 @@ def restrict_gencode(source: str, archs: Sequence[Arch], filename: str = "setup.
     want = [a.sm for a in archs]
     if new_target != target or kept != want:  # pragma: no cover - would be a bug in the edit above
         raise KernelBuildError(f"rewriting {filename} kept {kept}, expected {want}; please report")
-    diff = "".join(difflib.unified_diff(source.splitlines(keepends=True), text.splitlines(keepends=True),
-                                        f"{filename} (original)", f"{filename} (local GPU only)"))
+    diff = "".join(
+        difflib.unified_diff(
+            source.splitlines(keepends=True),
+            text.splitlines(keepends=True),
+            f"{filename} (original)",
+            f"{filename} (local GPU only)",
+        )
+    )
     return GencodeRewrite(text, found, kept, target, sorted({s.lineno for s in stmts}), anchor.lineno, diff)
 
 

@@ -27,15 +27,17 @@ def toolchain() -> dict:
         import torch.utils.cpp_extension as cpp
     except Exception as e:  # pragma: no cover - torch is a dependency
         raise KernelBuildError(f"torch cannot be imported ({e}); the kernels are built against the installed torch")
-    info.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_home=cpp.CUDA_HOME,
-                ninja=cpp.is_ninja_available())
+    info.update(
+        torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_home=cpp.CUDA_HOME, ninja=cpp.is_ninja_available()
+    )
     nvcc = Path(cpp.CUDA_HOME or "") / "bin" / "nvcc" if cpp.CUDA_HOME else None
     info["nvcc"] = str(nvcc) if nvcc and nvcc.exists() else None
     info["nvcc_version"] = None
     info["nvcc_codes"] = None
     info["cuda_include"] = bool(cpp.CUDA_HOME) and (Path(cpp.CUDA_HOME) / "include" / "cuda_runtime_api.h").is_file()
-    info["cuda_candidates"] = sorted(str(p.parents[1])
-                                     for p in Path("/usr/local").glob("cuda*/include/cuda_runtime_api.h"))
+    info["cuda_candidates"] = sorted(
+        str(p.parents[1]) for p in Path("/usr/local").glob("cuda*/include/cuda_runtime_api.h")
+    )
     if info["nvcc"]:
         try:
             out = subprocess.run([info["nvcc"], "--version"], capture_output=True, text=True, timeout=60).stdout
@@ -68,21 +70,28 @@ def preflight(info: dict, archs: Sequence[Arch], setup_sources: dict[str, str]) 
         )
     nv, tc = info.get("nvcc_version"), info.get("torch_cuda")
     if nv and tc and nv.split(".")[0] != tc.split(".")[0]:
-        raise KernelBuildError(f"nvcc is CUDA {nv} but torch was built with CUDA {tc}; torch refuses to build "
-                               "extensions across CUDA major versions. Point CUDA_HOME at a CUDA "
-                               f"{tc.split('.')[0]}.x toolkit")
+        raise KernelBuildError(
+            f"nvcc is CUDA {nv} but torch was built with CUDA {tc}; torch refuses to build "
+            "extensions across CUDA major versions. Point CUDA_HOME at a CUDA "
+            f"{tc.split('.')[0]}.x toolkit"
+        )
     codes = info.get("nvcc_codes")
     if codes:
         bad = [a for a in archs if f"sm_{a.sm}" not in codes]
         if bad:
-            raise KernelBuildError(f"nvcc {nv} cannot generate code for {', '.join(map(str, bad))} "
-                                   f"(it supports {' '.join(codes)})")
+            raise KernelBuildError(
+                f"nvcc {nv} cannot generate code for {', '.join(map(str, bad))} (it supports {' '.join(codes)})"
+            )
     if not info.get("ninja"):
-        warnings_.append("ninja is not installed: torch compiles the CUDA files one after another and ignores MAX_JOBS "
-                         "(pip install ninja to build in parallel)")
+        warnings_.append(
+            "ninja is not installed: torch compiles the CUDA files one after another and ignores MAX_JOBS "
+            "(pip install ninja to build in parallel)"
+        )
     for name, src in setup_sources.items():
         missing = [m for m in setup_imports(src) if importlib.util.find_spec(m) is None]
         if missing:
-            raise KernelBuildError(f"{name}'s setup.py imports {', '.join(missing)}, not installed here "
-                                   f"(pip install {' '.join(missing)}); pip runs it without build isolation")
+            raise KernelBuildError(
+                f"{name}'s setup.py imports {', '.join(missing)}, not installed here "
+                f"(pip install {' '.join(missing)}); pip runs it without build isolation"
+            )
     return warnings_

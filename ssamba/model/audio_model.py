@@ -37,8 +37,9 @@ def build_encoder(cfg: ModelConfig, geom: Geometry) -> nn.Module:
 class AudioModel(nn.Module):
     """Encoder + ``mask_embed`` + MSPM heads (+ ``mlp_head`` when ``num_classes`` > 0)."""
 
-    def __init__(self, cfg: ModelConfig, geom: Geometry = Geometry(), num_classes: int = 0,
-                 pretrain_heads: bool = True):
+    def __init__(
+        self, cfg: ModelConfig, geom: Geometry = Geometry(), num_classes: int = 0, pretrain_heads: bool = True
+    ):
         super().__init__()
         self.cfg, self.geom, self.num_classes = cfg, geom, num_classes
         self.v = build_encoder(cfg, geom)
@@ -76,8 +77,14 @@ class AudioModel(nn.Module):
             return tokens[:, p:].mean(dim=1)
         return tokens[:, :p].mean(dim=1)  # SSAMBA: token 0; SSAST: mean of cls and dist tokens
 
-    def forward(self, fbank: torch.Tensor, task: str = "classify", mask_d: torch.Tensor | None = None,
-                mask_g: torch.Tensor | None = None, mse_weight: float = 10.0):
+    def forward(
+        self,
+        fbank: torch.Tensor,
+        task: str = "classify",
+        mask_d: torch.Tensor | None = None,
+        mask_g: torch.Tensor | None = None,
+        mse_weight: float = 10.0,
+    ):
         """``task="classify"``: logits ``(B, C)``; ``task="pretrain"``: :meth:`pretrain_losses`.
 
         (One ``forward`` for both so that a DistributedDataParallel wrapper syncs either job.)
@@ -98,12 +105,13 @@ class AudioModel(nn.Module):
             )
         check_masks(masks, self.num_patches)
         tokens = self.encode(fbank, masks)
-        out = gather_masked(tokens[:, self.v.n_prefix:], masks)  # encoder output at index + n_prefix
+        out = gather_masked(tokens[:, self.v.n_prefix :], masks)  # encoder output at index + n_prefix
         target = gather_masked(patch_targets(fbank, self.cfg.patch_size), masks)
         return out, target
 
-    def pretrain_losses(self, fbank: torch.Tensor, mask_d: torch.Tensor, mask_g: torch.Tensor | None = None,
-                        mse_weight: float = 10.0) -> dict[str, torch.Tensor]:
+    def pretrain_losses(
+        self, fbank: torch.Tensor, mask_d: torch.Tensor, mask_g: torch.Tensor | None = None, mse_weight: float = 10.0
+    ) -> dict[str, torch.Tensor]:
         """MSPM: ``loss = nce + mse_weight * mse`` (official weight 10).
 
         ``mask_d`` masks the discriminative (InfoNCE) pass, ``mask_g`` the generative (MSE) pass:

@@ -29,9 +29,15 @@ class CheckpointError(SSAMBAError):
     """A checkpoint cannot be loaded (wrong format, unmatched keys, incompatible shapes)."""
 
 
-def save_checkpoint(path: str | os.PathLike, model: AudioModel, *, config: dict[str, Any] | None = None,
-                    frontend: dict[str, Any] | None = None, label_vocab: list[str] | None = None,
-                    metrics: dict[str, float] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: AudioModel,
+    *,
+    config: dict[str, Any] | None = None,
+    frontend: dict[str, Any] | None = None,
+    label_vocab: list[str] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Path:
     """Write atomically (temp file + rename): a reader never sees a half-written checkpoint."""
     model = getattr(model, "module", model)  # unwrap DDP
     payload = {
@@ -67,7 +73,8 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
                 f"{what} {path} holds a pickled Python object ({found.group(1)}); weights_only=True refuses to "
                 f"load it, since unpickling it could run arbitrary code. Fix: load only checkpoints of plain "
                 f"types and tensors (what ssamba writes); never load this file with weights_only=False unless "
-                f"you trust its source") from None
+                f"you trust its source"
+            ) from None
         raise CheckpointError(f"{what} {path} cannot be loaded safely (weights_only=True): {exc}") from None
 
 
@@ -100,17 +107,21 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                    for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    shapes = sorted(
+        f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if own[k].shape != state[k].shape
+    )
     if missing or unexpected or shapes:
         raise CheckpointError(
-            f"{source} does not match the model: missing {missing}, unexpected {unexpected}, "
-            f"shape mismatches {shapes}"
+            f"{source} does not match the model: missing {missing}, unexpected {unexpected}, shape mismatches {shapes}"
         )
     model.load_state_dict(state, strict=True)
 
 
-def adapt_pos_embed(pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], n_prefix: int) -> torch.Tensor:
+def adapt_pos_embed(
+    pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], n_prefix: int
+) -> torch.Tensor:
     """Position embedding of a pretraining grid re-laid for a fine-tuning grid (docs/model.md section 5.3).
 
     ``pos (1, n_prefix + pf * pt, D)`` -> ``(1, n_prefix + f * t, D)``. Time: crop the centre
@@ -128,12 +139,12 @@ def adapt_pos_embed(pos: torch.Tensor, src_grid: tuple[int, int], dst_grid: tupl
     grid = grid.transpose(1, 2).reshape(1, d, pf, pt)
     if t < pt:
         start = int(pt / 2) - int(t / 2)
-        grid = grid[:, :, :, start:start + t]
+        grid = grid[:, :, :, start : start + t]
     else:
         grid = F.interpolate(grid, size=(pf, t), mode="bilinear", align_corners=False)
     if f < pf:
         start = int(pf / 2) - int(f / 2)
-        grid = grid[:, :, start:start + f, :]
+        grid = grid[:, :, start : start + f, :]
     else:
         grid = F.interpolate(grid, size=(f, t), mode="bilinear", align_corners=False)
     grid = grid.reshape(1, d, f * t).transpose(1, 2)
@@ -177,5 +188,15 @@ def grid_of(payload: dict[str, Any]) -> tuple[int, int]:
     return ((g["input_fdim"] - p) // m["fstride"] + 1, (g["input_tdim"] - p) // m["tstride"] + 1)
 
 
-__all__ = ["save_checkpoint", "safe_load", "is_ours", "read_checkpoint", "load_checkpoint", "load_strict", "adapt_pos_embed",
-           "transfer_encoder", "grid_of", "CheckpointError"]
+__all__ = [
+    "save_checkpoint",
+    "safe_load",
+    "is_ours",
+    "read_checkpoint",
+    "load_checkpoint",
+    "load_strict",
+    "adapt_pos_embed",
+    "transfer_encoder",
+    "grid_of",
+    "CheckpointError",
+]

@@ -16,13 +16,22 @@ from ssamba.model.mixer import Mamba
 from ssamba.ops.backends import add_norm_fn, resolve_backend
 
 
-def fused_add_norm(norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None,
-                   residual_in_fp32: bool, prenorm: bool = True):
+def fused_add_norm(
+    norm: nn.Module, hidden: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool, prenorm: bool = True
+):
     """``norm(residual + hidden)`` (and the new residual when ``prenorm``) in one Triton kernel (mamba-ssm)."""
     rms = isinstance(norm, nn.RMSNorm)
     eps = norm.eps if norm.eps is not None else torch.finfo(hidden.dtype).eps
-    return add_norm_fn()(hidden, norm.weight, None if rms else norm.bias, residual=residual, eps=eps,
-                         prenorm=prenorm, residual_in_fp32=residual_in_fp32, is_rms_norm=rms)
+    return add_norm_fn()(
+        hidden,
+        norm.weight,
+        None if rms else norm.bias,
+        residual=residual,
+        eps=eps,
+        prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32,
+        is_rms_norm=rms,
+    )
 
 
 class Block(nn.Module):
@@ -80,8 +89,9 @@ class MambaEncoder(nn.Module):
         self.norm_f = make_norm(cfg.norm, d, cfg.norm_eps)
         self.drop_path_f = DropPath(cfg.drop_path)
 
-    def embed(self, fbank: torch.Tensor, masks: torch.Tensor | None = None,
-              mask_embed: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, fbank: torch.Tensor, masks: torch.Tensor | None = None, mask_embed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Tokens before the blocks ``(B, 1 + N, D)``; masked patches get ``mask_embed`` before positions."""
         x = self.patch_embed(fbank)
         if x.shape[1] != self.num_patches:
@@ -121,15 +131,22 @@ class MambaEncoder(nn.Module):
             out = self.norm_f(out)  # official quirk (docs/model.md section 3.4)
         return out
 
-    def forward(self, fbank: torch.Tensor, masks: torch.Tensor | None = None,
-                mask_embed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, fbank: torch.Tensor, masks: torch.Tensor | None = None, mask_embed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``fbank (B, T, F)`` -> ``tokens (B, 1 + N, D)``."""
         return self.blocks(self.embed(fbank, masks, mask_embed))
 
 
-def set_speedups(model: nn.Module, fuse_directions: bool | None = None, pad: bool | None = None,
-                 fused_norm: bool | None = None, chunk_scan: bool | None = None,
-                 train_scan: bool | None = None, fused_gate: bool | None = None) -> None:
+def set_speedups(
+    model: nn.Module,
+    fuse_directions: bool | None = None,
+    pad: bool | None = None,
+    fused_norm: bool | None = None,
+    chunk_scan: bool | None = None,
+    train_scan: bool | None = None,
+    fused_gate: bool | None = None,
+) -> None:
     """Switch the encoder's speed-ups (same result; for benchmarks and tests). ``None`` leaves one as is.
 
     ``fused_norm=True`` needs the CUDA backend and mamba-ssm's Triton norm. ``chunk_scan`` (inference on

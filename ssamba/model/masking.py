@@ -24,9 +24,11 @@ def cluster_mask(n_patches: int, t_grid: int, count: int, rng: np.random.Generat
     masked and the draw stops once more than ``count`` are, so ``count`` must be below ``N - 1``.
     """
     if not 0 < count < n_patches - 1:
-        raise ValueError(f"cluster mask count must be in (0, {n_patches - 1}) for {n_patches} patches "
-                         f"(patch 0 is never masked and the draw needs more than count candidates), "
-                         f"got {count}")
+        raise ValueError(
+            f"cluster mask count must be in (0, {n_patches - 1}) for {n_patches} patches "
+            f"(patch 0 is never masked and the draw needs more than count candidates), "
+            f"got {count}"
+        )
     c = int(rng.integers(0, 3)) + 3
     offsets = (t_grid * np.arange(c)[:, None] + np.arange(c)[None, :]).ravel()
     chosen = np.zeros(n_patches, dtype=bool)
@@ -62,8 +64,9 @@ def frame_mask(f_grid: int, t_grid: int, count: int, rng: np.random.Generator) -
     return np.sort(idx[:count])
 
 
-def make_masks(strategy: str, batch: int, f_grid: int, t_grid: int, count: int,
-               rng: np.random.Generator) -> torch.Tensor:
+def make_masks(
+    strategy: str, batch: int, f_grid: int, t_grid: int, count: int, rng: np.random.Generator
+) -> torch.Tensor:
     """``(batch, count)`` int64 masks drawn with ``strategy`` in ``cluster | random | frame``."""
     n = f_grid * t_grid
     if strategy == "cluster":
@@ -82,8 +85,9 @@ def check_masks(masks: torch.Tensor, n_patches: int) -> None:
     if masks.ndim != 2 or masks.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"masks must be a (B, M) integer tensor, got {tuple(masks.shape)} {masks.dtype}")
     if masks.numel() and (int(masks.min()) < 0 or int(masks.max()) >= n_patches):
-        raise ValueError(f"mask indices must lie in [0, {n_patches}), got range "
-                         f"[{int(masks.min())}, {int(masks.max())}]")
+        raise ValueError(
+            f"mask indices must lie in [0, {n_patches}), got range [{int(masks.min())}, {int(masks.max())}]"
+        )
     srt = masks.sort(dim=1).values
     if masks.shape[1] > 1 and (srt[:, 1:] == srt[:, :-1]).any():
         raise ValueError("mask indices must be unique within each row")

@@ -88,7 +88,7 @@ class Mamba(nn.Module):
 
     @staticmethod
     def _init_dt(lin: nn.Linear, r: int, dt_min=1e-3, dt_max=0.1, floor=1e-4) -> None:
-        nn.init.uniform_(lin.weight, -(r ** -0.5), r ** -0.5)
+        nn.init.uniform_(lin.weight, -(r**-0.5), r**-0.5)
         dt = torch.exp(torch.rand(lin.out_features) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
         dt = dt.clamp(min=floor)
         with torch.no_grad():
@@ -105,8 +105,15 @@ class Mamba(nn.Module):
         cmat = cmat.transpose(1, 2).contiguous()
         A = -torch.exp(A_log.float())
         return self._scan(
-            u.contiguous(), delta.contiguous(), A, bmat, cmat, D.float(), z=z.contiguous(),
-            delta_bias=dt_proj.bias.float(), delta_softplus=True,
+            u.contiguous(),
+            delta.contiguous(),
+            A,
+            bmat,
+            cmat,
+            D.float(),
+            z=z.contiguous(),
+            delta_bias=dt_proj.bias.float(),
+            delta_softplus=True,
         )
 
     def forward(self, hidden: torch.Tensor, reverse: bool = False) -> torch.Tensor:
@@ -166,7 +173,7 @@ class Mamba(nn.Module):
         u = self._conv(x.view(b, ch, lp), w, bias, activation="silu")  # (B, g di, Lp)
         wx = torch.stack([p[1].weight for p, _ in groups])  # (g, R + 2N, di)
         x_dbl = torch.matmul(wx, u.view(b, g, di, lp))  # (B, g, R + 2N, Lp)
-        bmat, cmat = x_dbl[:, :, r:r + n], x_dbl[:, :, r + n:]  # (B, g, N, Lp): one group per direction
+        bmat, cmat = x_dbl[:, :, r : r + n], x_dbl[:, :, r + n :]  # (B, g, N, Lp): one group per direction
         wdt = torch.stack([p[2].weight for p, _ in groups])  # (g, di, R)
         delta = torch.matmul(wdt, x_dbl[:, :, :r]).view(b, ch, lp)
         A_logs = [p[3] for p, _ in groups]
@@ -178,16 +185,37 @@ class Mamba(nn.Module):
         if ts is not None and train_scan_refuses(ch, g, di, n, b):
             ts = None
         if cs is not None:  # inference: the kernel reads each direction's parameters where they are
+
             def sets(ts):
                 return ts[0] if g == 1 else tuple(ts)
-            y = cs(u, delta, sets(A_logs), bmat, cmat, sets(Ds), sets(biases), delta_softplus=True,
-                   param_period=di, a_log=True)
+
+            y = cs(
+                u,
+                delta,
+                sets(A_logs),
+                bmat,
+                cmat,
+                sets(Ds),
+                sets(biases),
+                delta_softplus=True,
+                param_period=di,
+                a_log=True,
+            )
         elif ts is not None:  # one thread per channel, checkpointed states: forward and backward
             y = ts(u, delta, tuple(A_logs), bmat, cmat, tuple(Ds), tuple(biases), delta_softplus=True, period=di)
         else:
             A = per_direction([-torch.exp(a.float()) for a in A_logs])
-            y = self._scan(u, delta, A, bmat, cmat, per_direction([d.float() for d in Ds]), z=None,
-                           delta_bias=per_direction([x.float() for x in biases]), delta_softplus=True)
+            y = self._scan(
+                u,
+                delta,
+                A,
+                bmat,
+                cmat,
+                per_direction([d.float() for d in Ds]),
+                z=None,
+                delta_bias=per_direction([x.float() for x in biases]),
+                delta_softplus=True,
+            )
         y = y.view(b, g, di, lp)
         scale = 0.5 if g > 1 and self.divide_out else 1.0
         revs = [rev for _, rev in groups]
@@ -207,8 +235,9 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=1)
         y = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         if self.bimamba:
-            y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                                  self.A_b_log, self.D_b)
+            y_b = self._direction(
+                x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b
+            )
             y = y + y_b.flip(-1)
             if self.divide_out:
                 y = y / 2

@@ -39,14 +39,15 @@ def load_official_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def detect_config(state: dict[str, torch.Tensor], *, layer_pairing: bool = True) -> ModelConfig:
     """The :class:`ModelConfig` an official state dict (``module.`` stripped) was built with."""
     if "v.cls_token" not in state:
-        raise CheckpointError("not an official SSAMBA/SSAST state dict: no 'v.cls_token' (keys start "
-                              f"with {sorted(state)[:5]})")
+        raise CheckpointError(
+            f"not an official SSAMBA/SSAST state dict: no 'v.cls_token' (keys start with {sorted(state)[:5]})"
+        )
     d = int(state["v.cls_token"].shape[-1])
     size = {v: k for k, v in SIZES.items()}.get(d)
     patch = int(state["v.patch_embed.proj.weight"].shape[-1])
@@ -63,13 +64,24 @@ def detect_config(state: dict[str, torch.Tensor], *, layer_pairing: bool = True)
     dt_rank = int(state["v.layers.0.mixer.dt_proj.weight"].shape[1])
     d_conv = int(state["v.layers.0.mixer.conv1d.weight"].shape[-1])
     return ModelConfig(
-        arch="ssamba", embed_dim=d, depth=depth, patch_size=patch, d_state=int(d_state), d_conv=d_conv,
-        expand=int(d_inner) // d, dt_rank=dt_rank if dt_rank != -(-d // 16) else 0, bimamba=bimamba,
-        layer_pairing=layer_pairing and depth % 2 == 0, norm=norm, final_norm_twice=True,
+        arch="ssamba",
+        embed_dim=d,
+        depth=depth,
+        patch_size=patch,
+        d_state=int(d_state),
+        d_conv=d_conv,
+        expand=int(d_inner) // d,
+        dt_rank=dt_rank if dt_rank != -(-d // 16) else 0,
+        bimamba=bimamba,
+        layer_pairing=layer_pairing and depth % 2 == 0,
+        norm=norm,
+        final_norm_twice=True,
     )
 
 
-def _geometry(state, cfg: ModelConfig, n_prefix: int, fstride, tstride, input_tdim, input_fdim) -> tuple[ModelConfig, Geometry]:
+def _geometry(
+    state, cfg: ModelConfig, n_prefix: int, fstride, tstride, input_tdim, input_fdim
+) -> tuple[ModelConfig, Geometry]:
     n_patches = int(state["v.pos_embed"].shape[1]) - n_prefix
     if fstride is None and tstride is None and input_tdim is None:
         if "p_input_tdim" in state:  # pretraining form: stride = patch size
@@ -94,9 +106,15 @@ def _geometry(state, cfg: ModelConfig, n_prefix: int, fstride, tstride, input_td
     return replace(cfg, fstride=fs, tstride=ts), Geometry(fdim, tdim)
 
 
-def import_official(path_or_state: str | os.PathLike | dict, *, layer_pairing: bool = True,
-                    fstride: int | None = None, tstride: int | None = None, input_tdim: int | None = None,
-                    input_fdim: int = 128) -> tuple[AudioModel, dict[str, Any]]:
+def import_official(
+    path_or_state: str | os.PathLike | dict,
+    *,
+    layer_pairing: bool = True,
+    fstride: int | None = None,
+    tstride: int | None = None,
+    input_tdim: int | None = None,
+    input_fdim: int = 128,
+) -> tuple[AudioModel, dict[str, Any]]:
     """Build our model from an official checkpoint and load it strictly.
 
     Pretraining form (``p_input_*``, ``mask_embed``, ``cpredlayer``, ``gpredlayer``): the model has
@@ -121,7 +139,14 @@ def import_official(path_or_state: str | os.PathLike | dict, *, layer_pairing: b
         else:
             keep[k] = v
     model = AudioModel(cfg, geom, num_classes=num_classes, pretrain_heads=pretrain_heads)
-    load_strict(model, keep, source=str(path_or_state) if not isinstance(path_or_state, dict) else "official state dict")
-    info = {"config": cfg, "geometry": geom, "form": "pretraining" if pretrain_heads else "fine-tuned",
-            "num_classes": num_classes, "dropped": dropped}
+    load_strict(
+        model, keep, source=str(path_or_state) if not isinstance(path_or_state, dict) else "official state dict"
+    )
+    info = {
+        "config": cfg,
+        "geometry": geom,
+        "form": "pretraining" if pretrain_heads else "fine-tuned",
+        "num_classes": num_classes,
+        "dropped": dropped,
+    }
     return model, info

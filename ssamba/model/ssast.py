@@ -91,8 +91,9 @@ class ViTEncoder(nn.Module):
             nn.init.trunc_normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
 
-    def forward(self, fbank: torch.Tensor, masks: torch.Tensor | None = None,
-                mask_embed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, fbank: torch.Tensor, masks: torch.Tensor | None = None, mask_embed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         x = self.patch_embed(fbank)
         if x.shape[1] != self.num_patches:
             raise ValueError(f"input gives {x.shape[1]} patches but the position embedding has {self.num_patches}")

@@ -98,7 +98,9 @@ def resolve_backend(name: str) -> str:
     if name == "cuda":
         if mamba_scan() is None:
             why = "no CUDA device" if not torch.cuda.is_available() else "mamba_ssm cannot be imported"
-            raise ConfigError(f"model.scan_backend='cuda' but the mamba-ssm kernels are unavailable ({why}). {BUILD_HINT}")
+            raise ConfigError(
+                f"model.scan_backend='cuda' but the mamba-ssm kernels are unavailable ({why}). {BUILD_HINT}"
+            )
         return "cuda"
     if name == "auto":
         if mamba_scan() is not None:
@@ -128,8 +130,9 @@ def conv_fn(backend: str) -> Callable:
 CONV_LEN_MULTIPLE = 8
 
 
-def padded_cuda_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     activation: str | None = None) -> torch.Tensor:
+def padded_cuda_conv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
     """causal-conv1d on a length padded at the end to a multiple of 8, then cut back (exact: the conv is causal).
 
     causal-conv1d 1.7.0's backward returns wrong ``dx``/``dweight`` (relative error 0.01-0.4) when the

@@ -55,16 +55,19 @@ MIN_THREADS_PER_SM = 256
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 KERNELS = {"auto": 0, "pipelined": 1, "general": 2}
 
-_INT_FIELDS = ("batch channels length u_sb u_sc u_sl d_sb d_sc d_sl y_sb y_sc y_sl b_sb b_sg b_sn b_sl "
-               "c_sb c_sg c_sn c_sl group_size p_rep p_div chunk_len n_chunks softplus a_log").split()
+_INT_FIELDS = (
+    "batch channels length u_sb u_sc u_sl d_sb d_sc d_sl y_sb y_sc y_sl b_sb b_sg b_sn b_sl "
+    "c_sb c_sg c_sn c_sl group_size p_rep p_div chunk_len n_chunks softplus a_log"
+).split()
 
 
 class _Params(ctypes.Structure):
     """Mirror of ``struct Params`` in chunk_scan.cu (every field 8 bytes, same order)."""
 
-    _fields_ = ([(name, ctypes.c_void_p) for name in ("u", "delta", "B", "C", "A", "D", "bias", "A1", "D1", "bias1",
-                                                       "y", "state", "dsum")]
-                + [(name, ctypes.c_int64) for name in _INT_FIELDS])
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("u", "delta", "B", "C", "A", "D", "bias", "A1", "D1", "bias1", "y", "state", "dsum")
+    ] + [(name, ctypes.c_int64) for name in _INT_FIELDS]
 
 
 _warned: set[str] = set()
@@ -88,8 +91,10 @@ def build_library(arch: str, nvcc: str | None = None, verbose: bool = False, sou
     returns the .so path."""
     nvcc = nvcc or find_nvcc()
     if nvcc is None:
-        raise KernelBuildError(f"nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): {source.name} "
-                               "cannot be compiled; mamba-ssm's scan is used instead")
+        raise KernelBuildError(
+            f"nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): {source.name} "
+            "cannot be compiled; mamba-ssm's scan is used instead"
+        )
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(source.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
     out_dir = cache_dir()
@@ -101,15 +106,31 @@ def build_library(arch: str, nvcc: str | None = None, verbose: bool = False, sou
         if out.exists():
             return out
         with atomic_path(out) as tmp:
-            cmd = [nvcc, "-O3", "--use_fast_math", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
-                   "-cudart", "shared", "-o", str(tmp), str(source)]
-            print(f"[{source.stem}] compiling {source.name} for {arch} into {out_dir} (about a minute, once per "
-                  "machine and source version)" + (": " + " ".join(cmd) if verbose else ""), file=sys.stderr,
-                  flush=True)
+            cmd = [
+                nvcc,
+                "-O3",
+                "--use_fast_math",
+                f"-arch={arch}",
+                "-Xcompiler",
+                "-fPIC",
+                "-shared",
+                "-cudart",
+                "shared",
+                "-o",
+                str(tmp),
+                str(source),
+            ]
+            print(
+                f"[{source.stem}] compiling {source.name} for {arch} into {out_dir} (about a minute, once per "
+                "machine and source version)" + (": " + " ".join(cmd) if verbose else ""),
+                file=sys.stderr,
+                flush=True,
+            )
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                raise KernelBuildError(f"{' '.join(cmd)} failed (rc {res.returncode}):\n"
-                                       f"{(res.stderr or res.stdout)[-3000:]}")
+                raise KernelBuildError(
+                    f"{' '.join(cmd)} failed (rc {res.returncode}):\n{(res.stderr or res.stdout)[-3000:]}"
+                )
     return out
 
 
@@ -123,8 +144,14 @@ def _load(arch: str) -> tuple[ctypes.CDLL | None, str]:
     """The compiled library for ``arch`` and ``""``, or ``None`` and why not (cached either way)."""
     try:
         lib = ctypes.CDLL(str(build_library(arch)))
-        lib.ssamba_chunk_scan.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                          ctypes.c_int, ctypes.c_void_p]
+        lib.ssamba_chunk_scan.argtypes = [
+            ctypes.POINTER(_Params),
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
         lib.ssamba_chunk_scan.restype = ctypes.c_int
         lib.ssamba_chunk_scan_error.argtypes = [ctypes.c_int]
         lib.ssamba_chunk_scan_error.restype = ctypes.c_char_p
@@ -159,8 +186,9 @@ def worthwhile(threads: int, length: int, sm_count: int) -> bool:
     return threads * -(-length // MIN_CHUNK) >= sm_count * MIN_THREADS_PER_SM
 
 
-def chunk_scan_fn(device: torch.device | None = None, threads: int | None = None,
-                  length: int | None = None) -> Callable | None:
+def chunk_scan_fn(
+    device: torch.device | None = None, threads: int | None = None, length: int | None = None
+) -> Callable | None:
     """:func:`chunk_scan` where it can run on ``device`` (compiling it on first use), else ``None``.
 
     ``None`` for a CPU device, without CUDA, with ``SSAMBA_CHUNK_SCAN=0``, when the build fails (said
@@ -213,21 +241,28 @@ def _sets(X) -> tuple:
 
 def _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period):
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} and {tuple(delta.shape)}")
+        raise ValueError(
+            f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} and {tuple(delta.shape)}"
+        )
     b, ch, L = u.shape
     A0, A1 = _sets(A)
     if A0.dim() != 2 or (A1 is not None and A1.shape != A0.shape):
-        raise ValueError(f"A must be (rows, N), or a pair of equal (rows, N) tensors; got "
-                         f"{tuple(A0.shape)}" + ("" if A1 is None else f" and {tuple(A1.shape)}"))
+        raise ValueError(
+            f"A must be (rows, N), or a pair of equal (rows, N) tensors; got "
+            f"{tuple(A0.shape)}" + ("" if A1 is None else f" and {tuple(A1.shape)}")
+        )
     rows, n = A0.shape[0] * (1 if A1 is None else 2), A0.shape[1]
     period = (rows if A1 is None else A0.shape[0]) if param_period is None else param_period
     if rows * param_repeat != ch or rows % period or (A1 is not None and period != A0.shape[0]):
-        raise ValueError(f"A has {rows} rows; with param_repeat={param_repeat} and param_period={period} "
-                         f"it must cover {ch} channels")
+        raise ValueError(
+            f"A has {rows} rows; with param_repeat={param_repeat} and param_period={period} it must cover {ch} channels"
+        )
     for name, X in (("B", B), ("C", C)):
         if X.dim() not in (3, 4) or X.shape[0] != b or X.shape[-2:] != (n, L):
-            raise ValueError(f"{name} must be (batch, N, length) or (batch, groups, N, length) with "
-                             f"batch={b}, N={n}, length={L}; got {tuple(X.shape)}")
+            raise ValueError(
+                f"{name} must be (batch, N, length) or (batch, groups, N, length) with "
+                f"batch={b}, N={n}, length={L}; got {tuple(X.shape)}"
+            )
     groups = B.shape[1] if B.dim() == 4 else 1
     if (C.shape[1] if C.dim() == 4 else 1) != groups or ch % groups:
         raise ValueError(f"B and C must have the same number of groups, dividing {ch} channels")
@@ -243,11 +278,22 @@ def _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period):
     return b, ch, L, n, groups, period
 
 
-def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-               D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
-               delta_softplus: bool = False, param_repeat: int = 1, param_period: int | None = None,
-               chunk_len: int | None = None, block_d: int | None = None, kernel: str = "auto",
-               a_log: bool = False) -> torch.Tensor:
+def chunk_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    param_repeat: int = 1,
+    param_period: int | None = None,
+    chunk_len: int | None = None,
+    block_d: int | None = None,
+    kernel: str = "auto",
+    a_log: bool = False,
+) -> torch.Tensor:
     """Selective scan forward on CUDA; returns ``y`` of ``u``'s shape and dtype (channel-first, contiguous).
 
     ``u, delta: (batch, channels, L)``, any strides; ``A: (rows, N)``; ``B, C: (batch, N, L)`` or
@@ -295,31 +341,74 @@ def chunk_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.T
     C4 = C if C.dim() == 4 else C.unsqueeze(1)
     ptr = lambda X: None if X is None else X.data_ptr()  # noqa: E731
     p = _Params(
-        u.data_ptr(), delta.data_ptr(), B4.data_ptr(), C4.data_ptr(), ptr(A0), ptr(D0), ptr(bias0),
-        ptr(A1), ptr(D1), ptr(bias1), y.data_ptr(), state.data_ptr(), dsum.data_ptr(),
-        b, ch, L, *u.stride(), *delta.stride(), *y.stride(), *B4.stride(), *C4.stride(),
-        gsize, param_repeat, period, chunk_len, n_chunks, int(delta_softplus), int(a_log),
+        u.data_ptr(),
+        delta.data_ptr(),
+        B4.data_ptr(),
+        C4.data_ptr(),
+        ptr(A0),
+        ptr(D0),
+        ptr(bias0),
+        ptr(A1),
+        ptr(D1),
+        ptr(bias1),
+        y.data_ptr(),
+        state.data_ptr(),
+        dsum.data_ptr(),
+        b,
+        ch,
+        L,
+        *u.stride(),
+        *delta.stride(),
+        *y.stride(),
+        *B4.stride(),
+        *C4.stride(),
+        gsize,
+        param_repeat,
+        period,
+        chunk_len,
+        n_chunks,
+        int(delta_softplus),
+        int(a_log),
     )
     lib = _library(arch)
     with torch.cuda.device(dev):
         stream = torch.cuda.current_stream(dev).cuda_stream
         rc = lib.ssamba_chunk_scan(ctypes.byref(p), _DTYPES[dt], n, block_d, KERNELS[kernel], ctypes.c_void_p(stream))
     if rc != 0:
-        why = {-1: "dtype", -2: "block size", -3: "state size",
-               -4: "the pipelined kernel needs time-contiguous, 16-byte aligned rows"}.get(rc)
+        why = {
+            -1: "dtype",
+            -2: "block size",
+            -3: "state size",
+            -4: "the pipelined kernel needs time-contiguous, 16-byte aligned rows",
+        }.get(rc)
         why = why or lib.ssamba_chunk_scan_error(rc).decode()
         raise RuntimeError(f"chunk_scan launch failed: {why} (code {rc})")
     return y
 
 
-def chunk_scan_emulated(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, param_repeat=1,
-                        param_period=None, chunk_len: int = TILE, dtype: torch.dtype = torch.float64,
-                        a_log: bool = False, **_kernel_options) -> torch.Tensor:
+def chunk_scan_emulated(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    delta_bias=None,
+    delta_softplus=False,
+    param_repeat=1,
+    param_period=None,
+    chunk_len: int = TILE,
+    dtype: torch.dtype = torch.float64,
+    a_log: bool = False,
+    **_kernel_options,
+) -> torch.Tensor:
     """The kernel's three passes in torch (any device), in ``dtype``: for testing the chunk algebra and
     the parameter/set/group indexing on CPU. Returns ``y`` in ``u``'s dtype."""
     b, ch, L, n, groups, period = _check(u, delta, A, B, C, D, delta_bias, param_repeat, param_period)
-    A, D, delta_bias = (None if X is None or _sets(X)[0] is None else
-                        torch.cat([x.to(dtype) for x in _sets(X) if x is not None]) for X in (A, D, delta_bias))
+    A, D, delta_bias = (
+        None if X is None or _sets(X)[0] is None else torch.cat([x.to(dtype) for x in _sets(X) if x is not None])
+        for X in (A, D, delta_bias)
+    )
     if a_log:
         A = -torch.exp(A)
     c = torch.arange(ch, device=u.device)
@@ -343,7 +432,7 @@ def chunk_scan_emulated(u, delta, A, B, C, D=None, delta_bias=None, delta_softpl
     ends, sums = [], []
     for t0 in starts[:-1]:  # pass 1: end state of each chunk from zero, and its sum of dt
         ends.append(scan(torch.zeros(b, ch, n, dtype=dtype, device=u.device), t0, t0 + chunk_len, None))
-        sums.append(dtv[:, :, t0:t0 + chunk_len].sum(-1))
+        sums.append(dtv[:, :, t0 : t0 + chunk_len].sum(-1))
     h_in = [torch.zeros(b, ch, n, dtype=dtype, device=u.device)]
     for e, s in zip(ends, sums):  # pass 2: the state entering each chunk
         h_in.append(torch.exp(A_c * s[..., None]) * h_in[-1] + e)

@@ -158,9 +158,7 @@ def _bc_kind(X: Tensor, name: str, b: int, d: int, N: int, L: int) -> tuple[str,
 
 def _check_shapes(u: Tensor, delta: Tensor, A: Tensor) -> tuple[int, int, int, int]:
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(
-            f"u and delta must both be (batch, dim, L), got {tuple(u.shape)}, {tuple(delta.shape)}"
-        )
+        raise ValueError(f"u and delta must both be (batch, dim, L), got {tuple(u.shape)}, {tuple(delta.shape)}")
     b, d, L = u.shape
     if A.dim() != 2 or A.shape[0] != d:
         raise ValueError(f"A must be (dim, N)=({d}, N), got {tuple(A.shape)}")
@@ -447,9 +445,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 Xc.mul_(dAc[r0:]).mul_(H[t0 + r0 - 1 : t1 - 1])
                 if need_dt:  # ddelta_t += sum_n X_t * A
                     rows = n - r0
-                    torch.sum(
-                        torch.mul(Xc, A_i, out=dAc[r0:]), 3, out=ddtA[t0 + r0 : t1].view(rows, b, G, dg)
-                    )
+                    torch.sum(torch.mul(Xc, A_i, out=dAc[r0:]), 3, out=ddtA[t0 + r0 : t1].view(rows, b, G, dg))
                 if need[2]:  # dA += sum_{t, b} X_t * delta_t
                     dA_acc.add_(Xc.mul_(dt5[t0 + r0 : t1]).sum((0, 1)))
 

@@ -44,8 +44,7 @@ BLOCK = 32  # channels per thread block (BD): channels, group size and period mu
 STATE_SIZE = 16
 MAX_BATCH = 65535  # the batch is the grid's y dimension
 
-_PTR_FIELDS = ("u delta B C A0 A1 D0 D1 bias0 bias1 y ckpt dy du ddelta dB dC dA0 dA1 dD0 dD1 "
-               "dbias0 dbias1").split()
+_PTR_FIELDS = ("u delta B C A0 A1 D0 D1 bias0 bias1 y ckpt dy du ddelta dB dC dA0 dA1 dD0 dD1 dbias0 dbias1").split()
 _INT_FIELDS = "batch channels length n_tiles b_sb b_sg b_sn c_sb c_sg c_sn group_size period softplus".split()
 
 
@@ -62,8 +61,13 @@ _warned: set = set()
 def _load(arch: str) -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = ctypes.CDLL(str(build_library(arch, source=SOURCE)))
-        lib.ssamba_train_scan.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                          ctypes.c_void_p]
+        lib.ssamba_train_scan.argtypes = [
+            ctypes.POINTER(_Params),
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
         lib.ssamba_train_scan.restype = ctypes.c_int
         lib.ssamba_train_scan_error.argtypes = [ctypes.c_int]
         lib.ssamba_train_scan_error.restype = ctypes.c_char_p
@@ -105,21 +109,36 @@ def self_check(device: torch.device | None = None) -> str:
         return torch.randn(*shape, generator=g, device=dev) * scale
 
     x_dbl = r(b, 2, 2 * STATE_SIZE + 3, L)
-    base = [r(b, 2 * di, L), r(b, 2 * di, L, scale=0.5), x_dbl,
-            *(torch.log(torch.rand(di, STATE_SIZE, generator=g, device=dev) * 4 + 0.1) for _ in range(2)),
-            r(di), r(di), r(di, scale=0.5) - 2, r(di, scale=0.5) - 2]
+    base = [
+        r(b, 2 * di, L),
+        r(b, 2 * di, L, scale=0.5),
+        x_dbl,
+        *(torch.log(torch.rand(di, STATE_SIZE, generator=g, device=dev) * 4 + 0.1) for _ in range(2)),
+        r(di),
+        r(di),
+        r(di, scale=0.5) - 2,
+        r(di, scale=0.5) - 2,
+    ]
     dy = r(b, 2 * di, L)
     outs = []
     for dtype in (torch.float32, torch.float64):
         leaves = [t.detach().to(dtype).clone().requires_grad_() for t in base]
         u, delta, xd, a0, a1, d0, d1, b0, b1 = leaves
-        Bm, Cm = xd[:, :, 3:3 + STATE_SIZE], xd[:, :, 3 + STATE_SIZE:]
+        Bm, Cm = xd[:, :, 3 : 3 + STATE_SIZE], xd[:, :, 3 + STATE_SIZE :]
         with torch.enable_grad():
             if dtype == torch.float32:
                 y = train_scan(u, delta, (a0, a1), Bm, Cm, (d0, d1), (b0, b1), True, period=di)
             else:
-                y = selective_scan_ref(u, delta, -torch.exp(torch.cat([a0, a1])), Bm, Cm, torch.cat([d0, d1]),
-                                       delta_bias=torch.cat([b0, b1]), delta_softplus=True)
+                y = selective_scan_ref(
+                    u,
+                    delta,
+                    -torch.exp(torch.cat([a0, a1])),
+                    Bm,
+                    Cm,
+                    torch.cat([d0, d1]),
+                    delta_bias=torch.cat([b0, b1]),
+                    delta_softplus=True,
+                )
             y.backward(dy.to(dtype))
         outs.append([y.detach()] + [t.grad for t in leaves])
     names = "y u delta B/C A_log0 A_log1 D0 D1 bias0 bias1".split()
@@ -156,14 +175,19 @@ def train_scan_fn(device: torch.device | None = None) -> Callable | None:
             _warned.add(arch)
             warnings.warn(f"training scan unavailable on {arch}, using mamba-ssm's scan: {why}")
         return None
-    index = torch.device(device).index if device is not None and torch.device(device).index is not None \
+    index = (
+        torch.device(device).index
+        if device is not None and torch.device(device).index is not None
         else torch.cuda.current_device()
+    )
     bad = _checked(arch, index)
     if bad:
         if (arch, "check") not in _warned:
             _warned.add((arch, "check"))
-            warnings.warn(f"training scan disagrees with the reference scan on {arch} ({bad}); using mamba-ssm's "
-                          "scan instead. Please report this with your GPU and nvcc version.")
+            warnings.warn(
+                f"training scan disagrees with the reference scan on {arch} ({bad}); using mamba-ssm's "
+                "scan instead. Please report this with your GPU and nvcc version."
+            )
         return None
     return train_scan
 
@@ -184,8 +208,12 @@ def _launch(p: _Params, dtype: torch.dtype, backward: bool, device: torch.device
         stream = torch.cuda.current_stream(device).cuda_stream
         rc = lib.ssamba_train_scan(ctypes.byref(p), _DTYPES[dtype], STATE_SIZE, int(backward), ctypes.c_void_p(stream))
     if rc != 0:
-        why = {-1: "dtype", -2: f"channels, group size and period must be multiples of {BLOCK}",
-               -3: f"d_state must be {STATE_SIZE}", -5: f"batch over {MAX_BATCH}"}.get(rc)
+        why = {
+            -1: "dtype",
+            -2: f"channels, group size and period must be multiples of {BLOCK}",
+            -3: f"d_state must be {STATE_SIZE}",
+            -5: f"batch over {MAX_BATCH}",
+        }.get(rc)
         raise RuntimeError(f"train_scan launch failed: {why or lib.ssamba_train_scan_error(rc).decode()} (code {rc})")
 
 
@@ -201,11 +229,34 @@ class _TrainScan(torch.autograd.Function):
         n_tiles = -(-L // TILE)
         y = torch.empty_like(u)
         ckpt = torch.empty((b, n_tiles, STATE_SIZE, ch), dtype=torch.float32, device=u.device)
-        p = _Params(u.data_ptr(), delta.data_ptr(), B.data_ptr(), C.data_ptr(), _ptr(A0), _ptr(A1), _ptr(D0),
-                    _ptr(D1), _ptr(bias0), _ptr(bias1), y.data_ptr(), ckpt.data_ptr(),
-                    *([None] * 11),
-                    b, ch, L, n_tiles, B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1), C.stride(2),
-                    ch // groups, period, int(softplus))
+        p = _Params(
+            u.data_ptr(),
+            delta.data_ptr(),
+            B.data_ptr(),
+            C.data_ptr(),
+            _ptr(A0),
+            _ptr(A1),
+            _ptr(D0),
+            _ptr(D1),
+            _ptr(bias0),
+            _ptr(bias1),
+            y.data_ptr(),
+            ckpt.data_ptr(),
+            *([None] * 11),
+            b,
+            ch,
+            L,
+            n_tiles,
+            B.stride(0),
+            B.stride(1),
+            B.stride(2),
+            C.stride(0),
+            C.stride(1),
+            C.stride(2),
+            ch // groups,
+            period,
+            int(softplus),
+        )
         _launch(p, u.dtype, False, u.device)
         ctx.save_for_backward(u, delta, B, C, A0, A1, D0, D1, bias0, bias1, ckpt)
         ctx.period, ctx.softplus = period, softplus
@@ -226,18 +277,59 @@ class _TrainScan(torch.autograd.Function):
             return None if X is None else torch.zeros(X.shape, **f32)
 
         dA0, dA1, dD0, dD1, db0, db1 = (zeros(X) for X in (A0, A1, D0, D1, bias0, bias1))
-        p = _Params(u.data_ptr(), delta.data_ptr(), B.data_ptr(), C.data_ptr(), _ptr(A0), _ptr(A1), _ptr(D0),
-                    _ptr(D1), _ptr(bias0), _ptr(bias1), None, ckpt.data_ptr(), dy.data_ptr(), du.data_ptr(),
-                    ddelta.data_ptr(), dB.data_ptr(), dC.data_ptr(), _ptr(dA0), _ptr(dA1), _ptr(dD0), _ptr(dD1),
-                    _ptr(db0), _ptr(db1),
-                    b, ch, L, ckpt.shape[1], B.stride(0), B.stride(1), B.stride(2), C.stride(0), C.stride(1),
-                    C.stride(2), ch // groups, ctx.period, int(ctx.softplus))
+        p = _Params(
+            u.data_ptr(),
+            delta.data_ptr(),
+            B.data_ptr(),
+            C.data_ptr(),
+            _ptr(A0),
+            _ptr(A1),
+            _ptr(D0),
+            _ptr(D1),
+            _ptr(bias0),
+            _ptr(bias1),
+            None,
+            ckpt.data_ptr(),
+            dy.data_ptr(),
+            du.data_ptr(),
+            ddelta.data_ptr(),
+            dB.data_ptr(),
+            dC.data_ptr(),
+            _ptr(dA0),
+            _ptr(dA1),
+            _ptr(dD0),
+            _ptr(dD1),
+            _ptr(db0),
+            _ptr(db1),
+            b,
+            ch,
+            L,
+            ckpt.shape[1],
+            B.stride(0),
+            B.stride(1),
+            B.stride(2),
+            C.stride(0),
+            C.stride(1),
+            C.stride(2),
+            ch // groups,
+            ctx.period,
+            int(ctx.softplus),
+        )
         _launch(p, u.dtype, True, u.device)
         return (du, ddelta, dB.to(B.dtype), dC.to(C.dtype), dA0, dA1, dD0, dD1, db0, db1, None, None)
 
 
-def train_scan(u: torch.Tensor, delta: torch.Tensor, A_log, B: torch.Tensor, C: torch.Tensor, D=None,
-               delta_bias=None, delta_softplus: bool = True, period: int | None = None) -> torch.Tensor:
+def train_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A_log,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D=None,
+    delta_bias=None,
+    delta_softplus: bool = True,
+    period: int | None = None,
+) -> torch.Tensor:
     """Selective scan with a backward pass, on CUDA; returns ``y`` like ``u`` (contiguous).
 
     ``u, delta: (batch, channels, L)``; ``B, C: (batch, groups, N, L)`` with ``N = 16`` (time-contiguous;
@@ -246,13 +338,15 @@ def train_scan(u: torch.Tensor, delta: torch.Tensor, A_log, B: torch.Tensor, C: 
     ``A = -exp(A_log)``. Gradients flow to every tensor argument.
     """
     if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} and "
-                         f"{tuple(delta.shape)}")
+        raise ValueError(
+            f"u and delta must both be (batch, channels, length); got {tuple(u.shape)} and {tuple(delta.shape)}"
+        )
     b, ch, L = u.shape
     for name, X in (("B", B), ("C", C)):
         if X.dim() != 4 or X.shape[0] != b or X.shape[2:] != (STATE_SIZE, L) or X.shape[1] != B.shape[1]:
-            raise ValueError(f"{name} must be (batch={b}, groups, N={STATE_SIZE}, L={L}) with B's groups; "
-                             f"got {tuple(X.shape)}")
+            raise ValueError(
+                f"{name} must be (batch={b}, groups, N={STATE_SIZE}, L={L}) with B's groups; got {tuple(X.shape)}"
+            )
     (A0, A1), (D0, D1), (bias0, bias1) = _pair(A_log), _pair(D), _pair(delta_bias)
     period = A0.shape[0] if period is None else period
     why = supported(ch, B.shape[1], period, A0.shape[1], b)
@@ -261,8 +355,9 @@ def train_scan(u: torch.Tensor, delta: torch.Tensor, A_log, B: torch.Tensor, C: 
     if A0.shape != (period, STATE_SIZE) or (A1 is not None and A1.shape != A0.shape):
         raise ValueError(f"A_log must be ({period}, {STATE_SIZE}) per set; got {tuple(A0.shape)}")
     if ch != period * (1 if A1 is None else 2):
-        raise ValueError(f"{ch} channels need {ch // period} parameter sets of {period} rows; got "
-                         f"{1 if A1 is None else 2}")
+        raise ValueError(
+            f"{ch} channels need {ch // period} parameter sets of {period} rows; got {1 if A1 is None else 2}"
+        )
     if u.dtype not in _DTYPES:
         raise ValueError(f"u must be float32, bfloat16 or float16; got {u.dtype}")
     dt = u.dtype
@@ -273,13 +368,25 @@ def train_scan(u: torch.Tensor, delta: torch.Tensor, A_log, B: torch.Tensor, C: 
     def f32(X):
         return None if X is None else X.float().contiguous()
 
-    return _TrainScan.apply(u, delta, B, C, f32(A0), f32(A1), f32(D0), f32(D1), f32(bias0), f32(bias1),
-                            period, bool(delta_softplus))
+    return _TrainScan.apply(
+        u, delta, B, C, f32(A0), f32(A1), f32(D0), f32(D1), f32(bias0), f32(bias1), period, bool(delta_softplus)
+    )
 
 
-def train_scan_emulated(u, delta, A_log, B, C, D=None, delta_bias=None, delta_softplus=True,
-                        period: int | None = None, dy: torch.Tensor | None = None, tile: int = TILE,
-                        dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, dict | None]:
+def train_scan_emulated(
+    u,
+    delta,
+    A_log,
+    B,
+    C,
+    D=None,
+    delta_bias=None,
+    delta_softplus=True,
+    period: int | None = None,
+    dy: torch.Tensor | None = None,
+    tile: int = TILE,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, dict | None]:
     """The kernel's algebra in torch, in ``dtype``: forward with a checkpoint every ``tile`` steps and, given
     ``dy``, the backward (tiles in reverse, states recomputed from checkpoints, the adjoint walked back).
 
@@ -352,7 +459,13 @@ def train_scan_emulated(u, delta, A_log, B, C, D=None, delta_bias=None, delta_so
     def split(X):
         return X if sets == 1 else (X[:period], X[period:])
 
-    grads = {"u": du, "delta": dv, "B": dB, "C": dC, "A_log": split(dAl),
-             "D": None if Dc is None else split((dy * x).sum((0, 2))),
-             "delta_bias": None if bc is None else split(dv.sum((0, 2)))}
+    grads = {
+        "u": du,
+        "delta": dv,
+        "B": dB,
+        "C": dC,
+        "A_log": split(dAl),
+        "D": None if Dc is None else split((dy * x).sum((0, 2))),
+        "delta_bias": None if bc is None else split(dv.sum((0, 2))),
+    }
     return y.to(u.dtype), grads

@@ -13,9 +13,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _combine_gate_kernel(y_ptr, z_ptr, out_ptr, L, Lp, d, rows, dir_stride, batch_stride, z_stride, out_stride,
-                         REV0: tl.constexpr, REV1: tl.constexpr, TWO: tl.constexpr, scale,
-                         BLOCK: tl.constexpr):
+def _combine_gate_kernel(
+    y_ptr,
+    z_ptr,
+    out_ptr,
+    L,
+    Lp,
+    d,
+    rows,
+    dir_stride,
+    batch_stride,
+    z_stride,
+    out_stride,
+    REV0: tl.constexpr,
+    REV1: tl.constexpr,
+    TWO: tl.constexpr,
+    scale,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)  # one (batch, channel) row of z / out
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = t < L
@@ -30,8 +45,9 @@ def _combine_gate_kernel(y_ptr, z_ptr, out_ptr, L, Lp, d, rows, dir_stride, batc
     tl.store(out_ptr + row.to(tl.int64) * out_stride + t, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def combine_gate(y: torch.Tensor, z: torch.Tensor, length: int, revs: list[bool], scale: float,
-                 out_stride: int | None = None) -> torch.Tensor:
+def combine_gate(
+    y: torch.Tensor, z: torch.Tensor, length: int, revs: list[bool], scale: float, out_stride: int | None = None
+) -> torch.Tensor:
     """``out[b, c, t] = scale * SiLU(z[b, c, t]) * sum_i y[b, i, c, t_i]`` with ``t_i = L-1-t`` for a
     reversed direction. ``y: (B, G, d, Lp)`` contiguous, ``z: (B, d, L)`` with contiguous rows (any row
     stride) -> ``(B, d, L)`` in z's dtype, whose rows are ``out_stride`` elements apart (default ``L``;
@@ -47,17 +63,49 @@ def combine_gate(y: torch.Tensor, z: torch.Tensor, length: int, revs: list[bool]
     rows = b * d
     block = 1024
     grid = (rows, triton.cdiv(length, block))
-    _combine_gate_kernel[grid](y, z, out, length, lp, d, rows, d * lp, g * d * lp, z.stride(1), stride,
-                               REV0=bool(revs[0]),
-                               REV1=bool(revs[1]) if g > 1 else False, TWO=g > 1, scale=float(scale), BLOCK=block)
+    _combine_gate_kernel[grid](
+        y,
+        z,
+        out,
+        length,
+        lp,
+        d,
+        rows,
+        d * lp,
+        g * d * lp,
+        z.stride(1),
+        stride,
+        REV0=bool(revs[0]),
+        REV1=bool(revs[1]) if g > 1 else False,
+        TWO=g > 1,
+        scale=float(scale),
+        BLOCK=block,
+    )
     return out
 
 
 @triton.jit
-def _combine_gate_bwd_kernel(y_ptr, z_ptr, dout_ptr, dy_ptr, dz_ptr, L, Lp, d, dir_stride, batch_stride,
-                             z_stride, dout_bstride, dout_cstride, dout_tstride,
-                             REV0: tl.constexpr, REV1: tl.constexpr, TWO: tl.constexpr, scale,
-                             BLOCK: tl.constexpr):
+def _combine_gate_bwd_kernel(
+    y_ptr,
+    z_ptr,
+    dout_ptr,
+    dy_ptr,
+    dz_ptr,
+    L,
+    Lp,
+    d,
+    dir_stride,
+    batch_stride,
+    z_stride,
+    dout_bstride,
+    dout_cstride,
+    dout_tstride,
+    REV0: tl.constexpr,
+    REV1: tl.constexpr,
+    TWO: tl.constexpr,
+    scale,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)  # one (batch, channel) row
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # over [0, Lp): t < L real steps, the rest padding
     real = t < L
@@ -71,8 +119,12 @@ def _combine_gate_bwd_kernel(y_ptr, z_ptr, dout_ptr, dy_ptr, dz_ptr, L, Lp, d, d
         t1 = L - 1 - t if REV1 else t
         acc += tl.load(y_ptr + base + dir_stride + t1, mask=real, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + row.to(tl.int64) * z_stride + t, mask=real, other=0.0).to(tl.float32)
-    g = tl.load(dout_ptr + bi * dout_bstride + ci * dout_cstride + t * dout_tstride, mask=real,
-                other=0.0).to(tl.float32) * scale
+    g = (
+        tl.load(dout_ptr + bi * dout_bstride + ci * dout_cstride + t * dout_tstride, mask=real, other=0.0).to(
+            tl.float32
+        )
+        * scale
+    )
     sig = tl.sigmoid(z)
     dy = g * z * sig  # d out / d y_i = scale * SiLU(z), for each direction at its own time index
     tl.store(dy_ptr + base + t0, dy.to(dy_ptr.dtype.element_ty), mask=real)
@@ -103,15 +155,33 @@ class _CombineGate(torch.autograd.Function):
         dz = torch.empty((b, d, length), dtype=z.dtype, device=z.device)
         block = 1024
         grid = (b * d, triton.cdiv(lp, block))
-        _combine_gate_bwd_kernel[grid](y, z, dout, dy, dz, length, lp, d, d * lp, g * d * lp, z.stride(1),
-                                       dout.stride(0), dout.stride(1), dout.stride(2),
-                                       REV0=bool(revs[0]), REV1=bool(revs[1]) if g > 1 else False, TWO=g > 1,
-                                       scale=float(ctx.scale), BLOCK=block)
+        _combine_gate_bwd_kernel[grid](
+            y,
+            z,
+            dout,
+            dy,
+            dz,
+            length,
+            lp,
+            d,
+            d * lp,
+            g * d * lp,
+            z.stride(1),
+            dout.stride(0),
+            dout.stride(1),
+            dout.stride(2),
+            REV0=bool(revs[0]),
+            REV1=bool(revs[1]) if g > 1 else False,
+            TWO=g > 1,
+            scale=float(ctx.scale),
+            BLOCK=block,
+        )
         return dy, dz, None, None, None, None
 
 
-def combine_gate_train(y: torch.Tensor, z: torch.Tensor, length: int, revs: list[bool], scale: float,
-                       out_stride: int | None = None) -> torch.Tensor:
+def combine_gate_train(
+    y: torch.Tensor, z: torch.Tensor, length: int, revs: list[bool], scale: float, out_stride: int | None = None
+) -> torch.Tensor:
     """:func:`combine_gate` with a backward: one Triton kernel each way instead of the flips, sum, SiLU and
     products of the torch ops (and their backward). ``dy`` is zero on the padded steps ``[L, Lp)``."""
     return _CombineGate.apply(y, z, length, list(revs), float(scale), out_stride)

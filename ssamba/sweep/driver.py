@@ -40,8 +40,9 @@ class SweepResult:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -51,22 +52,35 @@ def build_parser(factor: Factor) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=f"sweeps/{factor.name}.py",
         description=f"Ablation of {factor.description or factor.name}: arms {', '.join(factor.arms)} "
-                    f"(reference {factor.reference}). With no option: the demo preset on the demo corpus, "
-                    f"a local Ray and a local MLflow store (mlflow.db here).")
+        f"(reference {factor.reference}). With no option: the demo preset on the demo corpus, "
+        f"a local Ray and a local MLflow store (mlflow.db here).",
+    )
     p.add_argument("--preset", default="demo", choices=PRESETS)
     p.add_argument("--seeds", help="number of seeds (e.g. 3) or a list (e.g. 0,1,2); default per preset")
-    p.add_argument("--tasks", nargs="+", metavar="NAME[=MANIFEST]",
-                   help=f"fine-tuning tasks; recipes: {', '.join(TASK_RECIPES)}; default: demo")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="NAME[=MANIFEST]",
+        help=f"fine-tuning tasks; recipes: {', '.join(TASK_RECIPES)}; default: demo",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every trial")
     p.add_argument("--arms", help="comma-separated subset of the arms")
-    p.add_argument("--tune", action="append", default=[], metavar="KEY=DIST:LOW:HIGH",
-                   help="hyper-parameter for Optuna, e.g. finetune.lr=loguniform:1e-5:1e-3 "
-                        "(also uniform:, int:, choice:a|b)")
+    p.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        metavar="KEY=DIST:LOW:HIGH",
+        help="hyper-parameter for Optuna, e.g. finetune.lr=loguniform:1e-5:1e-3 (also uniform:, int:, choice:a|b)",
+    )
     p.add_argument("--tune-samples", type=int, default=4, help="Optuna trials per arm x seed (same budget per arm)")
     p.add_argument("--workers-per-trial", type=int, default=1)
     p.add_argument("--gpus-per-trial", type=float, default=0.0, help="fractions allowed, e.g. 0.25")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="default: all CPUs of the node / max concurrent trials, minus a little for the trial driver")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        help="default: all CPUs of the node / max concurrent trials, minus a little for the trial driver",
+    )
     p.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as resources allow)")
     p.add_argument("--storage", default="sweep_results", help="sweep storage folder (shared by all nodes)")
     p.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI or sqlite mlflow.db here)")
@@ -75,14 +89,21 @@ def build_parser(factor: Factor) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed sweep of the same name and storage")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial (from its last checkpoint)")
     p.add_argument("--worker-retries", type=int, default=1, help="Ray Train worker-group restarts within a trial")
-    p.add_argument("--keep-checkpoints", choices=("all", "best", "none"), default="best",
-                   help="files kept in storage after a trial: all, best (drop resume state), none")
+    p.add_argument(
+        "--keep-checkpoints",
+        choices=("all", "best", "none"),
+        default="best",
+        help="files kept in storage after a trial: all, best (drop resume state), none",
+    )
     p.add_argument("--no-log-checkpoints", action="store_true", help="do not copy best checkpoints into MLflow")
     p.add_argument("--smoke-test", action="store_true", help="= --preset smoke (a tiny trial per arm)")
     p.add_argument("--quiet", action="store_true", help="less Ray output")
-    p.add_argument("--dashboard-host", default="127.0.0.1",
-                   help="interface the local Ray's dashboard binds (default 127.0.0.1: this machine only; "
-                        "0.0.0.0 exposes it, and Ray's job API, to the network); a joined cluster keeps its own")
+    p.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="interface the local Ray's dashboard binds (default 127.0.0.1: this machine only; "
+        "0.0.0.0 exposes it, and Ray's job API, to the network); a joined cluster keeps its own",
+    )
     return p
 
 
@@ -118,8 +139,13 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: 
     if joining:
         ray.init(log_to_driver=not quiet)
         return "cluster"
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host=dashboard_host,
-             log_to_driver=not quiet)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host=dashboard_host,
+        log_to_driver=not quiet,
+    )
     return "local"
 
 
@@ -141,8 +167,13 @@ def reap_orphan_placement_groups() -> list[str]:
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = PG.FromString(raw)
         creator = pg.creator_actor_id
-        if (pg.state != PG.REMOVED and not pg.is_detached and pg.creator_actor_dead and creator
-                and not ray.ActorID(creator).is_nil()):
+        if (
+            pg.state != PG.REMOVED
+            and not pg.is_detached
+            and pg.creator_actor_dead
+            and creator
+            and not ray.ActorID(creator).is_nil()
+        ):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             removed.append(pg.placement_group_id.hex())
     return removed
@@ -165,8 +196,11 @@ def _orphan_reaper(every_s: float = 5.0):
                     print(f"removed placement group {pg}: its Ray Train controller died (node lost?)", flush=True)
             except Exception as exc:  # noqa: BLE001 - a private Ray API: never let it stop a sweep
                 self.enabled = False
-                print(f"warning: orphan placement-group clean-up disabled ({type(exc).__name__}: {exc})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: orphan placement-group clean-up disabled ({type(exc).__name__}: {exc})",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     return OrphanPlacementGroupReaper()
 
@@ -178,8 +212,10 @@ def _sweep_id(factor: Factor, args: argparse.Namespace) -> str:
     meta_file = storage / name / "sweep.json"
     if args.resume:
         if not meta_file.is_file():
-            raise SSAMBAError(f"--resume: no sweep {name!r} in {storage} ({meta_file} missing). "
-                              f"Fix: pass the same --storage and --name (or preset) as the killed sweep.")
+            raise SSAMBAError(
+                f"--resume: no sweep {name!r} in {storage} ({meta_file} missing). "
+                f"Fix: pass the same --storage and --name (or preset) as the killed sweep."
+            )
         return json.loads(meta_file.read_text())["sweep_id"]
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid() % 10000:04d}"
 
@@ -189,8 +225,9 @@ def fit_resources(plan: SweepPlan) -> SweepPlan:
     import ray
 
     total = ray.cluster_resources()
-    largest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")),
-                  default=total.get("CPU", 1.0))
+    largest = max(
+        (n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total.get("CPU", 1.0)
+    )
     return with_resources(plan, plan.resources.fit(total.get("CPU", 1.0), total.get("GPU", 0.0), largest))
 
 
@@ -199,23 +236,47 @@ def open_records(plan: SweepPlan, tracker, ray_mode: str, resume: bool) -> Sweep
     ``sweep.json`` in the sweep's folder; returns the plan with their ids."""
     factor, res = plan.factor, plan.resources
     exp_id = tracker.experiment(plan.experiment, {N.EXPERIMENT_MARK: "1", N.FACTOR: factor.name})
-    parent_tags = {N.ROLE: N.PARENT, N.FACTOR: factor.name, N.SWEEP_ARMS: json.dumps(list(plan.arms)),
-                   N.SWEEP_REFERENCE: factor.reference, N.SWEEP_TASKS: json.dumps(list(plan.tasks)),
-                   N.SWEEP_PRESET: plan.preset, N.GIT_COMMIT: plan.git_commit, N.SWEEP_RAY: ray_mode}
-    parent_params = {"preset": plan.preset, "seeds": json.dumps(list(plan.seeds)),
-                     "tasks": json.dumps(list(plan.tasks)), "workers_per_trial": res.workers,
-                     "gpus_per_trial": res.gpus, "cpus_per_worker": res.cpus_per_worker,
-                     "max_concurrent": res.concurrent,
-                     "tune": json.dumps({k: list(v) for k, v in plan.tune.items()}),
-                     "tune_samples": plan.tune_samples if plan.searching else 0,
-                     **{f"set.{k}": v for k, v in plan.overrides.items()}}
-    parent_id, _ = tracker.get_or_create_run(exp_id, key_tags={N.SWEEP_ID: plan.sweep_id, N.ROLE: N.PARENT},
-                                             name=plan.sweep_id, tags=parent_tags, params=parent_params)
+    parent_tags = {
+        N.ROLE: N.PARENT,
+        N.FACTOR: factor.name,
+        N.SWEEP_ARMS: json.dumps(list(plan.arms)),
+        N.SWEEP_REFERENCE: factor.reference,
+        N.SWEEP_TASKS: json.dumps(list(plan.tasks)),
+        N.SWEEP_PRESET: plan.preset,
+        N.GIT_COMMIT: plan.git_commit,
+        N.SWEEP_RAY: ray_mode,
+    }
+    parent_params = {
+        "preset": plan.preset,
+        "seeds": json.dumps(list(plan.seeds)),
+        "tasks": json.dumps(list(plan.tasks)),
+        "workers_per_trial": res.workers,
+        "gpus_per_trial": res.gpus,
+        "cpus_per_worker": res.cpus_per_worker,
+        "max_concurrent": res.concurrent,
+        "tune": json.dumps({k: list(v) for k, v in plan.tune.items()}),
+        "tune_samples": plan.tune_samples if plan.searching else 0,
+        **{f"set.{k}": v for k, v in plan.overrides.items()},
+    }
+    parent_id, _ = tracker.get_or_create_run(
+        exp_id,
+        key_tags={N.SWEEP_ID: plan.sweep_id, N.ROLE: N.PARENT},
+        name=plan.sweep_id,
+        tags=parent_tags,
+        params=parent_params,
+    )
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        write_json_atomic(plan.sweep_dir / "sweep.json", {
-            "sweep_id": plan.sweep_id, "factor": factor.name, "preset": plan.preset,
-            "experiment": plan.experiment, "parent_run_id": parent_id})
+        write_json_atomic(
+            plan.sweep_dir / "sweep.json",
+            {
+                "sweep_id": plan.sweep_id,
+                "factor": factor.name,
+                "preset": plan.preset,
+                "experiment": plan.experiment,
+                "parent_run_id": parent_id,
+            },
+        )
     return replace(plan, experiment_id=exp_id, parent_run_id=parent_id)
 
 
@@ -231,24 +292,31 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
     if resume and tune.Tuner.can_restore(str(tuner_path)):
         tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
     else:
-        run_config = tune.RunConfig(name="tune", storage_path=str(plan.sweep_dir),
-                                    failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-                                    callbacks=[_orphan_reaper()], verbose=0 if quiet else 1)
+        run_config = tune.RunConfig(
+            name="tune",
+            storage_path=str(plan.sweep_dir),
+            failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+            callbacks=[_orphan_reaper()],
+            verbose=0 if quiet else 1,
+        )
         n, conc = len(plan.cells), plan.resources.concurrent
         if plan.searching:
             from ray.tune.search.optuna import OptunaSearch
 
             points = [{"cell": i} for i in range(n) for _ in range(plan.tune_samples)]
-            search = OptunaSearch(space=OptunaSpace(n, dict(plan.tune)), metric=plan.metric, mode="max",
-                                  points_to_evaluate=points, seed=0)
+            search = OptunaSearch(
+                space=OptunaSpace(n, dict(plan.tune)), metric=plan.metric, mode="max", points_to_evaluate=points, seed=0
+            )
             tune_config = tune.TuneConfig(search_alg=search, num_samples=len(points), max_concurrent_trials=conc)
             space = None
         else:
             tune_config = tune.TuneConfig(max_concurrent_trials=conc)
             space = {"cell": tune.grid_search(list(range(n)))}
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
-    return [{"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None}
-            for r in tuner.fit()]
+    return [
+        {"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None}
+        for r in tuner.fit()
+    ]
 
 
 def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
@@ -258,8 +326,14 @@ def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
         from ssamba.sweep.trial import drop_pretrainings
 
         drop_pretrainings(plan.sweep_dir)  # no trial left that could reuse them
-    tracker.set_tags(plan.parent_run_id, {N.SWEEP_STATUS: status.lower(), N.SWEEP_TRIALS: str(len(trials)),
-                                          N.SWEEP_FAILED: str(sum(t["error"] is not None for t in trials))})
+    tracker.set_tags(
+        plan.parent_run_id,
+        {
+            N.SWEEP_STATUS: status.lower(),
+            N.SWEEP_TRIALS: str(len(trials)),
+            N.SWEEP_FAILED: str(sum(t["error"] is not None for t in trials)),
+        },
+    )
     tracker.finish(plan.parent_run_id, status)
 
 
@@ -268,16 +342,18 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     from ssamba.sweep.tracking import Tracker
 
     tracker = Tracker(args.mlflow_uri)
-    plan = make_plan(factor, args, sweep_id=_sweep_id(factor, args), git_commit=git_commit(),
-                     mlflow_uri=tracker.uri)
+    plan = make_plan(factor, args, sweep_id=_sweep_id(factor, args), git_commit=git_commit(), mlflow_uri=tracker.uri)
     mode = start_ray(quiet=args.quiet, dashboard_host=getattr(args, "dashboard_host", "127.0.0.1"))
     plan = fit_resources(plan)
     plan = open_records(plan, tracker, mode, args.resume)
     res = plan.resources
-    print(f"sweep {plan.sweep_id}: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(plan.cells)} trials"
-          f"{f' x {plan.tune_samples} Optuna samples' if plan.searching else ''}; {res.cpus_per_worker} CPU"
-          f"{f' + {res.gpus} GPU' if res.use_gpu else ''} per worker, {res.concurrent} trials at once; "
-          f"Ray {mode}; MLflow {tracker.uri} experiment {plan.experiment!r}", flush=True)
+    print(
+        f"sweep {plan.sweep_id}: {len(plan.arms)} arms x {len(plan.seeds)} seeds = {len(plan.cells)} trials"
+        f"{f' x {plan.tune_samples} Optuna samples' if plan.searching else ''}; {res.cpus_per_worker} CPU"
+        f"{f' + {res.gpus} GPU' if res.use_gpu else ''} per worker, {res.concurrent} trials at once; "
+        f"Ray {mode}; MLflow {tracker.uri} experiment {plan.experiment!r}",
+        flush=True,
+    )
     try:
         trials = execute(plan, resume=args.resume, quiet=args.quiet)
         finish(plan, tracker, trials)
@@ -285,12 +361,14 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
         tracker.set_tags(plan.parent_run_id, {N.SWEEP_STATUS: "interrupted"})
         tracker.finish(plan.parent_run_id, "KILLED")
         raise
-    return SweepResult(plan.sweep_id, plan.experiment, plan.experiment_id, plan.parent_run_id, tracker.uri,
-                       plan.sweep_dir, trials)
+    return SweepResult(
+        plan.sweep_id, plan.experiment, plan.experiment_id, plan.parent_run_id, tracker.uri, plan.sweep_dir, trials
+    )
 
 
-def run_sweep_cli(factor: Factor, argv: list[str] | None = None,
-                  summarize: Callable[[str, str], str] | None = None) -> int:
+def run_sweep_cli(
+    factor: Factor, argv: list[str] | None = None, summarize: Callable[[str, str], str] | None = None
+) -> int:
     """Entry point of a sweep script: run the sweep, then print its ablation table.
 
     ``summarize(mlflow_uri, sweep_id)`` renders the table (the scripts pass ``ablations.summarize.
@@ -304,17 +382,20 @@ def run_sweep_cli(factor: Factor, argv: list[str] | None = None,
         return 2
     failed = [t for t in res.trials if t["error"]]
     print(summarize(res.mlflow_uri, res.sweep_id) if summarize is not None else _plain_table(res))
-    print(f"MLflow: run `mlflow ui --backend-store-uri {res.mlflow_uri}` (or plain `mlflow ui` here) and open "
-          f"experiment {res.experiment!r}; sweep id {res.sweep_id}")
+    print(
+        f"MLflow: run `mlflow ui --backend-store-uri {res.mlflow_uri}` (or plain `mlflow ui` here) and open "
+        f"experiment {res.experiment!r}; sweep id {res.sweep_id}"
+    )
     if failed:
-        print(f"{len(failed)} trial(s) failed: " + "; ".join((t['error'] or '')[:200] for t in failed), file=sys.stderr)
+        print(f"{len(failed)} trial(s) failed: " + "; ".join((t["error"] or "")[:200] for t in failed), file=sys.stderr)
         return 1
     return 0
 
 
 def _plain_table(res: SweepResult) -> str:
-    lines = ["| arm | seed | " + " | ".join(sorted({k for t in res.trials for k in t['metrics']
-                                                     if N.is_final(k)})) + " |"]
+    lines = [
+        "| arm | seed | " + " | ".join(sorted({k for t in res.trials for k in t["metrics"] if N.is_final(k)})) + " |"
+    ]
     for t in res.trials:
         m = t["metrics"]
         vals = [f"{m[k]:.4f}" for k in sorted(k for k in m if N.is_final(k))]

@@ -40,26 +40,39 @@ def _scale_mask_count(label: str, overrides: dict, cfg) -> dict:
 
 
 MASKING = Factor(
-    name="masking", description="the number of masked patches (of 512)",
-    arms={"250": {"pretrain.mask_count": 250}, "300": {"pretrain.mask_count": 300},
-          "400": {"pretrain.mask_count": 400}},
-    reference="400", scale=_scale_mask_count,
+    name="masking",
+    description="the number of masked patches (of 512)",
+    arms={
+        "250": {"pretrain.mask_count": 250},
+        "300": {"pretrain.mask_count": 300},
+        "400": {"pretrain.mask_count": 400},
+    },
+    reference="400",
+    scale=_scale_mask_count,
 )
 DIRECTION = Factor(
-    name="direction", description="bidirectional (v2 mixer + layer pairing) vs unidirectional Mamba",
-    arms={"bidirectional": {"model.bimamba": True, "model.layer_pairing": True},
-          "unidirectional": {"model.bimamba": False, "model.layer_pairing": False}},
+    name="direction",
+    description="bidirectional (v2 mixer + layer pairing) vs unidirectional Mamba",
+    arms={
+        "bidirectional": {"model.bimamba": True, "model.layer_pairing": True},
+        "unidirectional": {"model.bimamba": False, "model.layer_pairing": False},
+    },
     reference="bidirectional",
 )
 NORM = Factor(
-    name="norm", description="RMSNorm vs LayerNorm",
+    name="norm",
+    description="RMSNorm vs LayerNorm",
     arms={"layernorm": {"model.norm": "layernorm"}, "rmsnorm": {"model.norm": "rmsnorm"}},
     reference="layernorm",
 )
 MASKING_STRATEGY = Factor(
-    name="masking_strategy", description="cluster patch vs random patch vs frame (time-axis) masking",
-    arms={"cluster": {"pretrain.mask_strategy": "cluster"}, "random": {"pretrain.mask_strategy": "random"},
-          "frame": {"pretrain.mask_strategy": "frame"}},
+    name="masking_strategy",
+    description="cluster patch vs random patch vs frame (time-axis) masking",
+    arms={
+        "cluster": {"pretrain.mask_strategy": "cluster"},
+        "random": {"pretrain.mask_strategy": "random"},
+        "frame": {"pretrain.mask_strategy": "frame"},
+    },
     reference="cluster",
 )
 

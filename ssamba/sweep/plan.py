@@ -34,8 +34,7 @@ def digest(obj: Any, n: int = 12) -> str:
 
 def pretrain_key(flat: Mapping[str, Any]) -> str:
     """Hash of everything that decides a pretraining: its config sections and the seed."""
-    items = {k: v for k, v in flat.items()
-             if k.startswith(PRETRAIN_SECTIONS) and k not in PRETRAIN_RUNTIME_KEYS}
+    items = {k: v for k, v in flat.items() if k.startswith(PRETRAIN_SECTIONS) and k not in PRETRAIN_RUNTIME_KEYS}
     items["seed"] = flat["seed"]
     return digest(items, 16)
 
@@ -64,8 +63,9 @@ def parse_tasks(specs: list[str] | None, p: Preset) -> dict[str, Overrides]:
     """``--tasks NAME[=MANIFEST] ...`` -> task name -> ``finetune.*`` overrides (recipe + manifest)."""
     specs = list(specs or p.default_tasks)
     if not specs:
-        raise ConfigError(f"preset {p.name} fine-tunes on real data: pass --tasks NAME=MANIFEST "
-                          f"(recipes: {', '.join(TASK_RECIPES)})")
+        raise ConfigError(
+            f"preset {p.name} fine-tunes on real data: pass --tasks NAME=MANIFEST (recipes: {', '.join(TASK_RECIPES)})"
+        )
     out: dict[str, Overrides] = {}
     for spec in specs:
         name, _, manifest = spec.partition("=")
@@ -97,8 +97,11 @@ def parse_tune(specs: list[str]) -> dict[str, tuple]:
             except ValueError:
                 raise ConfigError(f"--tune {spec}: expected {kind}:LOW:HIGH") from None
             if out[key][1] > out[key][2] or (kind == "loguniform" and out[key][1] <= 0):
-                raise ConfigError(f"--tune {spec}: needs 0 < LOW <= HIGH" if kind == "loguniform"
-                                  else f"--tune {spec}: needs LOW <= HIGH")
+                raise ConfigError(
+                    f"--tune {spec}: needs 0 < LOW <= HIGH"
+                    if kind == "loguniform"
+                    else f"--tune {spec}: needs LOW <= HIGH"
+                )
         elif kind == "choice":
             out[key] = ("choice", rest.split("|"))
         else:
@@ -108,7 +111,9 @@ def parse_tune(specs: list[str]) -> dict[str, tuple]:
 
 def tune_example(spec: Mapping[str, tuple]) -> dict[str, Any]:
     """One value of each tuned key (the low end, or the first choice): what validation resolves."""
-    return {k: (a[0][0] if kind == "choice" else int(a[0]) if kind == "int" else a[0]) for k, (kind, *a) in spec.items()}
+    return {
+        k: (a[0][0] if kind == "choice" else int(a[0]) if kind == "int" else a[0]) for k, (kind, *a) in spec.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -155,8 +160,9 @@ class Resources:
             out["GPU"] = self.gpus / self.workers
         return out
 
-    def fit(self, total_cpus: float, total_gpus: float, largest_node_cpus: float,
-            driver_cpus: float = 0.01) -> Resources:
+    def fit(
+        self, total_cpus: float, total_gpus: float, largest_node_cpus: float, driver_cpus: float = 0.01
+    ) -> Resources:
         """The resources on a cluster of this size: the concurrency, and (unless given) the CPUs per worker.
 
         The trial drivers hold ``driver_cpus`` each; the workers share the rest. A worker must also fit on
@@ -220,13 +226,16 @@ class TrialSpec:
         for t in self.tasks:
             for k, v in to_flat(t.config).items():
                 if k.startswith("finetune.") and params.get(k) != v:
-                    params[f"{N.TASK_PARAM_PREFIX}{t.name}.{k[len('finetune.'):]}"] = v
+                    params[f"{N.TASK_PARAM_PREFIX}{t.name}.{k[len('finetune.') :]}"] = v
         return params
 
     def record(self) -> dict[str, Any]:
         """The resolved configs as stored beside the run (``config.json``)."""
-        return {"config": to_flat(self.config), "tasks": {t.name: to_flat(t.config) for t in self.tasks},
-                "tuned": dict(self.tuned)}
+        return {
+            "config": to_flat(self.config),
+            "tasks": {t.name: to_flat(t.config) for t in self.tasks},
+            "tuned": dict(self.tuned),
+        }
 
 
 @dataclass(frozen=True)
@@ -289,17 +298,30 @@ def resolve_trial(plan: SweepPlan, arm: str, seed: int, tuned: Mapping[str, Any]
     cfg = replace(cfg, data=replace(cfg.data, num_workers=cfg.data.resolved_num_workers(plan.resources.device_type)))
     key = digest({"sweep": plan.sweep_id, "arm": arm, "seed": seed, "tuned": dict(tuned)})
     trial_dir = plan.sweep_dir / "trials" / key
-    tasks = tuple(TaskSpec(name, apply_overrides(cfg, over), trial_dir / f"ft-{name}")
-                  for name, over in plan.tasks.items())
+    tasks = tuple(
+        TaskSpec(name, apply_overrides(cfg, over), trial_dir / f"ft-{name}") for name, over in plan.tasks.items()
+    )
     pkey = pretrain_key(to_flat(cfg))
-    return TrialSpec(arm=arm, seed=seed, tuned=dict(tuned), key=key, config=cfg, tasks=tasks, pretrain_key=pkey,
-                     pretrain_dir=plan.sweep_dir / "pretrain" / pkey, result_file=trial_dir / "result.json",
-                     resources=plan.resources, mlflow_uri=plan.mlflow_uri, keep_checkpoints=plan.keep_checkpoints,
-                     log_checkpoints=plan.log_checkpoints)
+    return TrialSpec(
+        arm=arm,
+        seed=seed,
+        tuned=dict(tuned),
+        key=key,
+        config=cfg,
+        tasks=tasks,
+        pretrain_key=pkey,
+        pretrain_dir=plan.sweep_dir / "pretrain" / pkey,
+        result_file=trial_dir / "result.json",
+        resources=plan.resources,
+        mlflow_uri=plan.mlflow_uri,
+        keep_checkpoints=plan.keep_checkpoints,
+        log_checkpoints=plan.log_checkpoints,
+    )
 
 
-def make_plan(factor: Factor, args: Any, *, sweep_id: str, git_commit: str = "unknown",
-              mlflow_uri: str | None = None) -> SweepPlan:
+def make_plan(
+    factor: Factor, args: Any, *, sweep_id: str, git_commit: str = "unknown", mlflow_uri: str | None = None
+) -> SweepPlan:
     """The plan of ``factor``'s sweep from the parsed command line (``ssamba.sweep.driver.build_parser``).
 
     Raises :class:`ConfigError` for anything wrong with the options or any trial's config."""
@@ -323,15 +345,32 @@ def make_plan(factor: Factor, args: Any, *, sweep_id: str, git_commit: str = "un
         raise ConfigError(f"--keep-checkpoints must be all, best or none, got {args.keep_checkpoints!r}")
     name = args.name or f"{factor.name}-{preset_name}"
     plan = SweepPlan(
-        factor=factor, preset=preset_name, sweep_id=sweep_id,
-        sweep_dir=Path(args.storage).expanduser().resolve() / name, base=base, overrides=overrides, arms=arms,
-        seeds=parse_seeds(args.seeds, p), tasks=parse_tasks(args.tasks, p), tune=tune,
-        tune_samples=args.tune_samples, cells=(),
-        resources=Resources(workers=args.workers_per_trial, gpus=args.gpus_per_trial,
-                            cpus_per_worker=args.cpus_per_worker, concurrent=args.max_concurrent),
-        mlflow_uri=mlflow_uri, experiment=args.experiment or f"ssamba-{factor.name}", git_commit=git_commit,
-        keep_checkpoints=args.keep_checkpoints, log_checkpoints=not args.no_log_checkpoints,
-        worker_retries=args.worker_retries, max_failures=args.max_failures)
+        factor=factor,
+        preset=preset_name,
+        sweep_id=sweep_id,
+        sweep_dir=Path(args.storage).expanduser().resolve() / name,
+        base=base,
+        overrides=overrides,
+        arms=arms,
+        seeds=parse_seeds(args.seeds, p),
+        tasks=parse_tasks(args.tasks, p),
+        tune=tune,
+        tune_samples=args.tune_samples,
+        cells=(),
+        resources=Resources(
+            workers=args.workers_per_trial,
+            gpus=args.gpus_per_trial,
+            cpus_per_worker=args.cpus_per_worker,
+            concurrent=args.max_concurrent,
+        ),
+        mlflow_uri=mlflow_uri,
+        experiment=args.experiment or f"ssamba-{factor.name}",
+        git_commit=git_commit,
+        keep_checkpoints=args.keep_checkpoints,
+        log_checkpoints=not args.no_log_checkpoints,
+        worker_retries=args.worker_retries,
+        max_failures=args.max_failures,
+    )
     cells = tuple(resolve_trial(plan, arm, seed, {}) for arm in arms for seed in plan.seeds)
     plan = replace(plan, cells=cells)
     if tune:  # every tuned key exists and takes a value of its kind, in every cell

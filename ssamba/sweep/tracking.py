@@ -46,11 +46,11 @@ def resolve_uri(uri: str | None = None, cwd: str | os.PathLike | None = None) ->
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_DB}"
     base = Path(cwd or os.getcwd())
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
+        rel = uri[len("sqlite:///") :]
         if not Path(rel).is_absolute():
             return f"sqlite:///{(base / rel).resolve()}"
     if uri.startswith("file:") or "://" not in uri:
-        path = uri[len("file:"):] if uri.startswith("file:") else uri
+        path = uri[len("file:") :] if uri.startswith("file:") else uri
         path = path.lstrip("/") if path.startswith("//") else path
         return Path(base / path).resolve().as_uri()
     return uri
@@ -59,7 +59,7 @@ def resolve_uri(uri: str | None = None, cwd: str | os.PathLike | None = None) ->
 def artifact_root(uri: str) -> str | None:
     """For a local sqlite store: ``<db folder>/mlartifacts`` (absolute), else the server's default."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return None
 
 
@@ -114,8 +114,15 @@ class Tracker:
         runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=2)
         return runs[0].info.run_id if runs else None
 
-    def get_or_create_run(self, experiment_id: str, *, key_tags: dict[str, str], name: str,
-                          tags: dict[str, str] | None = None, params: dict[str, Any] | None = None) -> tuple[str, bool]:
+    def get_or_create_run(
+        self,
+        experiment_id: str,
+        *,
+        key_tags: dict[str, str],
+        name: str,
+        tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> tuple[str, bool]:
         """The run whose tags include ``key_tags`` (continued, status back to RUNNING), else a new one.
 
         Returns ``(run_id, created)``. Params are logged once; a continued run keeps its params.
@@ -137,7 +144,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         items = [Param(k, scrub(_param_value(v))) for k, v in params.items() if not is_secret(k)]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+            self.client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         items = [RunTag(k, scrub(str(v))) for k, v in tags.items() if not is_secret(k)]
@@ -146,16 +153,22 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
+        items = [
+            Metric(k, float(v), now, int(step))
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+        ]
         for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i:i + 500], synchronous=True)
+            self.client.log_batch(run_id, metrics=items[i : i + 500], synchronous=True)
 
     def log_metrics_once(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         """:meth:`log_metrics`, leaving out every metric the run already holds at ``step`` (so a restarted
         worker or trial that repeats its last stage does not log its results twice)."""
-        self.log_metrics(run_id, {k: v for k, v in metrics.items()
-                                  if all(s != int(step) for s, _ in self.metric_history(run_id, k))}, step=step)
+        self.log_metrics(
+            run_id,
+            {k: v for k, v in metrics.items() if all(s != int(step) for s, _ in self.metric_history(run_id, k))},
+            step=step,
+        )
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
@@ -190,8 +203,14 @@ class Tracker:
         while True:
             page = self.client.search_runs(experiment_ids, filter_string=flt, max_results=1000, page_token=token)
             for r in page:
-                row = {"run_id": r.info.run_id, "experiment_id": r.info.experiment_id, "status": r.info.status,
-                       "start_time": r.info.start_time, "end_time": r.info.end_time, "run_name": r.info.run_name}
+                row = {
+                    "run_id": r.info.run_id,
+                    "experiment_id": r.info.experiment_id,
+                    "status": r.info.status,
+                    "start_time": r.info.start_time,
+                    "end_time": r.info.end_time,
+                    "run_name": r.info.run_name,
+                }
                 row.update({f"params.{k}": v for k, v in r.data.params.items()})
                 row.update({f"tags.{k}": v for k, v in r.data.tags.items()})
                 row.update({f"metrics.{k}": v for k, v in r.data.metrics.items()})
@@ -212,28 +231,53 @@ def _param_value(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- `python -m ssamba.sweep.tracking ui`
-def ui_command(uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
-               extra: list[str] | None = None) -> list[str]:
+def ui_command(
+    uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, extra: list[str] | None = None
+) -> list[str]:
     """The ``mlflow server`` command line (UI + REST API) for a store, bound to ``host``."""
     if "://" in uri and not uri.startswith(("sqlite:", "postgresql", "mysql", "mssql", "file:")):
-        raise ConfigError(f"the UI needs a database store (sqlite:///..., postgresql://...), got {redact_uri(uri)}; "
-                         f"fix: pass --backend-store-uri, or open {redact_uri(uri)} in a browser if it is a server")
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-            "--port", str(port), "--workers", str(workers), *(extra or [])]
+        raise ConfigError(
+            f"the UI needs a database store (sqlite:///..., postgresql://...), got {redact_uri(uri)}; "
+            f"fix: pass --backend-store-uri, or open {redact_uri(uri)} in a browser if it is a server"
+        )
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *(extra or []),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ssamba.sweep.tracking",
-                                description="The sweeps' MLflow store: start its UI / tracking server.")
+    p = argparse.ArgumentParser(
+        prog="python -m ssamba.sweep.tracking", description="The sweeps' MLflow store: start its UI / tracking server."
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    ui = sub.add_parser("ui", help="start the MLflow UI and tracking server (mlflow server) for a store",
-                        description="Starts `mlflow server` for the store, bound to 127.0.0.1 unless --host says "
-                                    "otherwise. Anything after -- goes to mlflow server (e.g. --allowed-hosts).")
-    ui.add_argument("--backend-store-uri", help="sqlite:///..., postgresql://user@host/db; "
-                                                "default: $MLFLOW_TRACKING_URI or sqlite mlflow.db here")
-    ui.add_argument("--host", default="127.0.0.1",
-                    help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every network, "
-                         "which needs your own access control in front)")
+    ui = sub.add_parser(
+        "ui",
+        help="start the MLflow UI and tracking server (mlflow server) for a store",
+        description="Starts `mlflow server` for the store, bound to 127.0.0.1 unless --host says "
+        "otherwise. Anything after -- goes to mlflow server (e.g. --allowed-hosts).",
+    )
+    ui.add_argument(
+        "--backend-store-uri",
+        help="sqlite:///..., postgresql://user@host/db; default: $MLFLOW_TRACKING_URI or sqlite mlflow.db here",
+    )
+    ui.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1: this machine only; 0.0.0.0 serves every network, "
+        "which needs your own access control in front)",
+    )
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--workers", type=int, default=1, help="web workers (mlflow's default of 4 takes ~2 GB)")
     ui.add_argument("mlflow_args", nargs=argparse.REMAINDER, help="-- then more `mlflow server` options")

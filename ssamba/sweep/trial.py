@@ -29,31 +29,46 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
 
     spec = plan.trial(params)
     tracker = Tracker(plan.mlflow_uri)
-    tags = {N.MLFLOW_PARENT: plan.parent_run_id, N.ROLE: N.TRIAL, N.FACTOR: plan.factor.name,
-            N.ARM: spec.arm, N.SEED: str(spec.seed), N.GIT_COMMIT: plan.git_commit,
-            N.TRIAL_STATUS: "running", N.PRETRAIN_KEY: spec.pretrain_key}
+    tags = {
+        N.MLFLOW_PARENT: plan.parent_run_id,
+        N.ROLE: N.TRIAL,
+        N.FACTOR: plan.factor.name,
+        N.ARM: spec.arm,
+        N.SEED: str(spec.seed),
+        N.GIT_COMMIT: plan.git_commit,
+        N.TRIAL_STATUS: "running",
+        N.PRETRAIN_KEY: spec.pretrain_key,
+    }
     done_before = _finished_before(tracker, plan, spec)
     if done_before is not None:  # a resumed sweep: this trial completed before the driver died
         run_id, final = done_before
         tune.report({**final, "arm": spec.arm, "seed": spec.seed, "mlflow_run_id": run_id})
         return
     run_id, created = tracker.get_or_create_run(
-        plan.experiment_id, key_tags={N.SWEEP_ID: plan.sweep_id, N.TRIAL_KEY: spec.key},
-        name=spec.name, tags=tags, params=spec.params())
+        plan.experiment_id,
+        key_tags={N.SWEEP_ID: plan.sweep_id, N.TRIAL_KEY: spec.key},
+        name=spec.name,
+        tags=tags,
+        params=spec.params(),
+    )
     if created:
         tracker.log_dict(run_id, spec.record(), "config.json")
     t0 = time.time()
     try:
         res = spec.resources
         trainer = TorchTrainer(
-            trial_worker, train_loop_config={"spec": spec, "run_id": run_id},
-            scaling_config=ray.train.ScalingConfig(num_workers=res.workers, use_gpu=res.use_gpu,
-                                                   resources_per_worker=res.per_worker()),
+            trial_worker,
+            train_loop_config={"spec": spec, "run_id": run_id},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=res.workers, use_gpu=res.use_gpu, resources_per_worker=res.per_worker()
+            ),
             run_config=ray.train.RunConfig(
-                name=f"{spec.key}-{time.time_ns()}", storage_path=str(plan.sweep_dir / "ray_train"),
+                name=f"{spec.key}-{time.time_ns()}",
+                storage_path=str(plan.sweep_dir / "ray_train"),
                 failure_config=ray.train.FailureConfig(max_failures=plan.worker_retries),
                 # Optuna reads the metric from every intermediate result: with a search, report only the final one
-                callbacks=[] if plan.searching else [TuneReportCallback()]),
+                callbacks=[] if plan.searching else [TuneReportCallback()],
+            ),
         )
         trainer.fit()
         results = json.loads(spec.result_file.read_text())
@@ -69,8 +84,9 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
         # the workers logged every stage's metrics; add the totals (and a reused pretraining's results)
         extra = {k: v for k, v in final.items() if k in (N.COST_WALL, N.COST_DEVICE_HOURS, N.COST_SAMPLES)}
         if pre.get("reused"):
-            extra.update({k: v for k, v in pre.items()
-                          if k.startswith(f"{N.PRETRAIN}/") and isinstance(v, (int, float))})
+            extra.update(
+                {k: v for k, v in pre.items() if k.startswith(f"{N.PRETRAIN}/") and isinstance(v, (int, float))}
+            )
         tracker.log_metrics_once(run_id, extra, step=0)
         tracker.set_tags(run_id, {N.TRIAL_STATUS: "finished"})
         tracker.finish(run_id, "FINISHED")

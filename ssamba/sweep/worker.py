@@ -59,9 +59,16 @@ class RunLog:
             self.tracker.log_artifact(self.run_id, local, folder)
 
 
-def shared_pretraining(pdir: Path, compute: Callable[[], dict], *, owner: str, is_main: bool = True,
-                       agree: Callable[[bool], bool] = lambda x: x, drop_resume_state: bool = True,
-                       log=print) -> dict:
+def shared_pretraining(
+    pdir: Path,
+    compute: Callable[[], dict],
+    *,
+    owner: str,
+    is_main: bool = True,
+    agree: Callable[[bool], bool] = lambda x: x,
+    drop_resume_state: bool = True,
+    log=print,
+) -> dict:
     """The results of the pretraining stored in ``pdir``, computed at most once per key (no Ray needed).
 
     Rank 0 (``is_main``) holds an exclusive lock on ``<pdir>.lock`` for the whole block, so two trials
@@ -104,8 +111,11 @@ def injected_nan_step(arm: str, environ=None) -> int:
 
 def stage_cost(seconds: float, world: int, per_worker: float, samples: int) -> dict[str, float]:
     """Wall time, device-hours (workers x device share x hours) and throughput of a stage."""
-    return {"wall_s": seconds, "device_hours": seconds * world * per_worker / 3600.0,
-            "samples_per_s": samples / seconds if seconds > 0 else 0.0}
+    return {
+        "wall_s": seconds,
+        "device_hours": seconds * world * per_worker / 3600.0,
+        "samples_per_s": samples / seconds if seconds > 0 else 0.0,
+    }
 
 
 def trial_worker(job: dict[str, Any]) -> None:
@@ -141,31 +151,53 @@ def trial_worker(job: dict[str, Any]) -> None:
                     run.log_metrics(metrics, step=step)
                     logged[key] = step
             ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
         return report
 
     def resumed(stage: str):
         def on_resume(step: int) -> None:
             log(f"{stage} resumed from its last checkpoint at step {step}")
             run.log_metrics({f"{stage}/resumed_from_step": step}, step=step)
+
         return on_resume
 
     def list_skipped(stage: str, skipped: dict[str, str]) -> None:
         if skipped:
-            run.log_dict({"stage": stage, "count": len(skipped), "clips": skipped},
-                         f"skipped_clips/{stage.replace('/', '_')}.json")
+            run.log_dict(
+                {"stage": stage, "count": len(skipped), "clips": skipped},
+                f"skipped_clips/{stage.replace('/', '_')}.json",
+            )
 
     results: dict[str, Any] = {}
     # ---- stage 1: pretraining (shared by key)
     pdir = spec.pretrain_dir
     results["pretrain"] = shared_pretraining(
-        pdir, lambda: _pretrain(cfg, pdir, world, spec.resources.device_share, device, wrap, reporter(),
-                                resumed("pretrain"), log, rank, injected_nan_step(spec.arm)),
-        owner=spec.name, is_main=rank == 0, agree=_broadcast if world > 1 else (lambda x: x),
-        drop_resume_state=spec.keep_checkpoints != "all", log=log)
+        pdir,
+        lambda: _pretrain(
+            cfg,
+            pdir,
+            world,
+            spec.resources.device_share,
+            device,
+            wrap,
+            reporter(),
+            resumed("pretrain"),
+            log,
+            rank,
+            injected_nan_step(spec.arm),
+        ),
+        owner=spec.name,
+        is_main=rank == 0,
+        agree=_broadcast if world > 1 else (lambda x: x),
+        drop_resume_state=spec.keep_checkpoints != "all",
+        log=log,
+    )
     pre_res = results["pretrain"]
     if not pre_res.get("reused"):
-        run.log_metrics_once({k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
-                             step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)))
+        run.log_metrics_once(
+            {k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
+            step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)),
+        )
     list_skipped("pretrain", pre_res.get("skipped_clips") or {})
     if world > 1:
         import torch.distributed as dist
@@ -175,15 +207,31 @@ def trial_worker(job: dict[str, Any]) -> None:
     # ---- stage 2: fine-tuning on each task
     for task in spec.tasks:
         t0 = time.perf_counter()
-        res = run_finetune(task.config, task.dir, init=init, report=reporter(), log=log, rank=rank, world=world,
-                           device=device, wrap_model=wrap, on_resume=resumed(N.ft(task.name)))
+        res = run_finetune(
+            task.config,
+            task.dir,
+            init=init,
+            report=reporter(),
+            log=log,
+            rank=rank,
+            world=world,
+            device=device,
+            wrap_model=wrap,
+            on_resume=resumed(N.ft(task.name)),
+        )
         cost = stage_cost(time.perf_counter() - t0, world, spec.resources.device_share, res.samples)
         final = dict(res.last_eval)
         final.update({f"{N.COST_PREFIX}ft_{task.name}_{k}": v for k, v in cost.items()})
         results[N.ft(task.name)] = final
         # what the per-evaluation reports did not already log
-        run.log_metrics_once({k: v for k, v in final.items() if "/best_" in k or "/test_" in k
-                              or N.is_final(k) or k.startswith(N.COST_PREFIX)}, step=res.steps)
+        run.log_metrics_once(
+            {
+                k: v
+                for k, v in final.items()
+                if "/best_" in k or "/test_" in k or N.is_final(k) or k.startswith(N.COST_PREFIX)
+            },
+            step=res.steps,
+        )
         list_skipped(N.ft(task.name), dict(res.skipped.skipped))
         if res.best_path is not None and spec.log_checkpoints:
             run.log_artifact(res.best_path, f"checkpoints/ft_{task.name}")
@@ -191,11 +239,22 @@ def trial_worker(job: dict[str, Any]) -> None:
         write_json_atomic(spec.result_file, results)
 
 
-def _pretrain(cfg, pdir: Path, world: int, device_share: float, device, wrap, report, on_resume, log, rank: int,
-              nan_step: int = 0) -> dict:
+def _pretrain(
+    cfg, pdir: Path, world: int, device_share: float, device, wrap, report, on_resume, log, rank: int, nan_step: int = 0
+) -> dict:
     t0 = time.perf_counter()
-    res = run_pretrain(cfg, pdir, report=report, log=log, rank=rank, world=world, device=device, wrap_model=wrap,
-                       on_resume=on_resume, fault_nan_at_step=nan_step)
+    res = run_pretrain(
+        cfg,
+        pdir,
+        report=report,
+        log=log,
+        rank=rank,
+        world=world,
+        device=device,
+        wrap_model=wrap,
+        on_resume=on_resume,
+        fault_nan_at_step=nan_step,
+    )
     cost = stage_cost(time.perf_counter() - t0, world, device_share, res.samples)
     out = dict(res.last_eval)
     out.update({f"{N.COST_PREFIX}pretrain_{k}": v for k, v in cost.items()})

@@ -39,8 +39,9 @@ def select(manifest: Manifest, split: str, fold: int = 0, role: str = "train") -
     return manifest.split(split)
 
 
-def resolve_stats(manifest: Manifest, fe: FrontendConfig, clip: ClipInput, use_manifest: bool,
-                  cache_root: str | None, log=print) -> tuple[float, float, str]:
+def resolve_stats(
+    manifest: Manifest, fe: FrontendConfig, clip: ClipInput, use_manifest: bool, cache_root: str | None, log=print
+) -> tuple[float, float, str]:
     """``(mean, std, source)``: the manifest's stored stats for this front end, computed ones, or the stage's."""
     if not use_manifest:
         return clip.mean, clip.std, "config"
@@ -48,9 +49,11 @@ def resolve_stats(manifest: Manifest, fe: FrontendConfig, clip: ClipInput, use_m
     if stats and stats.get("frontend_key") == fe.fbank_key():
         return float(stats["mean"]), float(stats["std"]), "manifest"
     mean, std, n, _, failed = compute_stats(manifest, fe, cache_root=cache_root or None, progress=False)
-    log(f"computed fbank statistics of {n} clips: mean {mean:.4f} std {std:.4f}"
+    log(
+        f"computed fbank statistics of {n} clips: mean {mean:.4f} std {std:.4f}"
         + (f" ({len(failed)} undecodable clips left out)" if failed else "")
-        + "; store them with `python -m ssamba.data stats MANIFEST`")
+        + "; store them with `python -m ssamba.data stats MANIFEST`"
+    )
     return mean, std, "computed"
 
 
@@ -63,9 +66,21 @@ class Loaders:
     stats_source: str
 
 
-def make_loaders(manifest: Manifest, fe: FrontendConfig, clip: ClipInput, *, cfg: ExperimentConfig,
-                 train_split: str, eval_split: str, fold: int, batch_size: int, use_manifest_stats: bool,
-                 log=print, rank: int = 0, world: int = 1) -> Loaders:
+def make_loaders(
+    manifest: Manifest,
+    fe: FrontendConfig,
+    clip: ClipInput,
+    *,
+    cfg: ExperimentConfig,
+    train_split: str,
+    eval_split: str,
+    fold: int,
+    batch_size: int,
+    use_manifest_stats: bool,
+    log=print,
+    rank: int = 0,
+    world: int = 1,
+) -> Loaders:
     """Train and eval loaders over the manifest; the train loader's sampler is an :class:`EpochSampler`."""
     d = cfg.data
     train_m = select(manifest, train_split, fold, "train")
@@ -73,24 +88,39 @@ def make_loaders(manifest: Manifest, fe: FrontendConfig, clip: ClipInput, *, cfg
     if fold > 0 or (eval_split and eval_split in set(manifest.df["split"].dropna())):
         eval_m = select(manifest, eval_split, fold, "eval")
     if len(train_m) == 0:
-        raise ManifestError(f"no training clips (split {train_split!r}, fold {fold}) in {manifest.meta.get('dataset')!r}")
+        raise ManifestError(
+            f"no training clips (split {train_split!r}, fold {fold}) in {manifest.meta.get('dataset')!r}"
+        )
     mean, std, source = resolve_stats(train_m, fe, clip, use_manifest_stats, d.cache_dir, log)
     clip = replace(clip, mean=mean, std=std)
     cache = None
     if d.use_cache:
         cache, report = FeatureCache(fe, d.cache_dir or None).build(manifest, progress=False)
         if report.computed:
-            log(f"feature cache: {report.computed} clips computed, {report.reused} reused, "
-                f"{len(report.failed)} undecodable ({report.seconds:.1f} s)")
+            log(
+                f"feature cache: {report.computed} clips computed, {report.reused} reused, "
+                f"{len(report.failed)} undecodable ({report.seconds:.1f} s)"
+            )
     vocab = manifest.label_vocab
-    train_ds = ClipDataset(train_m, fe, clip, train=True, cache=cache, label_vocab=vocab, strict=d.strict, seed=cfg.seed)
+    train_ds = ClipDataset(
+        train_m, fe, clip, train=True, cache=cache, label_vocab=vocab, strict=d.strict, seed=cfg.seed
+    )
     sampler = EpochSampler(len(train_ds), cfg.seed, rank=rank, world=world, with_epoch=True)
     # persistent loader processes: no re-spawn at every epoch (the sampler carries the epoch to them)
-    train = DataLoader(train_ds, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                       num_workers=d.num_workers, drop_last=len(sampler) > batch_size, pin_memory=torch.cuda.is_available(),
-                       persistent_workers=d.num_workers > 0)
+    train = DataLoader(
+        train_ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=d.num_workers,
+        drop_last=len(sampler) > batch_size,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=d.num_workers > 0,
+    )
     ev = None
     if eval_m is not None and len(eval_m):
-        eval_ds = ClipDataset(eval_m, fe, clip.for_evaluation(), train=False, cache=cache, label_vocab=vocab, strict=d.strict)
+        eval_ds = ClipDataset(
+            eval_m, fe, clip.for_evaluation(), train=False, cache=cache, label_vocab=vocab, strict=d.strict
+        )
         ev = DataLoader(eval_ds, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=d.num_workers)
     return Loaders(train, ev, clip, vocab, source)

@@ -47,10 +47,19 @@ def stage_record(cfg: ExperimentConfig, section: str, clip) -> dict:
     return {"config": to_flat(used), "frontend": fe}
 
 
-def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: Report | None = None,
-                 log=print, rank: int = 0, world: int = 1, device=None,
-                 wrap_model: Callable | None = None, on_resume: OnResume | None = None,
-                 fault_nan_at_step: int = 0) -> FitResult:
+def run_pretrain(
+    cfg: ExperimentConfig,
+    out_dir: str | os.PathLike,
+    *,
+    report: Report | None = None,
+    log=print,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    wrap_model: Callable | None = None,
+    on_resume: OnResume | None = None,
+    fault_nan_at_step: int = 0,
+) -> FitResult:
     """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``.
 
     ``fault_nan_at_step`` (a testing hook, never a config value): > 0 makes that optimiser step's loss NaN."""
@@ -63,22 +72,54 @@ def run_pretrain(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, report: R
     p = cfg.pretrain
     manifest = load_manifest(cfg.data.manifest, log=log)
     fe = cfg.frontend
-    loaders = make_loaders(manifest, fe, p.clip_input(), cfg=cfg, train_split=cfg.data.train_split,
-                           eval_split=cfg.data.eval_split, fold=0, batch_size=p.batch_size,
-                           use_manifest_stats=cfg.data.stats_from_manifest, log=log, rank=rank, world=world)
+    loaders = make_loaders(
+        manifest,
+        fe,
+        p.clip_input(),
+        cfg=cfg,
+        train_split=cfg.data.train_split,
+        eval_split=cfg.data.eval_split,
+        fold=0,
+        batch_size=p.batch_size,
+        use_manifest_stats=cfg.data.stats_from_manifest,
+        log=log,
+        rank=rank,
+        world=world,
+    )
     model = AudioModel(cfg.model, Geometry(fe.num_mel_bins, p.target_length), num_classes=0, pretrain_heads=True)
     task = PretrainTask(p, model.grid, cfg.seed)
-    settings = LoopSettings(epochs=p.epochs, max_steps=p.max_steps, grad_accum=p.grad_accum, clip_grad=p.clip_grad,
-                            amp=p.amp, eval_every=p.plateau_every, fault_nan_at_step=fault_nan_at_step)
-    log(f"[pretrain] {cfg.model.arch} D={cfg.model.embed_dim} depth={cfg.model.depth} grid {model.grid}, "
+    settings = LoopSettings(
+        epochs=p.epochs,
+        max_steps=p.max_steps,
+        grad_accum=p.grad_accum,
+        clip_grad=p.clip_grad,
+        amp=p.amp,
+        eval_every=p.plateau_every,
+        fault_nan_at_step=fault_nan_at_step,
+    )
+    log(
+        f"[pretrain] {cfg.model.arch} D={cfg.model.embed_dim} depth={cfg.model.depth} grid {model.grid}, "
         f"{sum(x.numel() for x in model.parameters()):,} parameters, {len(loaders.train.dataset)} clips, "
-        f"masks {p.mask_count} ({p.mask_strategy}), device {device} x {world} worker(s), scan {getattr(model.v, 'backend', '-')}")
+        f"masks {p.mask_count} ({p.mask_strategy}), device {device} x {world} worker(s), scan {getattr(model.v, 'backend', '-')}"
+    )
     meta = stage_record(cfg, "pretrain", loaders.clip)
     model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
-    return fit(model, task, loaders.train, loaders.eval, settings, device=device, out_dir=out_dir,
-               checkpoint_meta=meta, report=report, log=log, is_main=is_main, on_resume=on_resume)
+    return fit(
+        model,
+        task,
+        loaders.train,
+        loaders.eval,
+        settings,
+        device=device,
+        out_dir=out_dir,
+        checkpoint_meta=meta,
+        report=report,
+        log=log,
+        is_main=is_main,
+        on_resume=on_resume,
+    )
 
 
 def finetune_model_config(cfg: ExperimentConfig, init_payload: dict | None) -> ModelConfig:
@@ -87,8 +128,9 @@ def finetune_model_config(cfg: ExperimentConfig, init_payload: dict | None) -> M
     base = cfg.model
     if init_payload is not None:
         base = from_flat(ModelConfig, init_payload["model"])
-        base = replace(base, pooling=cfg.model.pooling, drop_path=cfg.model.drop_path,
-                       scan_backend=cfg.model.scan_backend)
+        base = replace(
+            base, pooling=cfg.model.pooling, drop_path=cfg.model.drop_path, scan_backend=cfg.model.scan_backend
+        )
     return replace(base, fstride=ft.fstride, tstride=ft.tstride)
 
 
@@ -100,16 +142,32 @@ def load_init(init: str | os.PathLike, log=print) -> dict:
     from ssamba.model.official import import_official
 
     model, info = import_official(payload)
-    log(f"imported official {info['form']} checkpoint {init}: {model.cfg.arch} D={model.cfg.embed_dim} "
-        f"depth={model.cfg.depth} norm={model.cfg.norm}; dropped: {', '.join(info['dropped']) or 'nothing'}")
-    return {"model": to_flat(model.cfg), "geometry": {"input_fdim": model.geom.input_fdim,
-            "input_tdim": model.geom.input_tdim}, "state_dict": model.state_dict(),
-            "pretrain_heads": info["form"] == "pretraining", "num_classes": info["num_classes"]}
+    log(
+        f"imported official {info['form']} checkpoint {init}: {model.cfg.arch} D={model.cfg.embed_dim} "
+        f"depth={model.cfg.depth} norm={model.cfg.norm}; dropped: {', '.join(info['dropped']) or 'nothing'}"
+    )
+    return {
+        "model": to_flat(model.cfg),
+        "geometry": {"input_fdim": model.geom.input_fdim, "input_tdim": model.geom.input_tdim},
+        "state_dict": model.state_dict(),
+        "pretrain_heads": info["form"] == "pretraining",
+        "num_classes": info["num_classes"],
+    }
 
 
-def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str | os.PathLike | None = None,
-                 report: Report | None = None, log=print, rank: int = 0, world: int = 1, device=None,
-                 wrap_model: Callable | None = None, on_resume: OnResume | None = None) -> FitResult:
+def run_finetune(
+    cfg: ExperimentConfig,
+    out_dir: str | os.PathLike,
+    *,
+    init: str | os.PathLike | None = None,
+    report: Report | None = None,
+    log=print,
+    rank: int = 0,
+    world: int = 1,
+    device=None,
+    wrap_model: Callable | None = None,
+    on_resume: OnResume | None = None,
+) -> FitResult:
     """Fine-tune on ``cfg.finetune`` from ``init`` (our checkpoint) or from scratch (``init=None``).
 
     After training, the best checkpoint is evaluated on the test split (when the manifest has one);
@@ -123,32 +181,69 @@ def run_finetune(cfg: ExperimentConfig, out_dir: str | os.PathLike, *, init: str
     ft = cfg.finetune
     manifest = load_manifest(ft.manifest, log=log)
     fe = cfg.frontend
-    loaders = make_loaders(manifest, fe, ft.clip_input(), cfg=cfg, train_split=ft.train_split, eval_split=ft.eval_split,
-                           fold=ft.fold, batch_size=ft.batch_size, use_manifest_stats=cfg.data.stats_from_manifest,
-                           log=log, rank=rank, world=world)
+    loaders = make_loaders(
+        manifest,
+        fe,
+        ft.clip_input(),
+        cfg=cfg,
+        train_split=ft.train_split,
+        eval_split=ft.eval_split,
+        fold=ft.fold,
+        batch_size=ft.batch_size,
+        use_manifest_stats=cfg.data.stats_from_manifest,
+        log=log,
+        rank=rank,
+        world=world,
+    )
     payload = load_init(init, log) if init else None
     mcfg = finetune_model_config(cfg, payload)
     if payload is not None and payload.get("pretrain_heads") is False and payload.get("num_classes"):
         log(f"[ft/{ft.task}] starting from a fine-tuned checkpoint: its classifier is replaced")
-    model = AudioModel(mcfg, Geometry(fe.num_mel_bins, ft.target_length), num_classes=len(loaders.label_vocab),
-                       pretrain_heads=False)
+    model = AudioModel(
+        mcfg, Geometry(fe.num_mel_bins, ft.target_length), num_classes=len(loaders.label_vocab), pretrain_heads=False
+    )
     if payload is not None:
         dropped = transfer_encoder(payload["state_dict"], grid_of(payload), model)
-        log(f"[ft/{ft.task}] encoder from {init} (grid {grid_of(payload)} -> {model.grid}); dropped: "
-            + (", ".join(dropped) or "nothing"))
+        log(
+            f"[ft/{ft.task}] encoder from {init} (grid {grid_of(payload)} -> {model.grid}); dropped: "
+            + (", ".join(dropped) or "nothing")
+        )
     task = FinetuneTask(ft, len(loaders.label_vocab))
-    settings = LoopSettings(epochs=ft.epochs, max_steps=ft.max_steps, grad_accum=ft.grad_accum, clip_grad=ft.clip_grad,
-                            amp=ft.amp, eval_every=0)
+    settings = LoopSettings(
+        epochs=ft.epochs,
+        max_steps=ft.max_steps,
+        grad_accum=ft.grad_accum,
+        clip_grad=ft.clip_grad,
+        amp=ft.amp,
+        eval_every=0,
+    )
     meta = {**stage_record(cfg, "finetune", loaders.clip), "label_vocab": loaders.label_vocab}
     model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
-    res = fit(model, task, loaders.train, loaders.eval, settings, device=device, out_dir=out_dir,
-              checkpoint_meta=meta, report=report, log=log, is_main=is_main, on_resume=on_resume)
+    res = fit(
+        model,
+        task,
+        loaders.train,
+        loaders.eval,
+        settings,
+        device=device,
+        out_dir=out_dir,
+        checkpoint_meta=meta,
+        report=report,
+        log=log,
+        is_main=is_main,
+        on_resume=on_resume,
+    )
     test = _test_metrics(cfg, manifest, loaders, res, task, device, log) if is_main else {}
     final = dict(res.last_eval)
-    final.update({f"{task.prefix}/best_{k.split('/')[-1]}": v for k, v in res.best_metrics.items()
-                  if k.split("/")[-1] in ("acc", "map", "loss")})
+    final.update(
+        {
+            f"{task.prefix}/best_{k.split('/')[-1]}": v
+            for k, v in res.best_metrics.items()
+            if k.split("/")[-1] in ("acc", "map", "loss")
+        }
+    )
     final.update(test)
     headline = test.get(f"{task.prefix}/test_{ft.metric}", final.get(f"{task.prefix}/best_{ft.metric}"))
     if headline is not None:
@@ -168,8 +263,14 @@ def _test_metrics(cfg, manifest, loaders, res, task, device, log) -> dict[str, f
     from ssamba.data.dataset import ClipDataset, collate
 
     test_m = select(manifest, ft.test_split)
-    ds = ClipDataset(test_m, cfg.frontend, loaders.clip.for_evaluation(), cache=loaders.train.dataset.cache,
-                     label_vocab=loaders.label_vocab, strict=cfg.data.strict)
+    ds = ClipDataset(
+        test_m,
+        cfg.frontend,
+        loaders.clip.for_evaluation(),
+        cache=loaders.train.dataset.cache,
+        label_vocab=loaders.label_vocab,
+        strict=cfg.data.strict,
+    )
     loader = DataLoader(ds, batch_size=ft.batch_size, collate_fn=collate, num_workers=cfg.data.num_workers)
     best, _ = load_checkpoint(res.best_path)
     best.to(device).eval()

@@ -55,8 +55,9 @@ class EpochSampler(Sampler[int]):
     permutation, truncated so that every worker sees the same number of samples.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 with_epoch: bool = False):
+    def __init__(
+        self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1, with_epoch: bool = False
+    ):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.rank, self.world = rank, world
         self.epoch, self.start = 0, 0
@@ -68,15 +69,18 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def order(self) -> list[int]:
-        full = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
-                if self.shuffle else list(range(self.n)))
+        full = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+            if self.shuffle
+            else list(range(self.n))
+        )
         if self.world > 1:
             per = self.n // self.world
-            full = full[self.rank::self.world][:per]
+            full = full[self.rank :: self.world][:per]
         return full
 
     def __iter__(self):
-        order = self.order()[self.start:]
+        order = self.order()[self.start :]
         if self.with_epoch:
             return iter([(i, self.epoch) for i in order])
         return iter(order)
@@ -123,12 +127,21 @@ def tap_skipped(loader, skipped: SkipLog):
         yield batch
 
 
-def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: DataLoader | None,
-        settings: LoopSettings, *, device: torch.device, out_dir: str | os.PathLike,
-        checkpoint_meta: dict[str, Any] | None = None,
-        report: Callable[[dict[str, float], Path | None], None] | None = None,
-        log: Callable[[str], None] = print, is_main: bool = True,
-        on_resume: Callable[[int], None] | None = None) -> FitResult:
+def fit(
+    model: torch.nn.Module,
+    task,
+    train_loader: DataLoader,
+    eval_loader: DataLoader | None,
+    settings: LoopSettings,
+    *,
+    device: torch.device,
+    out_dir: str | os.PathLike,
+    checkpoint_meta: dict[str, Any] | None = None,
+    report: Callable[[dict[str, float], Path | None], None] | None = None,
+    log: Callable[[str], None] = print,
+    is_main: bool = True,
+    on_resume: Callable[[int], None] | None = None,
+) -> FitResult:
     """Train ``model`` on ``task``; see the module docstring. Resumes from ``out_dir/last.pt`` if present.
 
     ``report(metrics, checkpoint_dir)`` is called after every evaluation with metrics named
@@ -176,8 +189,11 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
     def evaluate_and_report(final: bool = False) -> None:
         nonlocal res
         model.eval()
-        metrics = (task.evaluate(model, tap_skipped(eval_loader, res.skipped), device, autocast)
-                   if eval_loader is not None else {})
+        metrics = (
+            task.evaluate(model, tap_skipped(eval_loader, res.skipped), device, autocast)
+            if eval_loader is not None
+            else {}
+        )
         model.train()
         named = {f"{task.prefix}/{k}": v for k, v in metrics.items()}
         named[f"{task.prefix}/lr"] = schedule.lr
@@ -198,11 +214,21 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
                 res.best_path = save_checkpoint(out / "best.pt", model, metrics=named, **meta)
         if is_main:
             with atomic_path(last) as tmp:
-                torch.save({"model": getattr(model, "module", model).state_dict(),
-                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                            "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_metric": res.best_metric,
-                            "samples": res.samples, "skipped": dict(res.skipped.skipped),
-                            "skip_events": res.skipped.events}, tmp)
+                torch.save(
+                    {
+                        "model": getattr(model, "module", model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(),
+                        "step": step,
+                        "epoch": epoch,
+                        "batch_in_epoch": batch_in_epoch,
+                        "best_metric": res.best_metric,
+                        "samples": res.samples,
+                        "skipped": dict(res.skipped.skipped),
+                        "skip_events": res.skipped.events,
+                    },
+                    tmp,
+                )
         shown = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in named.items() if isinstance(v, float))
         log(f"[{task.prefix}] step {step}/{total_steps} epoch {epoch}: {shown}" + (" (final)" if final else ""))
         if report is not None:
@@ -227,6 +253,7 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
                 f"{at_batch} of the epoch; first clips {paths}). Fix: lower the learning rate, "
                 f"enable clipping (clip_grad) or check these clips."
             )
+
     t0 = time.perf_counter()
     model.train()
     done = step >= total_steps
@@ -271,8 +298,10 @@ def fit(model: torch.nn.Module, task, train_loader: DataLoader, eval_loader: Dat
             step += 1
             if settings.log_every and step % settings.log_every == 0:
                 rate = res.samples / max(time.perf_counter() - t0, 1e-9)
-                log(f"[{task.prefix}] step {step}/{total_steps} loss {float(parts['loss']):.4f} lr {schedule.lr:.2e} "
-                    f"({rate:.1f} samples/s)")
+                log(
+                    f"[{task.prefix}] step {step}/{total_steps} loss {float(parts['loss']):.4f} lr {schedule.lr:.2e} "
+                    f"({rate:.1f} samples/s)"
+                )
             if settings.eval_every and step % settings.eval_every == 0 and step < total_steps:
                 evaluate_and_report()
                 train_window, train_window_n = {}, 0

@@ -37,7 +37,8 @@ class PretrainTask:
         if cfg.mask_count > most:
             raise ConfigError(
                 f"pretrain.mask_count {cfg.mask_count} is too large for {n} patches (grid {grid[0]} x {grid[1]}, "
-                f"strategy {cfg.mask_strategy}); it must be at most {most}. Lower it or lengthen pretrain.target_length")
+                f"strategy {cfg.mask_strategy}); it must be at most {most}. Lower it or lengthen pretrain.target_length"
+            )
 
     def masks(self, batch: int, rng: np.random.Generator, device) -> torch.Tensor:
         f, t = self.grid

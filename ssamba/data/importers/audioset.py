@@ -53,8 +53,9 @@ def read_class_labels(label_csv: str | os.PathLike, layout: str) -> tuple[list[s
     return mids, {m: n for _, m, n in entries}
 
 
-def _load_labels(label_csv: str | os.PathLike | None, default_dir: Path,
-                 layout: str) -> tuple[Path, list[str], dict[str, str]]:
+def _load_labels(
+    label_csv: str | os.PathLike | None, default_dir: Path, layout: str
+) -> tuple[Path, list[str], dict[str, str]]:
     """The label csv path (default: ``class_labels_indices.csv`` in ``default_dir``), its mids and names."""
     path = Path(label_csv) if label_csv is not None else default_dir / "class_labels_indices.csv"
     vocab, names = read_class_labels(path, layout)
@@ -77,15 +78,11 @@ def _check_mids(mids: list[str], known: set[str], label_csv: Path, where: str, f
     """Refuse mids that the label csv does not list; ``where`` names the offending entry."""
     unknown = [m for m in mids if m not in known]
     if unknown:
-        raise ManifestError(
-            f"{where} has mids {unknown} that are not in the label csv {label_csv}. Fix: {fix}"
-        )
+        raise ManifestError(f"{where} has mids {unknown} that are not in the label csv {label_csv}. Fix: {fix}")
 
 
 # ================================================================================= SSAST JSON
-_SSAST_EXPECTED = (
-    'a JSON file {"data": [{"wav": path, "labels": "/m/a,/m/b"}, ...]} with class_labels_indices.csv'
-)
+_SSAST_EXPECTED = 'a JSON file {"data": [{"wav": path, "labels": "/m/a,/m/b"}, ...]} with class_labels_indices.csv'
 
 
 def import_ssast_json(
@@ -111,7 +108,9 @@ def import_ssast_json(
         with open(json_path, encoding="utf-8") as fh:
             doc = json.load(fh)
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"ssast_json: {json_path} is not valid JSON ({exc}). Fix: expected {_SSAST_EXPECTED}.") from None
+        raise ManifestError(
+            f"ssast_json: {json_path} is not valid JSON ({exc}). Fix: expected {_SSAST_EXPECTED}."
+        ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise ManifestError(
             f"ssast_json: {json_path} has no top-level list 'data' (found "
@@ -127,8 +126,13 @@ def import_ssast_json(
                 f"entry needs a 'wav' and a 'labels' field."
             )
         mids = _split_mids(entry.get("labels", ""))
-        _check_mids(mids, known, label_csv, f"ssast_json: entry {i} ({entry['wav']!r}) of {json_path}",
-                    "use the label csv this JSON was made for, or correct the entry.")
+        _check_mids(
+            mids,
+            known,
+            label_csv,
+            f"ssast_json: entry {i} ({entry['wav']!r}) of {json_path}",
+            "use the label csv this JSON was made for, or correct the entry.",
+        )
         wav = Path(entry["wav"]).expanduser()
         full = wav if wav.is_absolute() else root / wav
         if not full.is_file():
@@ -144,13 +148,20 @@ def import_ssast_json(
             f"{len(missing)} missing on disk, root {str(root)!r}); expected {_SSAST_EXPECTED}. "
             f"Fix: check that the wav paths resolve against the JSON's folder."
         )
-    return build_manifest(rows, root=root, dataset="ssast_json", expected=_SSAST_EXPECTED, label_vocab=vocab,
-                          notes=notes, progress=progress)
+    return build_manifest(
+        rows,
+        root=root,
+        dataset="ssast_json",
+        expected=_SSAST_EXPECTED,
+        label_vocab=vocab,
+        notes=notes,
+        progress=progress,
+    )
 
 
 # ================================================================================= AudioSet CSV
 _AUDIOSET_EXPECTED = (
-    "a segments CSV (YTID, start_seconds, end_seconds, \"positive_labels\") and an audio folder "
+    'a segments CSV (YTID, start_seconds, end_seconds, "positive_labels") and an audio folder '
     "with files named {YTID}.wav, {YTID}_{start}.wav or Y{YTID}.wav (any audio extension)"
 )
 
@@ -215,14 +226,19 @@ def import_audioset_csv(
             if len(rec) < 4:
                 raise ManifestError(
                     f"audioset_csv: data row {lineno} of {csv_path} has {len(rec)} fields ({rec!r}); "
-                    f"expected YTID, start_seconds, end_seconds, \"positive_labels\". Fix: use the "
+                    f'expected YTID, start_seconds, end_seconds, "positive_labels". Fix: use the '
                     f"published segments CSV format."
                 )
             n_rows += 1
             ytid, start, end = rec[0].strip(), rec[1].strip(), rec[2].strip()
             mids = _split_mids(",".join(rec[3:]))
-            _check_mids(mids, known, label_csv, f"audioset_csv: row {ytid!r} (data row {lineno}) of {csv_path}",
-                        "use the matching class_labels_indices.csv, or correct the row.")
+            _check_mids(
+                mids,
+                known,
+                label_csv,
+                f"audioset_csv: row {ytid!r} (data row {lineno}) of {csv_path}",
+                "use the matching class_labels_indices.csv, or correct the row.",
+            )
             try:
                 start_s, end_s = float(start), float(end)
             except ValueError:
@@ -246,16 +262,32 @@ def import_audioset_csv(
                     f"{ytid!r}). Fix: name clips {{YTID}}_{{start}} when a video has several segments."
                 )
             seen.add(rel)
-            rows.append({"path": rel, "labels": mids, "split": split, "ytid": ytid,
-                         "start_seconds": start_s, "end_seconds": end_s})
+            rows.append(
+                {
+                    "path": rel,
+                    "labels": mids,
+                    "split": split,
+                    "ytid": ytid,
+                    "start_seconds": start_s,
+                    "end_seconds": end_s,
+                }
+            )
     notes = {**_label_notes(csv_path, label_csv, names), "csv_rows": n_rows}
     if missing:
-        note_listing(notes, "audioset_csv", "missing_audio", missing,
-                     f"of {n_rows} CSV rows have no audio file in {root}")
+        note_listing(
+            notes, "audioset_csv", "missing_audio", missing, f"of {n_rows} CSV rows have no audio file in {root}"
+        )
     if not rows:
         raise ManifestError(
             f"audioset_csv: none of the {n_rows} rows of {csv_path} has audio in {str(root)!r}; "
             f"expected {_AUDIOSET_EXPECTED}. Fix: pass audio_dir= pointing at the downloaded clips."
         )
-    return build_manifest(rows, root=root, dataset="audioset_csv", expected=_AUDIOSET_EXPECTED,
-                          label_vocab=vocab, notes=notes, progress=progress)
+    return build_manifest(
+        rows,
+        root=root,
+        dataset="audioset_csv",
+        expected=_AUDIOSET_EXPECTED,
+        label_vocab=vocab,
+        notes=notes,
+        progress=progress,
+    )

@@ -34,9 +34,7 @@ EXAMPLES_LISTED = 20
 _BASE_EXTENSIONS = {".wav", ".flac", ".ogg"}
 _ALIASES = {".aif", ".aifc", ".oga", ".opus", ".sph"}
 AUDIO_EXTENSIONS: frozenset[str] = frozenset(
-    _BASE_EXTENSIONS
-    | _ALIASES
-    | {"." + fmt.lower() for fmt in sf.available_formats() if fmt.upper() != "RAW"}
+    _BASE_EXTENSIONS | _ALIASES | {"." + fmt.lower() for fmt in sf.available_formats() if fmt.upper() != "RAW"}
 )
 
 
@@ -66,9 +64,7 @@ def existing_file(path: str | os.PathLike, layout: str, what: str) -> Path:
     """``path`` resolved, or a :class:`ManifestError` when it is missing or not a file."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise ManifestError(
-            f"{layout}: {what} {str(p)!r} does not exist. Fix: pass the path of an existing {what}."
-        )
+        raise ManifestError(f"{layout}: {what} {str(p)!r} does not exist. Fix: pass the path of an existing {what}.")
     if not p.is_file():
         raise ManifestError(f"{layout}: {what} {str(p)!r} is not a file. Fix: pass the {what} itself.")
     return p.resolve()
@@ -106,8 +102,9 @@ def listing(items: list[Any], limit: int = MAX_LISTED) -> dict[str, Any]:
     return {"count": len(items), "items": list(items[:limit]), "truncated": len(items) > limit}
 
 
-def note_listing(notes: dict[str, Any], dataset: str, key: str, items: list[Any], what: str,
-                 limit: int = MAX_LISTED) -> None:
+def note_listing(
+    notes: dict[str, Any], dataset: str, key: str, items: list[Any], what: str, limit: int = MAX_LISTED
+) -> None:
     """Store ``items`` as ``notes[key]`` and log a warning with their count and a few examples."""
     notes[key] = listing(items, limit)
     shown = ", ".join(str(x) for x in items[:3])
@@ -157,7 +154,10 @@ def build_manifest(
         log.warning(
             "%s: %d of %d audio files could not be opened by soundfile and were left out "
             "(listed in meta['notes']['unreadable']), e.g. %s",
-            dataset, len(unreadable), len(rows), shown,
+            dataset,
+            len(unreadable),
+            len(rows),
+            shown,
         )
     if not kept:
         raise ManifestError(

@@ -49,8 +49,7 @@ def _parse_bool(value: str) -> bool:
     if v in ("false", "0", "no", ""):
         return False
     raise ManifestError(
-        f"esc50.csv: esc10 value {value!r} is not a boolean. Fix: use True/False as in the "
-        f"published meta/esc50.csv."
+        f"esc50.csv: esc10 value {value!r} is not a boolean. Fix: use True/False as in the published meta/esc50.csv."
     )
 
 
@@ -110,15 +109,16 @@ def _esc_csv(root: Path, dataset: str, esc10_only: bool, progress: bool) -> Mani
         rows.append(row)
     notes: dict[str, Any] = {"layout": "csv"}
     if missing:
-        note_listing(notes, dataset, "missing_from_disk", missing,
-                     "files named in meta/esc50.csv are missing on disk")
+        note_listing(notes, dataset, "missing_from_disk", missing, "files named in meta/esc50.csv are missing on disk")
     extra = sorted(f"audio/{n}" for n in on_disk if n not in named)
     if extra:
-        note_listing(notes, dataset, "not_in_csv", extra,
-                     "audio files are not named in meta/esc50.csv and were left out")
+        note_listing(
+            notes, dataset, "not_in_csv", extra, "audio files are not named in meta/esc50.csv and were left out"
+        )
     vocab = [targets[t] for t in sorted(targets)]
-    return build_manifest(rows, root=root, dataset=dataset, expected=_ESC_EXPECTED, label_vocab=vocab,
-                          notes=notes, progress=progress)
+    return build_manifest(
+        rows, root=root, dataset=dataset, expected=_ESC_EXPECTED, label_vocab=vocab, notes=notes, progress=progress
+    )
 
 
 def _esc_folders(root: Path, dataset: str, progress: bool) -> Manifest:
@@ -145,16 +145,25 @@ def _esc_folders(root: Path, dataset: str, progress: bool) -> Manifest:
                     f"{{fold}}-{{freesound id}}-{{take}}.ogg, so its fold is unknown. Fix: rename it "
                     f"or move it out of the dataset folder."
                 )
-            rows.append({
-                "path": rel_path(f, root),
-                "labels": [label],
-                "split": None,
-                "fold": int(m.group(1)),
-                "source": m.group(2),
-                "take": m.group(3),
-            })
-    return build_manifest(rows, root=root, dataset=dataset, expected=_ESC_EXPECTED, label_vocab=names,
-                          notes={"layout": "folder"}, progress=progress)
+            rows.append(
+                {
+                    "path": rel_path(f, root),
+                    "labels": [label],
+                    "split": None,
+                    "fold": int(m.group(1)),
+                    "source": m.group(2),
+                    "take": m.group(3),
+                }
+            )
+    return build_manifest(
+        rows,
+        root=root,
+        dataset=dataset,
+        expected=_ESC_EXPECTED,
+        label_vocab=names,
+        notes={"layout": "folder"},
+        progress=progress,
+    )
 
 
 def import_esc50(root: str | os.PathLike, *, progress: bool = True, esc10_only: bool = False) -> Manifest:

@@ -54,8 +54,20 @@ def import_folders(root: str | os.PathLike, *, progress: bool = True, follow_sym
         add_classes(root, None)
     notes: dict[str, Any] = {"split_level": bool(split_dirs)}
     if outside:
-        note_listing(notes, "folders", "outside_class_folders", sorted(outside),
-                     "audio files lie outside any class folder and were left out")
+        note_listing(
+            notes,
+            "folders",
+            "outside_class_folders",
+            sorted(outside),
+            "audio files lie outside any class folder and were left out",
+        )
     vocab = sorted({r["labels"][0] for r in rows})
-    return build_manifest(rows, root=root, dataset="folders", expected=_FOLDERS_EXPECTED, label_vocab=vocab,
-                          notes=notes, progress=progress)
+    return build_manifest(
+        rows,
+        root=root,
+        dataset="folders",
+        expected=_FOLDERS_EXPECTED,
+        label_vocab=vocab,
+        notes=notes,
+        progress=progress,
+    )

@@ -56,8 +56,13 @@ def import_speech_commands(
     notes: dict[str, Any] = {}
     both = sorted(val_set & test_set)
     if both:
-        note_listing(notes, "speech_commands", "listed_in_both", both,
-                     "files are named in both validation and testing lists; they were put in test")
+        note_listing(
+            notes,
+            "speech_commands",
+            "listed_in_both",
+            both,
+            "files are named in both validation and testing lists; they were put in test",
+        )
 
     rows: list[dict[str, Any]] = []
     words: list[str] = []
@@ -82,8 +87,9 @@ def import_speech_commands(
                 split = "validation"
             else:
                 split = "train"
-            rows.append({"path": rel, "labels": [d.name], "split": split, "speaker": speaker or None,
-                         "utterance": utterance})
+            rows.append(
+                {"path": rel, "labels": [d.name], "split": split, "speaker": speaker or None, "utterance": utterance}
+            )
     if not rows:
         raise ManifestError(
             f"speech_commands: no word folders with audio found under {str(root)!r}; the layout "
@@ -91,21 +97,38 @@ def import_speech_commands(
         )
     if not have_lists:
         notes["no_split_lists"] = True
-        log.warning("speech_commands: %s has neither validation_list.txt nor testing_list.txt; "
-                    "split left empty (use speaker_disjoint_split for held-out speakers)", root)
+        log.warning(
+            "speech_commands: %s has neither validation_list.txt nor testing_list.txt; "
+            "split left empty (use speaker_disjoint_split for held-out speakers)",
+            root,
+        )
 
     on_disk = {r["path"] for r in rows}
     missing = [p for p in val_list + test_list if p not in on_disk]
     if missing:
-        note_listing(notes, "speech_commands", "missing_from_lists", missing,
-                     "entries of validation_list.txt/testing_list.txt are not on disk", EXAMPLES_LISTED)
+        note_listing(
+            notes,
+            "speech_commands",
+            "missing_from_lists",
+            missing,
+            "entries of validation_list.txt/testing_list.txt are not on disk",
+            EXAMPLES_LISTED,
+        )
 
     if include_background:
         for f in audio_in(root / BACKGROUND_DIR):
-            rows.append({"path": rel_path(f, root), "labels": [], "split": BACKGROUND_SPLIT,
-                         "speaker": None, "utterance": None})
-    return build_manifest(rows, root=root, dataset="speech_commands", expected=_SC_EXPECTED,
-                          label_vocab=words, notes=notes, progress=progress)
+            rows.append(
+                {"path": rel_path(f, root), "labels": [], "split": BACKGROUND_SPLIT, "speaker": None, "utterance": None}
+            )
+    return build_manifest(
+        rows,
+        root=root,
+        dataset="speech_commands",
+        expected=_SC_EXPECTED,
+        label_vocab=words,
+        notes=notes,
+        progress=progress,
+    )
 
 
 # ================================================================================= Free Spoken Digit Dataset
@@ -131,13 +154,16 @@ def import_fsdd(root: str | os.PathLike, *, progress: bool = True) -> Manifest:
                 f"label is unknown. Fix: rename it or move it out of {rec}."
             )
         index = int(m.group(3))
-        rows.append({
-            "path": rel_path(f, base),
-            "labels": [m.group(1)],
-            "split": "test" if index <= FSDD_TEST_MAX_INDEX else "train",
-            "speaker": m.group(2),
-            "index": index,
-        })
+        rows.append(
+            {
+                "path": rel_path(f, base),
+                "labels": [m.group(1)],
+                "split": "test" if index <= FSDD_TEST_MAX_INDEX else "train",
+                "speaker": m.group(2),
+                "index": index,
+            }
+        )
     vocab = sorted({r["labels"][0] for r in rows}, key=int)
-    return build_manifest(rows, root=base, dataset="fsdd", expected=_FSDD_EXPECTED, label_vocab=vocab,
-                          notes={}, progress=progress)
+    return build_manifest(
+        rows, root=base, dataset="fsdd", expected=_FSDD_EXPECTED, label_vocab=vocab, notes={}, progress=progress
+    )

@@ -82,7 +82,7 @@ def speaker_disjoint_split(
     assignment: dict[str, str] = {}
     start = 0
     for name, c in zip(("train", "validation", "test"), counts):
-        for spk in shuffled[start:start + c]:
+        for spk in shuffled[start : start + c]:
             assignment[spk] = name
         start += c
     if "original_split" not in df.columns:
