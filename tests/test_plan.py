@@ -125,3 +125,18 @@ def test_resources_fit_the_cluster():
     assert given.cpus_per_worker == 2.0
     with pytest.raises(ConfigError, match="has 1 GPUs"):
         Resources(gpus=2).fit(total_cpus=16, total_gpus=1, largest_node_cpus=16)
+
+
+def test_set_paths_are_resolved_and_checked_before_ray(tmp_path, small_demo, monkeypatch):
+    """Workers run elsewhere: a relative --set path is made absolute here, and a missing file fails here."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(small_demo, tmp_path / "m.parquet")
+    plan = plan_of(
+        NORM, "--smoke-test", "--storage", "st", "--set", "data.manifest=m.parquet", "--set", "data.cache_dir=fc"
+    )
+    assert plan.cells[0].config.data.manifest == str(tmp_path / "m.parquet")
+    assert plan.cells[0].config.data.cache_dir == str(tmp_path / "fc")
+    with pytest.raises(ConfigError, match=r"data.manifest=nope.parquet: .*nope.parquet does not exist"):
+        plan_of(NORM, "--smoke-test", "--storage", "st", "--set", "data.manifest=nope.parquet")

@@ -191,3 +191,53 @@ def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
         time.sleep(1)
         killed += kill_marked(str(ray_tmp))  # anything restarted while the first pass ran
         print(f"stopped {killed} Ray processes of the test cluster")
+
+
+def _ray_logs_mention(folder: Path, text: str) -> list[str]:
+    hits = []
+    for log in folder.rglob("logs/*"):
+        try:
+            if log.is_file() and text in log.read_text(errors="replace"):
+                hits.append(log.name)
+        except OSError:
+            pass
+    return hits
+
+
+@pytest.mark.timeout(600)
+def test_sweep_talks_only_to_its_own_ray(cache_env, tmp_path, ray_tmp):
+    """With an unrelated Ray up on the same machine, a local sweep never discovers it: Ray Train's clean-up
+    (the state API inside its actors) is pointed at the sweep's own dashboard, not at "the latest cluster"."""
+    other_tmp, own_tmp = ray_tmp / "other", ray_tmp / "own"
+    other_tmp.mkdir()
+    own_tmp.mkdir()
+    env = _env(cache_env, ray_tmp)
+    env["RAY_AUTH_MODE"] = "disabled"
+    ray_bin = str(Path(PY).parent / "ray")
+    gcs, dash = _free_port(), _free_port()
+    start = subprocess.run(
+        [ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--dashboard-host",
+         "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "1", "--temp-dir", str(other_tmp),
+         "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert start.returncode == 0, start.stdout + start.stderr
+    other = {p.pid for p in psutil.process_iter(["cmdline"]) if str(other_tmp) in " ".join(p.info["cmdline"] or [])}
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        cmd = [PY, str(ROOT / "sweeps" / "norm.py"), "--smoke-test", "--arms", "layernorm", "--storage",
+               str(tmp_path / "store"), "--mlflow-uri", uri]  # fmt: skip
+        run = subprocess.run(cmd, env={**env, "RAY_TMPDIR": str(own_tmp)}, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=500)  # fmt: skip
+        out = run.stdout + run.stderr
+        assert run.returncode == 0, out[-4000:]
+        assert "Found multiple active Ray instances" not in out
+        assert _ray_logs_mention(own_tmp, "Found multiple active Ray instances") == []
+        _, parents, trials = _trials(uri)
+        assert parents["tags.sweep.ray"].iloc[0] == "local" and (trials["tags.trial.status"] == "finished").all()
+        alive = [pid for pid in other if psutil.pid_exists(pid)]
+        assert alive, "the other Ray must still be up: nothing of the sweep stopped it"
+    finally:
+        kill_marked(str(ray_tmp))
+        time.sleep(1)
+        kill_marked(str(ray_tmp))

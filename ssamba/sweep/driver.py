@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -126,8 +127,19 @@ class OptunaSpace:
                 trial.suggest_categorical(key, args[0])
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: str = "127.0.0.1") -> str:
-    """Join the cluster of a ``ray job submit`` (or ``$RAY_ADDRESS``), else start a local Ray on loopback."""
+    """Join the cluster of a ``ray job submit`` (or ``$RAY_ADDRESS``), else start a local Ray on loopback.
+
+    A local Ray's dashboard gets a port chosen here, and ``$RAY_API_SERVER_ADDRESS`` names it before Ray
+    starts, so that every Ray process of the sweep inherits it: Ray Train's placement-group clean-up asks
+    the state API about its controller from inside an actor, and without an address that API discovers
+    "the latest cluster" on the machine, which may be someone else's Ray."""
     joining = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
     if not joining:
         # single-machine mode: every Ray process on 127.0.0.1 (read when ray is imported)
@@ -139,11 +151,14 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: 
     if joining:
         ray.init(log_to_driver=not quiet)
         return "cluster"
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host=dashboard_host,
+        dashboard_port=port,
         log_to_driver=not quiet,
     )
     return "local"

@@ -109,6 +109,27 @@ def parse_tune(specs: list[str]) -> dict[str, tuple]:
     return out
 
 
+# settings that name a file or folder: resolved against the caller's directory before anything leaves this
+# process (Ray workers run in other directories, on other machines), files checked to exist
+FILE_KEYS = ("data.manifest", "finetune.manifest")
+FOLDER_KEYS = ("data.cache_dir",)
+
+
+def resolve_paths(overrides: Mapping[str, Any], cwd: str | Path | None = None) -> dict[str, Any]:
+    """``--set`` values of path settings made absolute (``~`` expanded); a missing file is a ConfigError."""
+    out = dict(overrides)
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    for key in (*FILE_KEYS, *FOLDER_KEYS):
+        value = str(out.get(key) or "")
+        if not value:
+            continue
+        path = (base / Path(value).expanduser()).resolve()
+        if key in FILE_KEYS and not path.is_file():
+            raise ConfigError(f"--set {key}={value}: {path} does not exist")
+        out[key] = str(path)
+    return out
+
+
 def tune_example(spec: Mapping[str, tuple]) -> dict[str, Any]:
     """One value of each tuned key (the low end, or the first choice): what validation resolves."""
     return {
@@ -327,7 +348,7 @@ def make_plan(
     Raises :class:`ConfigError` for anything wrong with the options or any trial's config."""
     preset_name = "smoke" if args.smoke_test else args.preset
     p = get_preset(preset_name)
-    overrides = parse_set_args(args.set)
+    overrides = resolve_paths(parse_set_args(args.set))
     base = apply_overrides(p.config, overrides)
     arms = dict(factor.arms)
     if args.arms:
