@@ -7,7 +7,8 @@ or more sweeps. No I/O happens here.
 Conventions (stated once, used by every renderer):
 - A trial is *finished* when its MLflow status is FINISHED, its ``trial.status`` tag is ``finished``
   (or absent) and it logged ``ft/<task>/final`` for every task of its sweep. FINISHED otherwise is
-  *incomplete*; RUNNING/SCHEDULED is *running*; FAILED/KILLED or ``trial.status=failed`` is *failed*.
+  *incomplete*; RUNNING/SCHEDULED is *running*; ``trial.status=interrupted`` (a stopped sweep) is
+  *interrupted*; FAILED/KILLED or ``trial.status=failed`` otherwise is *failed*.
   Only finished trials enter the statistics; the others are counted per row.
 - Rows: the trials of one arm grouped by every config param except the seed and :data:`NOISE_PARAMS`,
   so different presets or settings are never averaged together. Several groups of one arm are
@@ -56,7 +57,7 @@ def _tag(name: str) -> str:
 
 
 HIGHER_IS_BETTER = {"pretrain/acc": True, "pretrain/loss": False}  # tasks: higher (accuracy / mAP)
-STATUSES = ("finished", "failed", "running", "incomplete", "duplicate")
+STATUSES = ("finished", "failed", "interrupted", "running", "incomplete", "duplicate")
 MAX_LABEL_KEYS = 3
 
 
@@ -396,6 +397,8 @@ def _trial_status(r: pd.Series, required_tasks: list[str]) -> str:
     mstatus = str(r.get("status") or "").upper()
     tstatus = r.get(_tag(N.TRIAL_STATUS))
     tstatus = str(tstatus).lower() if _present(tstatus) else None
+    if tstatus == "interrupted":
+        return "interrupted"
     if mstatus in ("FAILED", "KILLED") or tstatus == "failed":
         return "failed"
     if mstatus in ("RUNNING", "SCHEDULED"):

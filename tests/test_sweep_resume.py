@@ -241,3 +241,51 @@ def test_sweep_talks_only_to_its_own_ray(cache_env, tmp_path, ray_tmp):
         kill_marked(str(ray_tmp))
         time.sleep(1)
         kill_marked(str(ray_tmp))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_marks_the_sweep_interrupted_and_resume_finishes_it(cache_env, tmp_path, ray_tmp, sig):
+    """Ctrl-C or SIGTERM mid-trial: the parent run and the unfinished trial runs are KILLED and say
+    ``interrupted`` (nothing stays RUNNING, nothing claims success), the summary counts them apart, and
+    --resume completes the sweep in the same runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [PY, str(ROOT / "sweeps" / "masking.py"), "--smoke-test", "--quiet", "--storage", str(tmp_path / "store"),
+           "--mlflow-uri", uri, "--max-concurrent", "1"]  # fmt: skip
+    env = _env(cache_env, ray_tmp)
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline, running = time.time() + 300, False
+    opened = tmp_path / "store" / "masking-smoke" / "sweep.json"  # written once the store and parent run exist
+    while time.time() < deadline and proc.poll() is None and not running:
+        time.sleep(1)
+        if not opened.is_file():
+            continue  # (opening the store from here while the sweep creates it would race it)
+        _, _, trials = _trials(uri)
+        if len(trials):
+            done = (trials["tags.trial.status"] == "finished").sum()
+            running = done >= 1 and (trials["status"] == "RUNNING").any()
+    assert running, "no trial was running after a finished one" + (proc.stdout.read()[-3000:] if proc.poll() else "")
+    proc.send_signal(sig)  # to the driver only, as `kill -INT` / `kill -TERM`
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and "--resume" in out
+    kill_marked(str(ray_tmp))
+    t, parents, trials = _trials(uri)
+    assert parents["status"].iloc[0] == "KILLED" and parents["tags.sweep.status"].iloc[0] == "interrupted"
+    assert not (trials["status"] == "RUNNING").any()
+    stopped = trials[trials["tags.trial.status"] != "finished"]
+    assert len(stopped) >= 1 and (stopped["status"] == "KILLED").all()
+    assert (stopped["tags.trial.status"] == "interrupted").all()
+    from ablations.table import summarize
+
+    table = summarize(t.runs_frame(t.sweep_experiments()))[0]
+    assert sum(r.counts.get("interrupted", 0) for r in table.rows) == len(stopped)
+
+    out = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    _, parents, trials = _trials(uri)
+    assert len(parents) == 1 and parents["status"].iloc[0] == "FINISHED"
+    assert parents["tags.sweep.status"].iloc[0] == "finished"
+    assert len(trials) == 3 and (trials["status"] == "FINISHED").all()
+    assert (trials["tags.trial.status"] == "finished").all() and trials["tags.trial.key"].is_unique

@@ -78,3 +78,35 @@ def test_smoke_sweep_end_to_end(local_ray, tmp_path, factor_name, n_arms, capsys
     if factor.name == "masking":  # 250/300/400 of 512 scaled to 64 patches
         counts = dict(zip(trials["tags.ablation.arm"], trials["params.pretrain.mask_count"].astype(int)))
         assert counts == {"250": 31, "300": 38, "400": 50}
+
+
+@pytest.mark.timeout(600)
+def test_logged_params_are_what_ran(local_ray, tmp_path, small_demo):
+    """A manifest whose statistics differ from every preset: the trial's params carry the statistics the
+    stages used (the same values the checkpoints store) and each stage's data file with its hash."""
+    from ablations.run import main
+    from ssamba.config import FrontendConfig
+    from ssamba.data.manifest import read_manifest
+    from ssamba.model.checkpoints import read_checkpoint
+    from ssamba.sweep.records import file_facts
+
+    path = tmp_path / "odd.parquet"
+    m = read_manifest(small_demo)
+    m.with_stats(-1.2345, 2.5, FrontendConfig().fbank_key(), len(m), 1).write(path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tmp_path / "store"
+    rc = main("norm", ["--smoke-test", "--quiet", "--arms", "layernorm", "--storage", str(store), "--mlflow-uri", uri,
+                       "--set", f"data.manifest={path}", "--tasks", f"demo={path}"])  # fmt: skip
+    assert rc == 0
+    _, runs = _store(uri)
+    trial = runs[runs["tags.sweep.role"] == "trial"].iloc[0]
+    assert float(trial["params.pretrain.mean"]) == -1.2345 and float(trial["params.pretrain.std"]) == 2.5
+    assert float(trial["params.tasks.demo.mean"]) == -1.2345  # the task's own value, logged under its name
+    facts = file_facts(path)
+    for stage in ("pretrain", "ft.demo"):
+        assert trial[f"params.files.{stage}.path"] == facts["path"]
+        assert trial[f"params.files.{stage}.sha256"] == facts["sha256"]
+    (pre,) = store.glob("norm-smoke/pretrain/*/best.pt")
+    assert read_checkpoint(pre)["config"]["pretrain.mean"] == -1.2345  # the checkpoint says the same
+    (ft,) = store.glob("norm-smoke/trials/*/ft-demo/best.pt")
+    assert read_checkpoint(ft)["config"]["finetune.mean"] == -1.2345

@@ -20,15 +20,16 @@ SWEEP_REFERENCE = "sweep.reference_arm"
 SWEEP_TASKS = "sweep.tasks"  # JSON list of the fine-tuning tasks
 SWEEP_PRESET = "sweep.preset"
 SWEEP_RAY = "sweep.ray"  # how Ray was reached (local, address)
-SWEEP_STATUS = "sweep.status"  # finished | interrupted | ...
+SWEEP_STATUS = "sweep.status"  # finished | failed | interrupted
 SWEEP_TRIALS = "sweep.trials"
 SWEEP_FAILED = "sweep.failed"
+SWEEP_DONE = "sweep.done"  # trials that ran to their end before an interruption
 FACTOR = "ablation.factor"
 ARM = "ablation.arm"
 SEED = "seed"
 GIT_COMMIT = "git.commit"
 TRIAL_KEY = "trial.key"
-TRIAL_STATUS = "trial.status"  # running | finished | failed
+TRIAL_STATUS = "trial.status"  # running | finished | failed | interrupted
 TRIAL_ERROR = "trial.error"
 PRETRAIN_KEY = "pretrain.key"
 PRETRAIN_REUSED = "pretrain.reused"  # "true" when another trial computed the shared pretraining
@@ -37,6 +38,9 @@ MLFLOW_PARENT = "mlflow.parentRunId"
 
 # params: the dotted config keys, plus each task's fine-tuning values that differ from the trial's
 TASK_PARAM_PREFIX = "tasks."  # tasks.<task>.<finetune key without "finetune.">
+FILES_PARAM_PREFIX = (
+    "files."  # files.<stage>.path|sha256|size|mtime: each stage's manifest (stage: pretrain, ft.<task>)
+)
 
 # metrics
 PRETRAIN = "pretrain"  # prefix of the pretraining stage's metrics: pretrain/<name>

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from ssamba.base.files import write_json_atomic
 from ssamba.config.presets import PRESETS, TASK_RECIPES
 from ssamba.sweep.factors import Factor
 from ssamba.sweep.plan import SweepPlan, make_plan, with_resources
+from ssamba.sweep.records import settle_data
 
 
 @dataclass
@@ -328,10 +331,43 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
             tune_config = tune.TuneConfig(max_concurrent_trials=conc)
             space = {"cell": tune.grid_search(list(range(n)))}
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+    # a trial that ran to its end reported its MLflow run; one that Tune stopped (Ctrl-C) did not
     return [
-        {"config": r.config, "metrics": r.metrics or {}, "error": str(r.error) if r.error else None}
+        {
+            "config": r.config,
+            "metrics": r.metrics or {},
+            "error": str(r.error) if r.error else None,
+            "done": r.error is None and "mlflow_run_id" in (r.metrics or {}),
+        }
         for r in tuner.fit()
     ]
+
+
+class SweepInterrupted(SSAMBAError):
+    """The sweep was stopped by a signal (Ctrl-C, SIGTERM); what it recorded says so, and --resume continues."""
+
+
+def mark_interrupted(plan: SweepPlan, tracker, trials: list[dict[str, Any]] | None) -> int:
+    """The parent run and every trial run of the sweep that neither finished nor failed on its own: KILLED,
+    ``sweep.status`` / ``trial.status`` ``interrupted``. ``trials`` are Tune's results when it returned (its
+    errored trials keep their failure); returns the number of trial runs marked."""
+    failed_keys = {plan.trial(t["config"]).key for t in trials or [] if t["error"]}
+    marked = 0
+    for run in tracker.trial_runs(plan.experiment_id, plan.sweep_id):
+        tags = run.data.tags
+        if tags.get(N.TRIAL_STATUS) == "finished" or tags.get(N.TRIAL_KEY) in failed_keys:
+            continue
+        if run.info.status == "FAILED" and tags.get(N.TRIAL_STATUS) == "failed" and trials is None:
+            continue  # failed before the signal (Tune's results are not known)
+        tracker.set_tags(run.info.run_id, {N.TRIAL_STATUS: "interrupted"})
+        tracker.finish(run.info.run_id, "KILLED")
+        marked += 1
+    done = sum(bool(t.get("done")) for t in trials or [])
+    tracker.set_tags(
+        plan.parent_run_id, {N.SWEEP_STATUS: "interrupted", N.SWEEP_TRIALS: str(plan.n_trials), N.SWEEP_DONE: str(done)}
+    )
+    tracker.finish(plan.parent_run_id, "KILLED")
+    return marked
 
 
 def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
@@ -358,6 +394,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
 
     tracker = Tracker(args.mlflow_uri)
     plan = make_plan(factor, args, sweep_id=_sweep_id(factor, args), git_commit=git_commit(), mlflow_uri=tracker.uri)
+    plan = settle_data(plan)  # each stage's statistics and data file, as the trials will log them
     mode = start_ray(quiet=args.quiet, dashboard_host=getattr(args, "dashboard_host", "127.0.0.1"))
     plan = fit_resources(plan)
     plan = open_records(plan, tracker, mode, args.resume)
@@ -369,13 +406,34 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
         f"Ray {mode}; MLflow {tracker.uri} experiment {plan.experiment!r}",
         flush=True,
     )
+    trials = None
+    stopped: list[int] = []
+
+    def on_sigterm(signum, _frame):  # as a second Ctrl-C: out of Tune's loop at once
+        stopped.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = (
+        signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         trials = execute(plan, resume=args.resume, quiet=args.quiet)
+        left = [t for t in trials if not t["done"] and not t["error"]]
+        if left or stopped:  # Ctrl-C: Tune stopped the running trials and returned
+            raise SweepInterrupted(f"{len(left)} of {len(trials)} trials did not finish")
         finish(plan, tracker, trials)
-    except BaseException:
-        tracker.set_tags(plan.parent_run_id, {N.SWEEP_STATUS: "interrupted"})
-        tracker.finish(plan.parent_run_id, "KILLED")
+    except BaseException as exc:
+        marked = mark_interrupted(plan, tracker, trials)
+        if isinstance(exc, (KeyboardInterrupt, SweepInterrupted)):
+            raise SweepInterrupted(
+                f"sweep {plan.sweep_id} interrupted ({exc or type(exc).__name__}); parent run and {marked} "
+                f"unfinished trial run(s) marked "
+                f"KILLED. Continue it with the same command and --resume"
+            ) from None
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return SweepResult(
         plan.sweep_id, plan.experiment, plan.experiment_id, plan.parent_run_id, tracker.uri, plan.sweep_dir, trials
     )
@@ -392,6 +450,9 @@ def run_sweep_cli(
     args = build_parser(factor).parse_args(argv)
     try:
         res = run_sweep(factor, args)
+    except SweepInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     except SSAMBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

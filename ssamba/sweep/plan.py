@@ -236,6 +236,7 @@ class TrialSpec:
     mlflow_uri: str | None
     keep_checkpoints: str = "best"
     log_checkpoints: bool = True
+    files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # stage -> its manifest's facts
 
     @property
     def name(self) -> str:
@@ -248,7 +249,23 @@ class TrialSpec:
             for k, v in to_flat(t.config).items():
                 if k.startswith("finetune.") and params.get(k) != v:
                     params[f"{N.TASK_PARAM_PREFIX}{t.name}.{k[len('finetune.') :]}"] = v
+        for stage, facts in self.files.items():
+            for k, v in facts.items():
+                params[f"{N.FILES_PARAM_PREFIX}{stage}.{k}"] = v
         return params
+
+    def settled_like(self, cell: TrialSpec) -> TrialSpec:
+        """This trial (the cell plus tuned values) with the statistics and data files settled for its cell."""
+        if not cell.files:
+            return self
+        pre = replace(self.config.pretrain, mean=cell.config.pretrain.mean, std=cell.config.pretrain.std)
+        fts = {t.name: t.config.finetune for t in cell.tasks}
+        tasks = tuple(
+            TaskSpec(t.name, replace(t.config, pretrain=pre, finetune=replace(
+                t.config.finetune, mean=fts[t.name].mean, std=fts[t.name].std)), t.dir)
+            for t in self.tasks
+        )  # fmt: skip
+        return replace(self, config=replace(self.config, pretrain=pre), tasks=tasks, files=cell.files)
 
     def record(self) -> dict[str, Any]:
         """The resolved configs as stored beside the run (``config.json``)."""
@@ -308,7 +325,7 @@ class SweepPlan:
         unknown = sorted(set(tuned) - set(self.tune))
         if unknown:
             raise ConfigError(f"trial params {unknown} are not tuned keys of this sweep ({sorted(self.tune)})")
-        return resolve_trial(self, cell.arm, cell.seed, tuned) if tuned else cell
+        return resolve_trial(self, cell.arm, cell.seed, tuned).settled_like(cell) if tuned else cell
 
 
 def resolve_trial(plan: SweepPlan, arm: str, seed: int, tuned: Mapping[str, Any]) -> TrialSpec:

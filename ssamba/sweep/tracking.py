@@ -114,6 +114,11 @@ class Tracker:
         runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=2)
         return runs[0].info.run_id if runs else None
 
+    def trial_runs(self, experiment_id: str, sweep_id: str) -> list:
+        """Every trial run of one sweep (MLflow ``Run`` objects)."""
+        flt = f"tags.`{N.SWEEP_ID}` = '{sweep_id}' and tags.`{N.ROLE}` = '{N.TRIAL}'"
+        return list(self.client.search_runs([experiment_id], filter_string=flt, max_results=10000))
+
     def get_or_create_run(
         self,
         experiment_id: str,
