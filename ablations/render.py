@@ -67,7 +67,7 @@ def _cells(t: FactorTable, r: Row, bold) -> list[str]:
 def _explain(t: FactorTable) -> list[str]:
     lines = [
         "Cells: mean ± sample std over seeds (n = seeds) of `ft/<task>/final` and the pretraining metrics; "
-        "best per column in bold (cost not ranked); `device-h/trial` is the mean device-hours of a finished trial."
+        "best per column in bold, task columns chosen on the validation score (cost not ranked); `device-h/trial` is the mean device-hours of a finished trial."
     ]
     if t.reference_arm is not None:
         lines.append(
@@ -207,7 +207,7 @@ def render_latex(tables: list[FactorTable]) -> str:
             r"\end{tabular}",
             r"\caption{"
             + latex_escape(
-                f"Ablation: {t.factor}{ref}. Mean ± std over seeds (n); best in bold; "
+                f"Ablation: {t.factor}{ref}. Mean ± std over seeds (n); best in bold (tasks: chosen on validation); "
                 f"Δ with a {t.confidence:.0%} t-interval over paired seeds."
             )
             + "}",

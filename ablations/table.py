@@ -22,6 +22,9 @@ Conventions (stated once, used by every renderer):
   mean(d) ± t_{0.975, n-1} * sd(d) / sqrt(n). One pair gives the difference without an interval.
 - Best per column: highest mean (tasks, ``pretrain/acc``) or lowest (``pretrain/loss``), marked when at
   least two rows have a value and they are not all equal; ties are all marked. Cost is not ranked.
+  A task column is ranked on **validation**, never on the test score it shows: each row's mean over
+  seeds of ``ft/<task>/best_<metric>`` (the best validation score of the run, ``metric`` the task's
+  ``finetune.metric``; :attr:`Row.selection`). A task whose runs logged no validation score marks no best.
 """
 
 from __future__ import annotations
@@ -97,10 +100,11 @@ class Row:
     counts: dict[str, int]  # status -> number of runs
     cells: dict[str, Stat]  # column -> statistic over finished seeds
     diffs: dict[str, Diff]  # task -> difference to the reference
-    best: tuple[str, ...]  # columns in which this row is best
+    best: tuple[str, ...]  # columns in which this row is best (task columns ranked on validation)
     is_reference: bool
     run_ids: tuple[str, ...]
     failures: tuple[tuple[str, str, str], ...]  # (run_id, seed, error) of failed trials
+    selection: dict[str, Stat] = field(default_factory=dict)  # task -> validation score over finished seeds
 
     @property
     def status_line(self) -> str:
@@ -323,6 +327,12 @@ def _factor_table(
             c: {s: v for s, rec in latest.items() if _present(v := _num(rec["row"].get(_metric_col(c, tasks))))}
             for c in columns
         }
+        per_valid = {
+            t: {
+                s: v for s, rec in latest.items() if _present(v := _num(rec["row"].get(_validation_col(t, rec["row"]))))
+            }
+            for t in tasks
+        }
         failures = tuple(
             (rec["run_id"], rec["seed"], _text(rec["row"].get(_tag(N.TRIAL_ERROR)))[:300])
             for rec in recs
@@ -335,6 +345,7 @@ def _factor_table(
                 settings=dict(key),
                 counts=counts,
                 values=per_col,
+                valid=per_valid,
                 failures=failures,
                 run_ids=tuple(rec["run_id"] for rec in recs),
             )
@@ -372,6 +383,7 @@ def _factor_table(
                 is_reference=g["arm"] == ref_arm,
                 run_ids=g["run_ids"],
                 failures=g["failures"],
+                selection={t: describe(g["valid"][t]) for t in tasks},
             )
         )
 
@@ -456,7 +468,8 @@ def _best(rows: list[dict], columns: tuple[str, ...], tasks: tuple[str, ...]) ->
         if c not in tasks and c not in HIGHER_IS_BETTER:
             continue
         sign = 1.0 if (c in tasks or HIGHER_IS_BETTER[c]) else -1.0
-        scored = [(i, sign * r["cells"][c].mean) for i, r in enumerate(rows) if r["cells"][c].n > 0]
+        by = "selection" if c in tasks else "cells"  # a task is ranked on validation, never on its test score
+        scored = [(i, sign * r[by][c].mean) for i, r in enumerate(rows) if r[by][c].n > 0 and r["cells"][c].n > 0]
         if len(scored) < 2:
             continue
         top = max(s for _, s in scored)
@@ -492,6 +505,14 @@ def _seed(r: pd.Series) -> str:
         if _present(r.get(k)):
             return str(r[k])
     return f"run:{r['run_id']}"  # no seed recorded: the run is its own replicate
+
+
+def _validation_col(task: str, row: pd.Series) -> str:
+    """The run's best validation score of ``task``: ``metrics.ft/<task>/best_<metric>``."""
+    metric = row.get(f"params.{N.TASK_PARAM_PREFIX}{task}.metric")
+    if not _present(metric):
+        metric = row.get("params.finetune.metric")
+    return f"metrics.{N.ft(task)}/best_{metric if _present(metric) else 'acc'}"
 
 
 def _metric_col(column: str, tasks: tuple[str, ...]) -> str:
@@ -552,6 +573,10 @@ def from_dict(data: list[dict]) -> list[FactorTable]:
                 },
                 "diffs": {k: Diff(**x) for k, x in d["diffs"].items()},
                 "best": tup(d["best"]),
+                "selection": {
+                    k: Stat(**{**s, "seeds": tup(s["seeds"]), "values": tup(s["values"])})
+                    for k, s in d.get("selection", {}).items()
+                },
                 "run_ids": tup(d["run_ids"]),
                 "failures": tup(d["failures"]),
             }

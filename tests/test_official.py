@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssamba.base.errors import ConfigError
 from ssamba.model.checkpoints import CheckpointError
 from ssamba.model.official import import_official
 
@@ -348,3 +349,55 @@ def test_ssast_finetuned_form_matches_the_spec():
 def test_ssast_pretraining_form_loads_with_heads():
     model, info = import_official(official_ssast_state("pretraining"))
     assert info["form"] == "pretraining" and hasattr(model, "cpredlayer") and model.grid == (8, 64)
+
+
+def test_per_second_pooling_matches_the_official_definition(tmp_path):
+    """ft_avgtok_1sec: every token (cls included) cut into 60 chunks of L // 60, each averaged, then the
+    head: logits (batch, 60, classes), the trailing tokens dropped. Through the public import function."""
+    from ssamba.model.official import load_official
+
+    state = official_ssamba_state("layernorm", "finetuned", n_classes=7, grid=(12, 12), seed=4)
+    path = tmp_path / "official.pth"
+    torch.save(state, path)
+    model = load_official(path, pooling="per_second", scan_backend="reference")
+    assert not model.training and model.cfg.pooling == "per_second"
+    fbank = torch.randn(2, 128, 128) * 0.5
+    s = {k.removeprefix("module."): v for k, v in state.items()}
+    with torch.no_grad():
+        tok = reference_tokens(state, fbank, stride=10)  # 145 tokens -> 60 chunks of 2, 25 dropped
+        chunks = tok[:, :120].reshape(2, 60, 2, D).mean(2)
+        ref = F.linear(
+            F.layer_norm(chunks, (D,), s["mlp_head.0.weight"], s["mlp_head.0.bias"]),
+            s["mlp_head.1.weight"],
+            s["mlp_head.1.bias"],
+        )
+        logits = model(fbank)
+    assert logits.shape == (2, 60, 7)
+    assert (logits - ref).abs().max().item() < 1e-4
+
+
+def test_import_honours_layer_pairing_and_says_which(tmp_path):
+    """A checkpoint trained without layer pairing is a different model: the setting is honoured by the
+    public import and by --init (model.layer_pairing), and the log says which was used."""
+    from ssamba.model.official import load_official
+    from ssamba.train.jobs import load_init
+
+    state = official_ssamba_state("rmsnorm", "finetuned", n_classes=3, grid=(12, 12), seed=5)
+    path = tmp_path / "official.pth"
+    torch.save(state, path)
+    paired, unpaired = load_official(path), load_official(path, layer_pairing=False)
+    assert paired.cfg.layer_pairing and not unpaired.cfg.layer_pairing
+    fbank = torch.randn(2, 128, 128) * 0.5
+    with torch.no_grad():
+        a, b = paired(fbank), unpaired(fbank)
+    assert (a - b).abs().max().item() > 1e-3  # not the same function
+    lines = []
+    payload = load_init(path, lines.append, layer_pairing=False)
+    assert payload["model"]["layer_pairing"] is False
+    assert any("layer pairing off (model.layer_pairing)" in line for line in lines)
+    with pytest.raises(ConfigError, match="per_second"):
+        from ssamba.config import apply_overrides
+        from ssamba.config.presets import preset
+        from ssamba.train.jobs import run_finetune
+
+        run_finetune(apply_overrides(preset("smoke"), {"model.pooling": "per_second"}), tmp_path / "ft")

@@ -60,7 +60,7 @@ def test_tuned_values_are_resolved_per_trial(tmp_path):
         "--tune-samples",
         "3",
     )
-    assert plan.searching and plan.n_trials == 2 * 3 and plan.metric == "ft/demo/final"
+    assert plan.searching and plan.n_trials == 2 * 3 and plan.metric == "ft/demo/best_acc"  # validation, never test
     t = plan.trial({"cell": 1, "finetune.lr": 0.003})
     assert t.arm == "rmsnorm" and t.tuned == {"finetune.lr": 0.003}
     assert t.config.finetune.lr == 0.003 and t.tasks[0].config.finetune.lr == 0.003

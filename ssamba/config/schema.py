@@ -22,6 +22,8 @@ FBANK_CODE_VERSION = 1
 # The choices of the settings that take a name (each list spelled here once; CLIs and modules import it).
 SCAN_BACKENDS = ("auto", "reference", "cuda")
 MASK_STRATEGIES = ("cluster", "random", "frame")
+POOLINGS = ("mean", "cls", "per_second")  # official ft_avgtok, ft_cls, ft_avgtok_1sec (docs/model.md section 5.1)
+PER_SECOND_CHUNKS = 60  # per_second pooling: the token sequence cut into this many chunks
 
 
 def grid_shape(input_fdim: int, input_tdim: int, patch: int, fstride: int, tstride: int) -> tuple[int, int]:
@@ -175,7 +177,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     attention: str = "fused"  # fused (scaled_dot_product_attention) | materialized
     # fine-tuning head
-    pooling: str = "mean"  # mean of patch tokens (ft_avgtok) | cls (ft_cls)
+    pooling: str = "mean"  # mean of patch tokens (ft_avgtok) | cls (ft_cls) | per_second (ft_avgtok_1sec)
 
     def __post_init__(self):
         checks = [
@@ -189,7 +191,10 @@ class ModelConfig:
                 self.attention in ("fused", "materialized"),
                 f"model.attention must be 'fused' or 'materialized', got {self.attention!r}",
             ),
-            (self.pooling in ("mean", "cls"), f"model.pooling must be 'mean' or 'cls', got {self.pooling!r}"),
+            (
+                self.pooling in POOLINGS,
+                f"model.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}",
+            ),
             (
                 not (self.layer_pairing and self.arch == "ssamba" and self.depth % 2),
                 f"model.layer_pairing needs an even model.depth, got {self.depth}",

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ssamba.config import ModelConfig
+from ssamba.config.schema import PER_SECOND_CHUNKS
 from ssamba.model.heads import classifier_head, gather_masked, info_nce, masked_mse, patch_targets, pred_head
 from ssamba.model.masking import check_masks
 
@@ -70,11 +71,19 @@ class AudioModel(nn.Module):
         return self.v(fbank)
 
     def pooled(self, fbank: torch.Tensor) -> torch.Tensor:
-        """Utterance embedding ``(B, D)``: mean of patch tokens or the cls token (``cfg.pooling``)."""
+        """Utterance embedding ``(B, D)``: mean of patch tokens or the cls token (``cfg.pooling``); with
+        ``per_second`` (the official ``ft_avgtok_1sec``) ``(B, 60, D)``: every token, prefix included, cut
+        into 60 chunks of ``L // 60`` tokens, each averaged, the trailing ``L % 60`` tokens dropped."""
         tokens = self.encode(fbank)
         p = self.v.n_prefix
         if self.cfg.pooling == "mean":
             return tokens[:, p:].mean(dim=1)
+        if self.cfg.pooling == "per_second":
+            b, n, d = tokens.shape
+            size = n // PER_SECOND_CHUNKS
+            if size == 0:
+                raise ValueError(f"per_second pooling needs at least {PER_SECOND_CHUNKS} tokens, the model makes {n}")
+            return tokens[:, : PER_SECOND_CHUNKS * size].reshape(b, PER_SECOND_CHUNKS, size, d).mean(dim=2)
         return tokens[:, :p].mean(dim=1)  # SSAMBA: token 0; SSAST: mean of cls and dist tokens
 
     def forward(
@@ -85,7 +94,8 @@ class AudioModel(nn.Module):
         mask_g: torch.Tensor | None = None,
         mse_weight: float = 10.0,
     ):
-        """``task="classify"``: logits ``(B, C)``; ``task="pretrain"``: :meth:`pretrain_losses`.
+        """``task="classify"``: logits ``(B, C)`` (``(B, 60, C)`` with ``per_second`` pooling);
+        ``task="pretrain"``: :meth:`pretrain_losses`.
 
         (One ``forward`` for both so that a DistributedDataParallel wrapper syncs either job.)
         """

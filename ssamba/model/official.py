@@ -114,8 +114,12 @@ def import_official(
     tstride: int | None = None,
     input_tdim: int | None = None,
     input_fdim: int = 128,
+    settings: dict[str, Any] | None = None,
 ) -> tuple[AudioModel, dict[str, Any]]:
     """Build our model from an official checkpoint and load it strictly.
+
+    ``layer_pairing`` must be what the checkpoint was trained with (the keys cannot tell); ``settings``
+    are ``ModelConfig`` fields that do not change the weights (``scan_backend``, ``pooling``, ...).
 
     Pretraining form (``p_input_*``, ``mask_embed``, ``cpredlayer``, ``gpredlayer``): the model has
     the MSPM heads, stride = patch size. Fine-tuned form (``mlp_head``): the classifier is kept and
@@ -127,6 +131,8 @@ def import_official(
     cfg = detect_config(state, layer_pairing=layer_pairing)
     n_prefix = 2 if cfg.arch == "ssast" else 1
     cfg, geom = _geometry(state, cfg, n_prefix, fstride, tstride, input_tdim, input_fdim)
+    if settings:
+        cfg = replace(cfg, **settings)
     pretrain_heads = "mask_embed" in state
     num_classes = int(state["mlp_head.1.weight"].shape[0]) if "mlp_head.1.weight" in state else 0
     dropped: list[str] = []
@@ -150,3 +156,25 @@ def import_official(
         "dropped": dropped,
     }
     return model, info
+
+
+def load_official(
+    path: str | os.PathLike,
+    *,
+    layer_pairing: bool = True,
+    scan_backend: str = "auto",
+    pooling: str = "mean",
+    **geometry: Any,
+) -> AudioModel:
+    """An official SSAMBA (or SSAST) checkpoint as our model, in eval mode: the public import function.
+
+    ``layer_pairing``: whether the checkpoint was trained with the official layer pairing (the
+    recipes' default; a checkpoint trained without it needs ``False``, or its outputs are wrong).
+    ``scan_backend``: ``auto``, ``reference`` or ``cuda``. ``pooling``: ``mean`` (official ``ft_avgtok``),
+    ``cls`` (``ft_cls``) or ``per_second`` (``ft_avgtok_1sec``: logits ``(batch, 60, classes)``).
+    ``geometry``: ``fstride``, ``tstride``, ``input_tdim``, ``input_fdim`` when the position embedding
+    alone cannot tell them (see :func:`import_official`)."""
+    model, _ = import_official(
+        path, layer_pairing=layer_pairing, settings={"scan_backend": scan_backend, "pooling": pooling}, **geometry
+    )
+    return model.eval()

@@ -311,8 +311,11 @@ class SweepPlan:
 
     @property
     def metric(self) -> str:
-        """What Optuna maximises: the first task's final score."""
-        return N.ft_final(next(iter(self.tasks)))
+        """What Optuna maximises: the first task's best **validation** score (``ft/<task>/best_<metric>``),
+        never its test score (``ft/<task>/final`` is the test score whenever the task has a test split)."""
+        task = self.cells[0].tasks[0] if self.cells else None
+        name = next(iter(self.tasks))
+        return f"{N.ft(name)}/best_{task.config.finetune.metric if task else 'acc'}"
 
     @property
     def n_trials(self) -> int:

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ssamba.base import names as N
+from ssamba.base.errors import ConfigError
 from ssamba.config import ExperimentConfig, ModelConfig, from_flat, to_flat
 from ssamba.model.audio_model import AudioModel, Geometry
 from ssamba.model.checkpoints import grid_of, is_ours, load_checkpoint, read_checkpoint, safe_load, transfer_encoder
@@ -134,17 +135,20 @@ def finetune_model_config(cfg: ExperimentConfig, init_payload: dict | None) -> M
     return replace(base, fstride=ft.fstride, tstride=ft.tstride)
 
 
-def load_init(init: str | os.PathLike, log=print) -> dict:
-    """Pretrained weights as our checkpoint payload: our ``.pt``, or an official ``.pth`` imported strictly."""
+def load_init(init: str | os.PathLike, log=print, layer_pairing: bool = True) -> dict:
+    """Pretrained weights as our checkpoint payload: our ``.pt``, or an official ``.pth`` imported strictly
+    with ``layer_pairing`` (``model.layer_pairing``: the keys cannot tell whether it was trained with it)."""
     payload = safe_load(init, "pretrained weights")
     if is_ours(payload):
         return read_checkpoint(init)
     from ssamba.model.official import import_official
 
-    model, info = import_official(payload)
+    model, info = import_official(payload, layer_pairing=layer_pairing)
     log(
         f"imported official {info['form']} checkpoint {init}: {model.cfg.arch} D={model.cfg.embed_dim} "
-        f"depth={model.cfg.depth} norm={model.cfg.norm}; dropped: {', '.join(info['dropped']) or 'nothing'}"
+        f"depth={model.cfg.depth} norm={model.cfg.norm}, layer pairing "
+        f"{'on' if model.cfg.layer_pairing else 'off'} (model.layer_pairing); "
+        f"dropped: {', '.join(info['dropped']) or 'nothing'}"
     )
     return {
         "model": to_flat(model.cfg),
@@ -195,7 +199,12 @@ def run_finetune(
         rank=rank,
         world=world,
     )
-    payload = load_init(init, log) if init else None
+    if cfg.model.pooling == "per_second":
+        raise ConfigError(
+            "model.pooling=per_second gives one prediction per second (logits (batch, 60, classes)); it is for "
+            "inference with official checkpoints (ssamba.model.official.load_official), not for fine-tuning"
+        )
+    payload = load_init(init, log, layer_pairing=cfg.model.layer_pairing) if init else None
     mcfg = finetune_model_config(cfg, payload)
     if payload is not None and payload.get("pretrain_heads") is False and payload.get("num_classes"):
         log(f"[ft/{ft.task}] starting from a fine-tuned checkpoint: its classifier is replaced")
