@@ -140,3 +140,20 @@ def test_set_paths_are_resolved_and_checked_before_ray(tmp_path, small_demo, mon
     assert plan.cells[0].config.data.cache_dir == str(tmp_path / "fc")
     with pytest.raises(ConfigError, match=r"data.manifest=nope.parquet: .*nope.parquet does not exist"):
         plan_of(NORM, "--smoke-test", "--storage", "st", "--set", "data.manifest=nope.parquet")
+
+
+def test_a_task_without_a_validation_split_is_refused_before_ray(tmp_path, small_demo):
+    """Selection is made on validation: a task whose manifest has none (and no folds) stops the sweep here."""
+    from ssamba.data.manifest import read_manifest
+    from ssamba.sweep.records import settle_data
+
+    m = read_manifest(small_demo)
+    no_valid = m.subset((m.df["split"] != "validation").to_numpy())
+    path = tmp_path / "novalid.parquet"
+    no_valid.write(path)
+    plan = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--tasks", f"demo={path}")
+    with pytest.raises(ConfigError, match=r"task demo: manifest .*novalid.parquet has no 'validation' split"):
+        settle_data(plan, log=lambda _: None)
+    ok = settle_data(plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--tasks", f"demo={small_demo}"),
+                     log=lambda _: None)  # fmt: skip
+    assert ok.cells[0].files["ft.demo"]["path"] == str(small_demo.resolve())

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
+from ssamba.base.errors import ConfigError
 from ssamba.config import ExperimentConfig
 from ssamba.sweep.plan import SweepPlan, TaskSpec, TrialSpec
 
@@ -48,6 +49,14 @@ class _Stats:
             self.paths[""] = str(Path(make_demo_corpus(progress=False)).resolve())
         return self.paths[""]
 
+    def splits(self, path: str) -> set[str]:
+        from ssamba.data.manifest import read_manifest
+
+        key = ("splits", self.manifest_path(path))
+        if key not in self.memo:
+            self.memo[key] = set(read_manifest(key[1]).df["split"].dropna())
+        return self.memo[key]
+
     def __call__(self, cfg: ExperimentConfig, manifest: str, split: str, fold: int, clip) -> tuple[float, float]:
         if not cfg.data.stats_from_manifest:
             return clip.mean, clip.std
@@ -64,6 +73,19 @@ class _Stats:
         return self.memo[key]
 
 
+def check_selection_split(name: str, ft, manifest_path: str, splits: set[str]) -> None:
+    """A task must have rows to select on that are not its test rows: a fold (cross-validation) or its
+    validation split. Without one the sweep refuses, before Ray starts (selection never uses test)."""
+    if ft.fold > 0 or (ft.eval_split and ft.eval_split in splits):
+        return
+    raise ConfigError(
+        f"task {name}: manifest {manifest_path} has no {ft.eval_split or 'validation'!r} split (splits: "
+        f"{sorted(splits)}), and selection (--tune, the summary's best) is made on validation, never on test. "
+        f"Fix: give it a validation split (python -m ssamba.data prepare ... --speaker-split, or split it "
+        f"yourself), set finetune.eval_split to the split to select on, or use folds (finetune.fold)"
+    )
+
+
 def settle_trial(spec: TrialSpec, stats: _Stats) -> TrialSpec:
     cfg = spec.config
     mean, std = stats(cfg, cfg.data.manifest, cfg.data.train_split, 0, cfg.pretrain.clip_input())
@@ -72,6 +94,7 @@ def settle_trial(spec: TrialSpec, stats: _Stats) -> TrialSpec:
     tasks = []
     for t in spec.tasks:
         ft = t.config.finetune
+        check_selection_split(t.name, ft, stats.manifest_path(ft.manifest), stats.splits(ft.manifest))
         mean, std = stats(t.config, ft.manifest, ft.train_split, ft.fold, ft.clip_input())
         tcfg = replace(t.config, pretrain=cfg.pretrain, finetune=replace(ft, mean=mean, std=std))
         tasks.append(TaskSpec(t.name, tcfg, t.dir))
