@@ -717,6 +717,9 @@ def test_strict_mode_stops_at_the_first_broken_clip_naming_it(fault_sweep):
     first = strict["tags.trial.error"].splitlines()[0]
     assert first.startswith("AudioError: ") and "strict mode" in strict["tags.trial.error"]
     assert any(first.startswith(f"AudioError: {p}: ") for p in fault_sweep["victims"]), first
+    # an error of the inputs fails the trial once: reported, not raised, so neither Train nor Tune retries it
+    (tune_result,) = [t for t in fault_sweep["result"].trials if t["metrics"].get("arm") == "strict"]
+    assert tune_result["error"].startswith("AudioError: ") and not tune_result["retried"]
     print(f"strict mode: {first[:200]}")
 
 

@@ -29,6 +29,7 @@ from ssamba.config.presets import PRESETS, TASK_RECIPES
 from ssamba.sweep.factors import Factor
 from ssamba.sweep.plan import SweepPlan, make_plan, with_resources
 from ssamba.sweep.records import settle_data
+from ssamba.sweep.trial import TRIAL_ERROR_KEY
 
 
 @dataclass
@@ -332,15 +333,21 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
             space = {"cell": tune.grid_search(list(range(n)))}
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     # a trial that ran to its end reported its MLflow run; one that Tune stopped (Ctrl-C) did not
-    return [
-        {
-            "config": r.config,
-            "metrics": r.metrics or {},
-            "error": str(r.error) if r.error else None,
-            "done": r.error is None and "mlflow_run_id" in (r.metrics or {}),
-        }
-        for r in tuner.fit()
-    ]
+    # (a trial that failed on its inputs reported its error instead of raising: Tune did not retry it)
+    out = []
+    for r in tuner.fit():
+        metrics = r.metrics or {}
+        error = str(r.error) if r.error else metrics.get(TRIAL_ERROR_KEY)
+        out.append(
+            {
+                "config": r.config,
+                "metrics": metrics,
+                "error": error,
+                "retried": r.error is not None,  # an infrastructure error: Tune's --max-failures applied
+                "done": error is None and "mlflow_run_id" in metrics,
+            }
+        )
+    return out
 
 
 class SweepInterrupted(SSAMBAError):

@@ -16,6 +16,8 @@ from typing import Any
 from ssamba.base import names as N
 from ssamba.sweep.plan import SweepPlan, TrialSpec
 
+TRIAL_ERROR_KEY = "trial_error"  # in a trial's last Tune result: it failed on its inputs (not retried)
+
 
 def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     """The Tune function trainable (wrapped with ``tune.with_parameters(run_trial, plan=...)``)."""
@@ -72,6 +74,12 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
         )
         trainer.fit()
         results = json.loads(spec.result_file.read_text())
+        if "error" in results:  # an error of the inputs, recorded by the worker: fail once, no retry
+            text = f"{results['error']['type']}: {results['error']['message']}"
+            tracker.set_tags(run_id, {N.TRIAL_STATUS: "failed", N.TRIAL_ERROR: text[:4000]})
+            tracker.finish(run_id, "FAILED")
+            tune.report({TRIAL_ERROR_KEY: text, "arm": spec.arm, "seed": spec.seed})
+            return
         final = _final_metrics(results, time.time() - t0)
         pre = results.get("pretrain", {})
         if pre.get("reused"):

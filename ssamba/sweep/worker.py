@@ -25,8 +25,10 @@ from typing import Any, Callable
 import torch
 
 from ssamba.base import names as N
+from ssamba.base.errors import AudioError, ConfigError, ManifestError
 from ssamba.base.files import file_lock, write_json_atomic
 from ssamba.config import to_flat
+from ssamba.model.checkpoints import CheckpointError
 from ssamba.sweep.plan import TrialSpec
 from ssamba.train.jobs import run_finetune, run_pretrain
 
@@ -95,6 +97,10 @@ def shared_pretraining(
                 (pdir / "last.pt").unlink()  # only needed to resume; the pretraining is complete
         return {**out, "reused": False}
 
+
+# errors of the inputs (config, manifest, audio in strict mode, checkpoint): the trial fails once with the
+# message; Ray Train's worker restarts and Tune's trial retries are for worker, node and infrastructure failures
+DETERMINISTIC_ERRORS = (ConfigError, ManifestError, AudioError, CheckpointError)
 
 FAULT_ENV = "SSAMBA_TEST_NAN_AT_STEP"  # "ARM:STEP": that arm's pretraining loss is NaN at STEP (tests only)
 
@@ -168,75 +174,80 @@ def trial_worker(job: dict[str, Any]) -> None:
                 f"skipped_clips/{stage.replace('/', '_')}.json",
             )
 
-    results: dict[str, Any] = {}
-    # ---- stage 1: pretraining (shared by key)
-    pdir = spec.pretrain_dir
-    results["pretrain"] = shared_pretraining(
-        pdir,
-        lambda: _pretrain(
-            cfg,
+    try:
+        results: dict[str, Any] = {}
+        # ---- stage 1: pretraining (shared by key)
+        pdir = spec.pretrain_dir
+        results["pretrain"] = shared_pretraining(
             pdir,
-            world,
-            spec.resources.device_share,
-            device,
-            wrap,
-            reporter(),
-            resumed("pretrain"),
-            log,
-            rank,
-            injected_nan_step(spec.arm),
-        ),
-        owner=spec.name,
-        is_main=rank == 0,
-        agree=_broadcast if world > 1 else (lambda x: x),
-        drop_resume_state=spec.keep_checkpoints != "all",
-        log=log,
-    )
-    pre_res = results["pretrain"]
-    if not pre_res.get("reused"):
-        run.log_metrics_once(
-            {k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
-            step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)),
-        )
-    list_skipped("pretrain", pre_res.get("skipped_clips") or {})
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # best.pt (written by rank 0) exists before any rank starts fine-tuning
-    init = pdir / "best.pt"
-    # ---- stage 2: fine-tuning on each task
-    for task in spec.tasks:
-        t0 = time.perf_counter()
-        res = run_finetune(
-            task.config,
-            task.dir,
-            init=init,
-            report=reporter(),
+            lambda: _pretrain(
+                cfg,
+                pdir,
+                world,
+                spec.resources.device_share,
+                device,
+                wrap,
+                reporter(),
+                resumed("pretrain"),
+                log,
+                rank,
+                injected_nan_step(spec.arm),
+            ),
+            owner=spec.name,
+            is_main=rank == 0,
+            agree=_broadcast if world > 1 else (lambda x: x),
+            drop_resume_state=spec.keep_checkpoints != "all",
             log=log,
-            rank=rank,
-            world=world,
-            device=device,
-            wrap_model=wrap,
-            on_resume=resumed(N.ft(task.name)),
         )
-        cost = stage_cost(time.perf_counter() - t0, world, spec.resources.device_share, res.samples)
-        final = dict(res.last_eval)
-        final.update({f"{N.COST_PREFIX}ft_{task.name}_{k}": v for k, v in cost.items()})
-        results[N.ft(task.name)] = final
-        # what the per-evaluation reports did not already log
-        run.log_metrics_once(
-            {
-                k: v
-                for k, v in final.items()
-                if "/best_" in k or "/test_" in k or N.is_final(k) or k.startswith(N.COST_PREFIX)
-            },
-            step=res.steps,
-        )
-        list_skipped(N.ft(task.name), dict(res.skipped.skipped))
-        if res.best_path is not None and spec.log_checkpoints:
-            run.log_artifact(res.best_path, f"checkpoints/ft_{task.name}")
-    if rank == 0:
-        write_json_atomic(spec.result_file, results)
+        pre_res = results["pretrain"]
+        if not pre_res.get("reused"):
+            run.log_metrics_once(
+                {k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
+                step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)),
+            )
+        list_skipped("pretrain", pre_res.get("skipped_clips") or {})
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # best.pt (written by rank 0) exists before any rank starts fine-tuning
+        init = pdir / "best.pt"
+        # ---- stage 2: fine-tuning on each task
+        for task in spec.tasks:
+            t0 = time.perf_counter()
+            res = run_finetune(
+                task.config,
+                task.dir,
+                init=init,
+                report=reporter(),
+                log=log,
+                rank=rank,
+                world=world,
+                device=device,
+                wrap_model=wrap,
+                on_resume=resumed(N.ft(task.name)),
+            )
+            cost = stage_cost(time.perf_counter() - t0, world, spec.resources.device_share, res.samples)
+            final = dict(res.last_eval)
+            final.update({f"{N.COST_PREFIX}ft_{task.name}_{k}": v for k, v in cost.items()})
+            results[N.ft(task.name)] = final
+            # what the per-evaluation reports did not already log
+            run.log_metrics_once(
+                {
+                    k: v
+                    for k, v in final.items()
+                    if "/best_" in k or "/test_" in k or N.is_final(k) or k.startswith(N.COST_PREFIX)
+                },
+                step=res.steps,
+            )
+            list_skipped(N.ft(task.name), dict(res.skipped.skipped))
+            if res.best_path is not None and spec.log_checkpoints:
+                run.log_artifact(res.best_path, f"checkpoints/ft_{task.name}")
+        if rank == 0:
+            write_json_atomic(spec.result_file, results)
+    except DETERMINISTIC_ERRORS as exc:  # a retry cannot fix it: recorded once, no Ray Train or Tune retry
+        log(f"{type(exc).__name__}: {exc} (not retried: the same config and data would fail again)")
+        if rank == 0:
+            write_json_atomic(spec.result_file, {"error": {"type": type(exc).__name__, "message": str(exc)}})
 
 
 def _pretrain(
