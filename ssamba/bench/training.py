@@ -147,6 +147,11 @@ def make_step(model, geometry: str, batch: int, dtype: str, device: torch.device
 
     if not graphed:
         return step
+    from ssamba.model.layers import DropPath
+
+    if any(isinstance(m, DropPath) and m.p > 0 for m in model.modules()):
+        # its per-sample draws fail under capture and leave the CUDA context unusable for the rest of the run
+        raise RuntimeError("not captured: drop-path draws random numbers per step (measure with drop_path=0)")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the capture: gradients and optimizer state exist
