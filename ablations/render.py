@@ -51,6 +51,8 @@ def _header(t: FactorTable) -> list[str]:
         cols.append(HEADERS.get(c, c))
         if c in t.tasks and t.reference_arm is not None:
             cols.append(f"Δ {c}")
+        if c in t.tasks and t.scratch_arm is not None:
+            cols.append(f"Δ {c} vs scratch")
     return cols
 
 
@@ -61,6 +63,8 @@ def _cells(t: FactorTable, r: Row, bold) -> list[str]:
         out.append(bold(text) if c in r.best else text)
         if c in t.tasks and t.reference_arm is not None:
             out.append(diff_text(r.diffs.get(c)))
+        if c in t.tasks and t.scratch_arm is not None:
+            out.append("scratch" if r.arm == t.scratch_arm else diff_text(r.scratch_diffs.get(c)))
     return out
 
 
@@ -74,6 +78,11 @@ def _explain(t: FactorTable) -> list[str]:
             f"Δ: difference to reference arm `{t.reference_arm}` over paired seeds (same seed in both rows), "
             f"with a {t.confidence:.0%} t-interval (n-1 degrees of freedom); rows are compared with the "
             f"reference row whose settings differ least."
+        )
+    if t.scratch_arm is not None:
+        lines.append(
+            f"Δ vs scratch: difference to the arm `{t.scratch_arm}` (the same fine-tuning, no pretraining) over "
+            f"paired seeds, with the same interval: what pretraining adds."
         )
     lines.append("Only finished trials enter the statistics; failed, running and incomplete ones are counted.")
     if any(r.counts.get("duplicate") for r in t.rows):
@@ -126,6 +135,10 @@ CSV_FIELDS = (
     "diff_n",
     "diff_note",
     "diff_vs",
+    "scratch_diff",
+    "scratch_diff_low",
+    "scratch_diff_high",
+    "scratch_diff_n",
 )
 
 
@@ -137,7 +150,7 @@ def render_csv(tables: list[FactorTable]) -> str:
     for t in tables:
         for r in t.rows:
             for c in t.columns:
-                s, d = r.cells[c], r.diffs.get(c)
+                s, d, sd = r.cells[c], r.diffs.get(c), r.scratch_diffs.get(c)
                 w.writerow(
                     {
                         "factor": t.factor,
@@ -156,6 +169,10 @@ def render_csv(tables: list[FactorTable]) -> str:
                         "diff_n": d.n_pairs if d else "",
                         "diff_note": d.note if d else "",
                         "diff_vs": d.vs if d else "",
+                        "scratch_diff": _num(sd.mean) if sd else "",
+                        "scratch_diff_low": _num(sd.low) if sd else "",
+                        "scratch_diff_high": _num(sd.high) if sd else "",
+                        "scratch_diff_n": sd.n_pairs if sd else "",
                     }
                 )
     return buf.getvalue()

@@ -20,6 +20,8 @@ Conventions (stated once, used by every renderer):
 - Difference to the reference arm: per task, over seeds present in both the row and its reference row
   (the reference arm's row with the fewest differing params), d_i = row_i - ref_i; the interval is
   mean(d) ± t_{0.975, n-1} * sd(d) / sqrt(n). One pair gives the difference without an interval.
+- Difference to the from-scratch arm (a sweep run with ``--scratch``, parent tag ``sweep.scratch_arm``):
+  the same paired difference, against the scratch row whose settings differ least: does pretraining pay?
 - Best per column: highest mean (tasks, ``pretrain/acc``) or lowest (``pretrain/loss``), marked when at
   least two rows have a value and they are not all equal; ties are all marked. Cost is not ranked.
   A task column is ranked on **validation**, never on the test score it shows: each row's mean over
@@ -105,6 +107,7 @@ class Row:
     run_ids: tuple[str, ...]
     failures: tuple[tuple[str, str, str], ...]  # (run_id, seed, error) of failed trials
     selection: dict[str, Stat] = field(default_factory=dict)  # task -> validation score over finished seeds
+    scratch_diffs: dict[str, Diff] = field(default_factory=dict)  # task -> difference to the from-scratch arm
 
     @property
     def status_line(self) -> str:
@@ -124,6 +127,7 @@ class FactorTable:
     total_device_hours: float | None  # every trial that logged cost, failed and running included
     confidence: float = 0.95
     notes: tuple[str, ...] = field(default_factory=tuple)
+    scratch_arm: str | None = None  # the sweep's no-pretraining arm, when it has one
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -278,6 +282,8 @@ def _factor_table(
             f"{declared[-1]!r}, is used"
         )
     ref_arm = reference or (declared[-1] if declared else None)
+    scratch_tags = [r for r in _col(parents, _tag(N.SWEEP_SCRATCH)) if isinstance(r, str) and r]
+    scratch_arm = scratch_tags[-1] if scratch_tags and scratch_tags[-1] in arms else None
     if reference and reference not in arms:
         raise SummaryError(
             f"reference arm {reference!r} is not an arm of factor {factor!r} (arms: {list(arms)}). "
@@ -354,6 +360,7 @@ def _factor_table(
     order = {a: i for i, a in enumerate(arms)}
     built.sort(key=lambda g: (order[g["arm"]], labels[(g["arm"], g["key"])][0]))
     ref_groups = [g for g in built if g["arm"] == ref_arm]
+    scratch_groups = [g for g in built if g["arm"] == scratch_arm]
 
     rows = []
     for g in built:
@@ -371,9 +378,20 @@ def _factor_table(
                     if match
                     else Diff(None, None, None, 0, vs, why)
                 )
+        scratch_diffs = {}
+        if scratch_groups and g["arm"] != scratch_arm:
+            match, why = _closest(g, scratch_groups)
+            vs = labels[(match["arm"], match["key"])][0] if match else scratch_arm
+            for t in tasks:
+                scratch_diffs[t] = (
+                    paired_difference(g["values"][t], match["values"][t], vs, confidence)
+                    if match
+                    else Diff(None, None, None, 0, vs, why)
+                )
         rows.append(
             dict(
                 arm=g["arm"],
+                scratch_diffs=scratch_diffs,
                 label=label,
                 settings=g["settings"],
                 distinct=distinct,
@@ -393,6 +411,7 @@ def _factor_table(
     return FactorTable(
         factor=factor,
         reference_arm=ref_arm if ref_arm in arms else None,
+        scratch_arm=scratch_arm,
         arms=arms,
         tasks=tasks,
         columns=columns,
@@ -572,6 +591,7 @@ def from_dict(data: list[dict]) -> list[FactorTable]:
                     for k, s in d["cells"].items()
                 },
                 "diffs": {k: Diff(**x) for k, x in d["diffs"].items()},
+                "scratch_diffs": {k: Diff(**x) for k, x in d.get("scratch_diffs", {}).items()},
                 "best": tup(d["best"]),
                 "selection": {
                     k: Stat(**{**s, "seeds": tup(s["seeds"]), "values": tup(s["values"])})

@@ -157,3 +157,19 @@ def test_a_task_without_a_validation_split_is_refused_before_ray(tmp_path, small
     ok = settle_data(plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--tasks", f"demo={small_demo}"),
                      log=lambda _: None)  # fmt: skip
     assert ok.cells[0].files["ft.demo"]["path"] == str(small_demo.resolve())
+
+
+def test_scratch_arm_fine_tunes_without_pretraining(tmp_path, small_demo):
+    """The from-scratch arm: same fine-tuning and seeds, no pretraining; on by default for the paper presets."""
+    paper = plan_of(NORM, "--preset", "paper-tiny", "--storage", str(tmp_path), "--tasks", f"esc50={small_demo}")
+    assert list(paper.arms) == ["layernorm", "rmsnorm", "scratch"] and paper.scratch
+    scratch = [c for c in paper.cells if c.arm == "scratch"]
+    assert len(scratch) == 3 and not any(c.pretrained for c in scratch)  # paired seeds 0, 1, 2
+    assert {c.seed for c in scratch} == set(paper.seeds)
+    assert all(c.pretrained for c in paper.cells if c.arm != "scratch")
+    assert scratch[0].tasks[0].config.finetune == paper.cells[0].tasks[0].config.finetune  # same fine-tuning
+    assert "scratch" not in plan_of(NORM, "--preset", "paper-tiny", "--no-scratch", "--storage", str(tmp_path),
+                                    "--tasks", f"esc50={small_demo}").arms  # fmt: skip
+    assert not plan_of(NORM, "--smoke-test", "--storage", str(tmp_path)).scratch  # off for smoke and demo
+    smoke = plan_of(NORM, "--smoke-test", "--scratch", "--storage", str(tmp_path))
+    assert [c.arm for c in smoke.cells] == ["layernorm", "rmsnorm", "scratch"]

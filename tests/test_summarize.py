@@ -464,3 +464,25 @@ def test_best_is_chosen_on_validation_not_on_test():
     no_valid = runs.drop(columns=[c for c in runs.columns if "/best_" in c])
     (t2,) = summarize(no_valid)
     assert all("esc50" not in r.best for r in t2.rows)
+
+
+def test_paired_difference_against_the_scratch_arm():
+    p = parent(arms=("300", "400", "scratch"))
+    p["tags.sweep.scratch_arm"] = "scratch"
+    runs = frame(
+        p,
+        *[trial("300", s, {"esc50": 0.6 + 0.01 * s, "sc": 0.5}) for s in range(3)],
+        *[trial("400", s, {"esc50": 0.7 + 0.02 * s, "sc": 0.5}) for s in range(3)],
+        *[trial("scratch", s, {"esc50": 0.5 + 0.01 * s, "sc": 0.5}, params={"pretrain.mask_count": "400"})
+          for s in range(3)],
+    )  # fmt: skip
+    (t,) = summarize(runs)
+    assert t.scratch_arm == "scratch"
+    rows = {r.arm: r for r in t.rows}
+    d = rows["400"].scratch_diffs["esc50"]
+    assert d.mean == pytest.approx(0.2 + 0.01) and d.n_pairs == 3  # (0.7+0.02s) - (0.5+0.01s), s = 0..2
+    assert rows["300"].scratch_diffs["esc50"].mean == pytest.approx(0.1)
+    assert rows["scratch"].scratch_diffs == {}
+    md = render.render_markdown([t])
+    assert "Δ esc50 vs scratch" in md and "what pretraining adds" in md
+    assert from_dict(to_dict([t]))[0].rows[1].scratch_diffs == t.rows[1].scratch_diffs

@@ -110,3 +110,34 @@ def test_logged_params_are_what_ran(local_ray, tmp_path, small_demo):
     assert read_checkpoint(pre)["config"]["pretrain.mean"] == -1.2345  # the checkpoint says the same
     (ft,) = store.glob("norm-smoke/trials/*/ft-demo/best.pt")
     assert read_checkpoint(ft)["config"]["finetune.mean"] == -1.2345
+
+
+@pytest.mark.timeout(600)
+def test_scratch_arm_end_to_end(local_ray, tmp_path, capsys):
+    """--scratch: the no-pretraining arm runs the same fine-tuning with the same seed, logs no pretraining,
+    and the printed table has its paired difference."""
+    from ablations.run import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc = main("norm", ["--smoke-test", "--quiet", "--arms", "layernorm", "--scratch", "--storage",
+                       str(tmp_path / "store"), "--mlflow-uri", uri])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    _, runs = _store(uri)
+    parent = runs[runs["tags.sweep.role"] == "parent"].iloc[0]
+    assert parent["tags.sweep.scratch_arm"] == "scratch"
+    trials = runs[runs["tags.sweep.role"] == "trial"].set_index("tags.ablation.arm")
+    assert set(trials.index) == {"layernorm", "scratch"} and (trials["tags.trial.status"] == "finished").all()
+    assert trials.loc["scratch", "tags.pretrain.key"] == "none"
+    assert (
+        pd_isna(trials.loc["scratch"].get("metrics.pretrain/acc"))
+        and trials.loc["layernorm", "metrics.pretrain/acc"] >= 0
+    )
+    assert trials.loc["scratch", "metrics.ft/demo/final"] >= 0
+    assert "Δ demo vs scratch" in out
+
+
+def pd_isna(v) -> bool:
+    import math
+
+    return v is None or (isinstance(v, float) and math.isnan(v))

@@ -204,6 +204,7 @@ class Preset:
     default_tasks: tuple[str, ...]  # fine-tuned when --tasks is not given (empty: the user must name them)
     real_data: bool  # pretrains and fine-tunes on manifests of real audio (none built in)
     recipes: bool  # a task named in TASK_RECIPES gets its recipe
+    scratch: bool = False  # a sweep adds the no-pretraining arm (same fine-tuning and seeds) unless told not to
 
     @property
     def config(self) -> ExperimentConfig:
@@ -221,6 +222,7 @@ _ALL = [
             default_tasks=(),
             real_data=True,
             recipes=True,
+            scratch=True,
         )
         for size in ("tiny", "small", "base")
     ),

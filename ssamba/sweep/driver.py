@@ -71,6 +71,13 @@ def build_parser(factor: Factor) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every trial")
     p.add_argument("--arms", help="comma-separated subset of the arms")
     p.add_argument(
+        "--scratch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add the arm 'scratch': the same fine-tuning budget and seeds with no pretraining, so the summary "
+        "shows what pretraining adds (default: on for the paper presets, off for demo and smoke)",
+    )
+    p.add_argument(
         "--tune",
         action="append",
         default=[],
@@ -262,6 +269,7 @@ def open_records(plan: SweepPlan, tracker, ray_mode: str, resume: bool) -> Sweep
         N.SWEEP_REFERENCE: factor.reference,
         N.SWEEP_TASKS: json.dumps(list(plan.tasks)),
         N.SWEEP_PRESET: plan.preset,
+        **({N.SWEEP_SCRATCH: N.SCRATCH_ARM} if plan.scratch else {}),
         N.GIT_COMMIT: plan.git_commit,
         N.SWEEP_RAY: ray_mode,
     }

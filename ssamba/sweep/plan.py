@@ -237,6 +237,7 @@ class TrialSpec:
     keep_checkpoints: str = "best"
     log_checkpoints: bool = True
     files: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # stage -> its manifest's facts
+    pretrained: bool = True  # False: the from-scratch arm (fine-tuning only, from random weights)
 
     @property
     def name(self) -> str:
@@ -300,6 +301,7 @@ class SweepPlan:
     log_checkpoints: bool = True
     worker_retries: int = 1
     max_failures: int = 1
+    scratch: bool = False  # the arm SCRATCH_ARM fine-tunes without pretraining
     # set by the driver once MLflow is open
     experiment_id: str = ""
     parent_run_id: str = ""
@@ -334,7 +336,9 @@ class SweepPlan:
 def resolve_trial(plan: SweepPlan, arm: str, seed: int, tuned: Mapping[str, Any]) -> TrialSpec:
     """One trial's spec from the plan's base config: arm overrides, seed, tuned values, each task's recipe."""
     cfg = apply_overrides(plan.base, {**plan.arms[arm], "seed": seed, **tuned})
-    cfg.check_pretraining()  # every trial pretrains (or reuses a pretraining of this config)
+    pretrained = not (plan.scratch and arm == N.SCRATCH_ARM)
+    if pretrained:
+        cfg.check_pretraining()  # every other trial pretrains (or reuses a pretraining of this config)
     # settings that depend on the device, resolved here so that the logged params are the values used
     cfg = replace(cfg, data=replace(cfg.data, num_workers=cfg.data.resolved_num_workers(plan.resources.device_type)))
     key = digest({"sweep": plan.sweep_id, "arm": arm, "seed": seed, "tuned": dict(tuned)})
@@ -342,7 +346,7 @@ def resolve_trial(plan: SweepPlan, arm: str, seed: int, tuned: Mapping[str, Any]
     tasks = tuple(
         TaskSpec(name, apply_overrides(cfg, over), trial_dir / f"ft-{name}") for name, over in plan.tasks.items()
     )
-    pkey = pretrain_key(to_flat(cfg))
+    pkey = pretrain_key(to_flat(cfg)) if pretrained else "none"
     return TrialSpec(
         arm=arm,
         seed=seed,
@@ -352,6 +356,7 @@ def resolve_trial(plan: SweepPlan, arm: str, seed: int, tuned: Mapping[str, Any]
         tasks=tasks,
         pretrain_key=pkey,
         pretrain_dir=plan.sweep_dir / "pretrain" / pkey,
+        pretrained=pretrained,
         result_file=trial_dir / "result.json",
         resources=plan.resources,
         mlflow_uri=plan.mlflow_uri,
@@ -379,6 +384,11 @@ def make_plan(
         arms = {a: arms[a] for a in wanted}
     if factor.scale is not None:
         arms = {label: factor.scale(label, over, base) for label, over in arms.items()}
+    scratch = p.scratch if getattr(args, "scratch", None) is None else bool(args.scratch)
+    if scratch:
+        if N.SCRATCH_ARM in arms:
+            raise ConfigError(f"factor {factor.name} has an arm named {N.SCRATCH_ARM!r}: --no-scratch, or rename it")
+        arms[N.SCRATCH_ARM] = {}  # the preset (with --set) as it is, fine-tuned from random weights
     tune = parse_tune(args.tune)
     if args.tune_samples < 1:
         raise ConfigError(f"--tune-samples must be >= 1, got {args.tune_samples}")
@@ -411,6 +421,7 @@ def make_plan(
         log_checkpoints=not args.no_log_checkpoints,
         worker_retries=args.worker_retries,
         max_failures=args.max_failures,
+        scratch=scratch,
     )
     cells = tuple(resolve_trial(plan, arm, seed, {}) for arm in arms for seed in plan.seeds)
     plan = replace(plan, cells=cells)

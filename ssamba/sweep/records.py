@@ -88,9 +88,11 @@ def check_selection_split(name: str, ft, manifest_path: str, splits: set[str]) -
 
 def settle_trial(spec: TrialSpec, stats: _Stats) -> TrialSpec:
     cfg = spec.config
-    mean, std = stats(cfg, cfg.data.manifest, cfg.data.train_split, 0, cfg.pretrain.clip_input())
-    cfg = replace(cfg, pretrain=replace(cfg.pretrain, mean=mean, std=std))
-    files = {"pretrain": file_facts(stats.manifest_path(cfg.data.manifest))}
+    files = {}
+    if spec.pretrained:  # (the from-scratch arm reads no pretraining data)
+        mean, std = stats(cfg, cfg.data.manifest, cfg.data.train_split, 0, cfg.pretrain.clip_input())
+        cfg = replace(cfg, pretrain=replace(cfg.pretrain, mean=mean, std=std))
+        files["pretrain"] = file_facts(stats.manifest_path(cfg.data.manifest))
     tasks = []
     for t in spec.tasks:
         ft = t.config.finetune

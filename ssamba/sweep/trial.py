@@ -82,7 +82,9 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
             return
         final = _final_metrics(results, time.time() - t0)
         pre = results.get("pretrain", {})
-        if pre.get("reused"):
+        if not spec.pretrained:
+            pass  # the from-scratch arm: no pretraining to tag or keep
+        elif pre.get("reused"):
             tracker.set_tags(run_id, {N.PRETRAIN_REUSED: "true", N.PRETRAIN_COMPUTED_BY: pre.get("trial", "")})
         else:
             tracker.set_tags(run_id, {N.PRETRAIN_REUSED: "false"})

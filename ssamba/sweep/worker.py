@@ -176,41 +176,45 @@ def trial_worker(job: dict[str, Any]) -> None:
 
     try:
         results: dict[str, Any] = {}
-        # ---- stage 1: pretraining (shared by key)
-        pdir = spec.pretrain_dir
-        results["pretrain"] = shared_pretraining(
-            pdir,
-            lambda: _pretrain(
-                cfg,
+        # ---- stage 1: pretraining (shared by key); none for the from-scratch arm
+        init = None
+        if not spec.pretrained:
+            log("no pretraining: the from-scratch arm fine-tunes from random weights")
+        else:
+            pdir = spec.pretrain_dir
+            results["pretrain"] = shared_pretraining(
                 pdir,
-                world,
-                spec.resources.device_share,
-                device,
-                wrap,
-                reporter(),
-                resumed("pretrain"),
-                log,
-                rank,
-                injected_nan_step(spec.arm),
-            ),
-            owner=spec.name,
-            is_main=rank == 0,
-            agree=_broadcast if world > 1 else (lambda x: x),
-            drop_resume_state=spec.keep_checkpoints != "all",
-            log=log,
-        )
-        pre_res = results["pretrain"]
-        if not pre_res.get("reused"):
-            run.log_metrics_once(
-                {k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
-                step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)),
+                lambda: _pretrain(
+                    cfg,
+                    pdir,
+                    world,
+                    spec.resources.device_share,
+                    device,
+                    wrap,
+                    reporter(),
+                    resumed("pretrain"),
+                    log,
+                    rank,
+                    injected_nan_step(spec.arm),
+                ),
+                owner=spec.name,
+                is_main=rank == 0,
+                agree=_broadcast if world > 1 else (lambda x: x),
+                drop_resume_state=spec.keep_checkpoints != "all",
+                log=log,
             )
-        list_skipped("pretrain", pre_res.get("skipped_clips") or {})
-        if world > 1:
-            import torch.distributed as dist
+            pre_res = results["pretrain"]
+            if not pre_res.get("reused"):
+                run.log_metrics_once(
+                    {k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
+                    step=int(pre_res.get(f"{N.PRETRAIN}/step", 0)),
+                )
+            list_skipped("pretrain", pre_res.get("skipped_clips") or {})
+            if world > 1:
+                import torch.distributed as dist
 
-            dist.barrier()  # best.pt (written by rank 0) exists before any rank starts fine-tuning
-        init = pdir / "best.pt"
+                dist.barrier()  # best.pt (written by rank 0) exists before any rank starts fine-tuning
+            init = pdir / "best.pt"
         # ---- stage 2: fine-tuning on each task
         for task in spec.tasks:
             t0 = time.perf_counter()
