@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="markdown", help="table format (default: markdown)")
     p.add_argument("--out", default=None, help="write the table to this file instead of stdout")
     p.add_argument("--plot", default=None, metavar="DIR", help="write one PNG per ablation into DIR")
+    p.add_argument(
+        "--include-unfinished",
+        action="store_true",
+        help="let interrupted, running and incomplete trials enter the statistics with what they logged",
+    )
     p.add_argument("--no-log", action="store_true", help="do not log the table and plots on the parent runs")
     return p
 
@@ -137,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tracker = Tracker(args.mlflow_uri)
         runs = collect_runs(tracker, args.experiment, args.sweep_id)
-        tables = summarize(runs, parse_reference(args.reference), ignore_params=tuple(args.ignore_param))
+        tables = summarize(
+            runs,
+            parse_reference(args.reference),
+            ignore_params=tuple(args.ignore_param),
+            include_unfinished=args.include_unfinished,
+        )
     except SSAMBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

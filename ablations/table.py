@@ -63,6 +63,7 @@ def _tag(name: str) -> str:
 
 HIGHER_IS_BETTER = {"pretrain/acc": True, "pretrain/loss": False}  # tasks: higher (accuracy / mAP)
 STATUSES = ("finished", "failed", "interrupted", "running", "incomplete", "duplicate")
+UNFINISHED = ("interrupted", "running", "incomplete")  # left out of the statistics unless asked
 MAX_LABEL_KEYS = 3
 
 
@@ -216,11 +217,14 @@ def summarize(
     *,
     ignore_params: tuple[str, ...] = (),
     confidence: float = 0.95,
+    include_unfinished: bool = False,
 ) -> list[FactorTable]:
     """Runs of one or more sweeps -> one table per ablation factor (sorted by factor name).
 
     ``reference``: an arm label for every factor, or ``{factor: arm}``; default each factor's parent
     ``sweep.reference_arm``. ``ignore_params``: extra dotted keys that must not split rows.
+    ``include_unfinished``: interrupted, running and incomplete trials enter the statistics with whatever
+    they logged (off: they are only counted, and a note says how many were left out).
     """
     if runs is None or runs.empty:
         return []
@@ -243,7 +247,7 @@ def summarize(
     for factor in factors:
         ft = trials[_col(trials, _tag(N.FACTOR)).fillna("unknown") == factor]
         fp = parents[_col(parents, _tag(N.FACTOR)).fillna("unknown") == factor]
-        tables.append(_factor_table(factor, ft, fp, refs.get(factor), noise, confidence))
+        tables.append(_factor_table(factor, ft, fp, refs.get(factor), noise, confidence, include_unfinished))
     return tables
 
 
@@ -254,6 +258,7 @@ def _factor_table(
     reference: str | None,
     noise: frozenset[str],
     confidence: float,
+    include_unfinished: bool = False,
 ) -> FactorTable:
     notes: list[str] = []
     parents = parents.sort_values("start_time", kind="stable") if "start_time" in parents else parents
@@ -323,11 +328,14 @@ def _factor_table(
         counts = {s: 0 for s in STATUSES}
         latest: dict[str, dict] = {}
         for rec in sorted(recs, key=lambda x: x["start"]):
+            prev = latest.get(rec["seed"])
             if rec["status"] == "finished":
-                if rec["seed"] in latest:
+                if prev is not None and prev["status"] == "finished":
                     counts["duplicate"] += 1
                     counts["finished"] -= 1
-                latest[rec["seed"]] = rec
+                latest[rec["seed"]] = rec  # the latest finished run of a seed counts
+            elif include_unfinished and rec["status"] in UNFINISHED and (prev is None or prev["status"] != "finished"):
+                latest[rec["seed"]] = rec  # what an unfinished run logged, unless the seed also finished
             counts[rec["status"]] += 1
         per_col = {
             c: {s: v for s, rec in latest.items() if _present(v := _num(rec["row"].get(_metric_col(c, tasks))))}
@@ -357,6 +365,14 @@ def _factor_table(
             )
         )
 
+    left_out = sum(g["counts"].get(s, 0) for g in built for s in UNFINISHED)
+    if left_out and not include_unfinished:
+        notes.append(
+            f"{left_out} unfinished trial(s) (interrupted, running or incomplete) left out of the statistics; "
+            f"--include-unfinished uses what they logged"
+        )
+    elif left_out:
+        notes.append(f"{left_out} unfinished trial(s) included with what they logged (--include-unfinished)")
     order = {a: i for i, a in enumerate(arms)}
     built.sort(key=lambda g: (order[g["arm"]], labels[(g["arm"], g["key"])][0]))
     ref_groups = [g for g in built if g["arm"] == ref_arm]

@@ -486,3 +486,17 @@ def test_paired_difference_against_the_scratch_arm():
     md = render.render_markdown([t])
     assert "Δ esc50 vs scratch" in md and "what pretraining adds" in md
     assert from_dict(to_dict([t]))[0].rows[1].scratch_diffs == t.rows[1].scratch_diffs
+
+
+def test_unfinished_trials_are_left_out_unless_asked():
+    runs = frame(
+        parent(),
+        *[trial("400", s, {"esc50": 0.8, "sc": 0.5}) for s in range(2)],
+        trial("400", 2, {"esc50": 0.2}, status="KILLED", tstatus="interrupted"),
+    )
+    (t,) = summarize(runs)
+    (row,) = t.rows
+    assert row.counts["interrupted"] == 1 and row.cells["esc50"].n == 2
+    assert any("1 unfinished trial(s)" in n and "left out" in n for n in t.notes)
+    (t2,) = summarize(runs, include_unfinished=True)
+    assert t2.rows[0].cells["esc50"].n == 3 and t2.rows[0].cells["esc50"].mean == pytest.approx(0.6)
