@@ -710,10 +710,12 @@ def _train_scan_inputs(b, g, di, L, dtype, seed=0):
     return u, delta, x_dbl, Bm, Cm, A_log, D, bias
 
 
+@pytest.mark.parametrize("segs", [None, 1, 3], ids=["auto-segments", "1-segment", "3-segments"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", TRAIN_SCAN_CASES, ids=[c[0] for c in TRAIN_SCAN_CASES])
-def test_train_scan_matches_reference(case, dtype):
-    """Output and every gradient of the training scan against the reference scan in float64."""
+def test_train_scan_matches_reference(case, dtype, segs):
+    """Output and every gradient of the training scan against the reference scan in float64, with the
+    sequence cut into segments as the launch-shape rule picks, none, and three."""
     from ssamba.ops.train_scan import train_scan_fn
 
     fn = train_scan_fn()
@@ -725,7 +727,7 @@ def test_train_scan_matches_reference(case, dtype):
     leaves = [t.clone().requires_grad_() for t in (u, delta, x_dbl, *A_log, *D, *bias)]
     uu, dd, xx = leaves[:3]
     Al, Dl, bl = leaves[3 : 3 + g], leaves[3 + g : 3 + 2 * g], leaves[3 + 2 * g :]
-    y = fn(uu, dd, tuple(Al), xx[:, :, 8:24], xx[:, :, 24:40], tuple(Dl), tuple(bl), True, period=di)
+    y = fn(uu, dd, tuple(Al), xx[:, :, 8:24], xx[:, :, 24:40], tuple(Dl), tuple(bl), True, period=di, n_segments=segs)
     y.backward(dy)
     got = [y.detach()] + [t.grad for t in leaves]
     ref_leaves = [t.detach().double().requires_grad_() for t in (u, delta, x_dbl, *A_log, *D, *bias)]
@@ -749,7 +751,7 @@ def test_train_scan_matches_reference(case, dtype):
     for name, a, w in zip(names, got, want):
         assert torch.isfinite(a).all(), name
         errs[name] = float((a.double() - w).abs().max() / w.abs().max().clamp_min(1e-30))
-    note(f"train_scan {case[0]} {str(dtype)[6:]}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    note(f"train_scan {case[0]} {str(dtype)[6:]} segs={segs}: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     assert errs["y"] < tol_f, errs
     assert max(errs.values()) < tol_g, errs
 

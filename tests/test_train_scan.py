@@ -39,22 +39,36 @@ def _reference(u, delta, B, C, A_log, D, bias, softplus, dy):
 
 
 @pytest.mark.parametrize(
-    "b,ch,L,groups,sets,tile,softplus",
+    "b,ch,L,groups,sets,tile,softplus,segs",
     [
-        (2, 8, 37, 2, 2, 16, True),  # two directions, a partial last tile
-        (1, 6, 16, 1, 1, 16, True),  # exactly one tile
-        (3, 4, 50, 2, 1, 8, False),  # groups within one set, no softplus
-        (2, 8, 5, 4, 2, 16, True),  # shorter than a tile
+        (2, 8, 37, 2, 2, 16, True, 1),  # two directions, a partial last tile
+        (1, 6, 16, 1, 1, 16, True, 1),  # exactly one tile
+        (3, 4, 50, 2, 1, 8, False, 1),  # groups within one set, no softplus
+        (2, 8, 5, 4, 2, 16, True, 1),  # shorter than a tile
+        (2, 8, 37, 2, 2, 4, True, 3),  # segments: 10 tiles in 3 segments of 4, 4, 2; a partial last tile
+        (1, 4, 64, 1, 1, 4, False, 16),  # one tile per segment
+        (2, 8, 37, 2, 2, 8, True, 2),  # two segments
     ],
 )
-def test_emulated_forward_and_backward_match_autograd(b, ch, L, groups, sets, tile, softplus):
+def test_emulated_forward_and_backward_match_autograd(b, ch, L, groups, sets, tile, softplus, segs):
     u, delta, B, C, A_log, D, bias = _inputs(b, ch, L, groups, sets)
     if not softplus:  # dt = delta + bias itself: keep it positive
         delta, bias = delta.abs() * 0.2, [x.abs() * 0.1 for x in bias]
     dy = torch.randn(b, ch, L, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     pair = (lambda xs: tuple(xs)) if sets == 2 else (lambda xs: xs[0])
     y, grads = TS.train_scan_emulated(
-        u, delta, pair(A_log), B, C, pair(D), pair(bias), softplus, period=ch // sets, dy=dy, tile=tile
+        u,
+        delta,
+        pair(A_log),
+        B,
+        C,
+        pair(D),
+        pair(bias),
+        softplus,
+        period=ch // sets,
+        dy=dy,
+        tile=tile,
+        n_segments=segs,
     )
     y_ref, g_ref = _reference(u, delta, B, C, A_log, D, bias, softplus, dy)
     worst = (y - y_ref).abs().max().item()
@@ -97,6 +111,37 @@ def test_large_dt_and_long_sequence_stay_finite_and_exact():
 def test_launch_shape_rules(args, why):
     got = TS.supported(*args)
     assert (got == "") if not why else re.search(why, got), got
+
+
+@pytest.mark.parametrize(
+    "batch,channels,length,sms,forced,want",
+    [
+        # SSAMBA-tiny bi at pretraining (513 steps = 33 tiles) on 132 SMs: 768 blocks -> 6 segments of 6 tiles
+        (32, 768, 513, 132, None, (6, 6)),
+        (128, 768, 513, 132, None, (17, 2)),  # already 3,072 blocks: ceil(4,224 / 3,072) = 2 segments
+        (1, 768, 513, 132, None, (3, 11)),  # one clip: at most 33 // 2 = 16 asked, 3 tiles -> 11 segments
+        (32, 768, 20, 132, None, (2, 1)),  # 2 tiles: too short to cut
+        (32, 768, 513, 132, 1, (33, 1)),  # forced: no segments
+        (32, 768, 513, 132, 10, (4, 9)),  # forced 10 -> 4 tiles each, 9 non-empty segments
+        (32, 768, 513, 132, 1000, (1, 33)),  # forced beyond the tiles: one tile each
+    ],
+)
+def test_segments_cover_every_tile_once(batch, channels, length, sms, forced, want):
+    got = TS.segments(batch, channels, length, sms, forced)
+    seg_tiles, n_seg = got
+    n_tiles = -(-length // TS.TILE)
+    assert seg_tiles * n_seg >= n_tiles > (n_seg - 1) * seg_tiles  # every segment non-empty
+    assert got == want
+
+
+def test_segments_reject_nonsense_and_read_the_override(monkeypatch):
+    with pytest.raises(ValueError, match="batch=0"):
+        TS.segments(0, 768, 513, 132)
+    monkeypatch.setenv(TS.SEGMENTS_ENV, "x")
+    with pytest.raises(ValueError, match="SSAMBA_TRAIN_SCAN_SEGMENTS must be a positive integer; got 'x'"):
+        TS._forced_segments()
+    monkeypatch.setenv(TS.SEGMENTS_ENV, "4")
+    assert TS._forced_segments() == 4
 
 
 def test_public_function_checks_shapes_before_launching():
@@ -158,17 +203,19 @@ class _Emulated(torch.autograd.Function):
     """train_scan's contract computed by the emulation (forward and backward), for the mixer test."""
 
     @staticmethod
-    def forward(ctx, u, delta, B, C, A0, A1, D0, D1, b0, b1, period):
+    def forward(ctx, u, delta, B, C, A0, A1, D0, D1, b0, b1, period, n_segments=None):
         ctx.save_for_backward(u, delta, B, C, A0, A1, D0, D1, b0, b1)
-        ctx.period = period
-        y, _ = TS.train_scan_emulated(u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=period)
+        ctx.period, ctx.segs = period, n_segments or 1
+        y, _ = TS.train_scan_emulated(
+            u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=period, n_segments=ctx.segs
+        )
         return y
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, B, C, A0, A1, D0, D1, b0, b1 = ctx.saved_tensors
         _, g = TS.train_scan_emulated(
-            u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=ctx.period, dy=dy, tile=8
+            u, delta, (A0, A1), B, C, (D0, D1), (b0, b1), True, period=ctx.period, dy=dy, tile=8, n_segments=ctx.segs
         )
         cast = lambda t, like: t.to(like.dtype)  # noqa: E731
         return (
@@ -179,6 +226,7 @@ class _Emulated(torch.autograd.Function):
             *(cast(x, A0) for x in g["A_log"]),
             *(cast(x, D0) for x in g["D"]),
             *(cast(x, b0) for x in g["delta_bias"]),
+            None,
             None,
         )
 
@@ -308,8 +356,8 @@ def test_triton_combine_gate_backward_under_the_interpreter():
     assert worst < 1e-5, worst
 
 
-def _emulated_kernel(u, delta, A_log, B, C, D=None, delta_bias=None, delta_softplus=True, period=None):
-    return _Emulated.apply(u, delta, B, C, *A_log, *D, *delta_bias, period)
+def _emulated_kernel(u, delta, A_log, B, C, D=None, delta_bias=None, delta_softplus=True, period=None, n_segments=None):
+    return _Emulated.apply(u, delta, B, C, *A_log, *D, *delta_bias, period, n_segments)
 
 
 def test_self_check_passes_a_right_kernel_and_names_what_a_wrong_one_gets_wrong(monkeypatch):

@@ -1,5 +1,6 @@
 """Scan benchmarks: the CPU reference scan against a naive per-token loop (``python -m ssamba.bench.scan``),
-and on a GPU mamba-ssm's scan against the chunked scan at several chunk lengths (``--chunked``).
+and on a GPU mamba-ssm's scan against the chunked scan at several chunk lengths (``--chunked``) and,
+forward + backward, against the training scan at several sequence-segment counts (``--train``).
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ def main(argv: Optional[list[str]] = None) -> None:  # pragma: no cover - benchm
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--chunked", action="store_true", help="GPU: mamba-ssm's scan vs the chunked scan instead")
     ap.add_argument("--general", action="store_true", help="--chunked: also the general (unpipelined) kernel")
+    ap.add_argument("--train", action="store_true", help="GPU: forward + backward, mamba-ssm vs the training scan")
     ap.add_argument("--skip-naive-large", action="store_true", help="the naive loop takes ~40 s there")
     args = ap.parse_args(argv)
     if args.chunked:
         benchmark(kernels=("general", "pipelined") if args.general else ("pipelined",))
+        return
+    if args.train:
+        train_benchmark()
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +142,88 @@ def benchmark(
             flush=True,
         )
         del ref, y
+        torch.cuda.empty_cache()
+    return rows
+
+
+# (name, batch, channels, groups = parameter sets) at the pretraining length (512 patches + cls)
+TRAIN_SHAPES = [
+    ("tiny-bi b32", 32, 768, 2),
+    ("tiny-uni b32", 32, 384, 1),
+    ("tiny-bi b128", 128, 768, 2),
+    ("base-bi b16", 16, 3072, 2),
+]
+
+
+def train_benchmark(
+    shapes: list[tuple[str, int, int, int]] | None = None,
+    length: int = 513,
+    dtype: torch.dtype = torch.bfloat16,
+    repeats: int = 10,
+    segment_counts: tuple[int, ...] = (1, 2, 4, 8, 16),
+) -> list[dict]:
+    """Forward + backward of mamba-ssm's ``selective_scan_fn`` against :func:`train_scan` with each of
+    ``segment_counts`` sequence segments and the automatic choice, on random inputs shaped like the fast
+    mixer's (B/C groups = directions); also the largest difference of ``y`` and of every gradient from
+    the one-segment run, relative to its largest value. Prints one line per shape and returns the rows."""
+    from ssamba.ops import train_scan as TS
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    mamba = mamba_scan()
+    rows = []
+    for name, b, ch, sets in shapes or TRAIN_SHAPES:
+        g = torch.Generator(device=dev).manual_seed(0)
+        period = ch // sets
+        u = torch.randn(b, ch, length, device=dev, generator=g).to(dtype)
+        delta = (0.5 * torch.randn(b, ch, length, device=dev, generator=g)).to(dtype)
+        BC = torch.randn(b, sets, 2, 16, length, device=dev, generator=g).to(dtype)
+        A_log = [torch.log(torch.rand(period, 16, device=dev, generator=g) * 4 + 0.1) for _ in range(sets)]
+        D = [torch.randn(period, device=dev, generator=g) for _ in range(sets)]
+        bias = [torch.randn(period, device=dev, generator=g) * 0.5 - 3 for _ in range(sets)]
+        dy = torch.randn(b, ch, length, device=dev, generator=g).to(dtype)
+        leaves = [u, delta, BC, *A_log, *D, *bias]
+
+        def run(fn):
+            xs = [t.detach().clone().requires_grad_() for t in leaves]
+            y = fn(*xs)
+            y.backward(dy)
+            return [y.detach()] + [t.grad for t in xs]
+
+        def ts(segs):
+            def fn(u, delta, BC, *ps):
+                a, d, bi = ps[:sets], ps[sets : 2 * sets], ps[2 * sets :]
+                return TS.train_scan(
+                    u, delta, tuple(a), BC[:, :, 0], BC[:, :, 1], tuple(d), tuple(bi), True, period, segs
+                )
+
+            return fn
+
+        def mamba_fn(u, delta, BC, *ps):
+            a, d, bi = ps[:sets], ps[sets : 2 * sets], ps[2 * sets :]
+            A = -torch.exp(torch.cat(a))
+            return mamba(u, delta, A, BC[:, :, 0], BC[:, :, 1], torch.cat(d), None, torch.cat(bi), True)
+
+        auto = TS.segments(b, ch, length, sms)[1]
+        row = {"shape": name, "batch": b, "channels": ch, "length": length, "auto_segments": auto}
+        if mamba is not None:
+            row["mamba_us"] = median_ms(lambda: run(mamba_fn), 2, repeats, dev) * 1e3
+        base = run(ts(1))
+        for segs in sorted(set(segment_counts) | {auto}):
+            key = f"s{segs}" + ("*" if segs == auto else "")
+            row[f"{key}_us"] = median_ms(lambda: run(ts(segs)), 2, repeats, dev) * 1e3
+            if segs != 1:
+                got = run(ts(segs))
+                row[f"{key}_reldiff"] = max(
+                    float((x.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-30))
+                    for x, r in zip(got, base)
+                )
+        rows.append(row)
+        print(
+            "[train-scan] " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+            flush=True,
+        )
+        del base
         torch.cuda.empty_cache()
     return rows
 

@@ -44,8 +44,55 @@ BLOCK = 32  # channels per thread block (BD): channels, group size and period mu
 STATE_SIZE = 16
 MAX_BATCH = 65535  # the batch is the grid's y dimension
 
-_PTR_FIELDS = ("u delta B C A0 A1 D0 D1 bias0 bias1 y ckpt dy du ddelta dB dC dA0 dA1 dD0 dD1 dbias0 dbias1").split()
-_INT_FIELDS = "batch channels length n_tiles b_sb b_sg b_sn c_sb c_sg c_sn group_size period softplus".split()
+_PTR_FIELDS = (
+    "u delta B C A0 A1 D0 D1 bias0 bias1 y ckpt dy du ddelta dB dC dA0 dA1 dD0 dD1 dbias0 dbias1 hend sdt gend"
+).split()
+_INT_FIELDS = (
+    "batch channels length n_tiles b_sb b_sg b_sn c_sb c_sg c_sn group_size period softplus seg_tiles n_seg"
+).split()
+
+# Segments along the sequence (grid z). One block per (32 channels, batch row) leaves an H100 mostly idle
+# at training sizes; cutting the sequence into segments multiplies the blocks at the cost of a light extra
+# pass (each segment scanned from zero, then the segments' results folded: see the .cu file).
+BLOCKS_PER_SM = 32  # aim for about this many blocks per SM over the whole launch
+MIN_SEGMENT_TILES = 2  # a segment is at least this many tiles (32 steps)
+SEGMENTS_ENV = "SSAMBA_TRAIN_SCAN_SEGMENTS"  # force a segment count (benchmarks); 1 = no segments
+
+
+def segments(batch: int, channels: int, length: int, sm_count: int, forced: int | None = None) -> tuple[int, int]:
+    """``(seg_tiles, n_seg)``: how the kernel cuts a sequence of ``length`` steps (pure: tested on CPU).
+
+    Enough segments that ``channels / BLOCK x batch x n_seg`` blocks give about :data:`BLOCKS_PER_SM` per SM,
+    none shorter than :data:`MIN_SEGMENT_TILES` tiles, and none empty. ``forced`` asks for a count (still
+    capped by the length).
+    """
+    if batch < 1 or channels < BLOCK or length < 1 or sm_count < 1:
+        raise ValueError(f"segments of batch={batch}, channels={channels}, length={length}, SMs={sm_count}")
+    n_tiles = -(-length // TILE)
+    blocks = (channels // BLOCK) * batch
+    wanted = forced if forced is not None else -(-(BLOCKS_PER_SM * sm_count) // blocks)
+    most = max(1, n_tiles // MIN_SEGMENT_TILES) if forced is None else n_tiles
+    n_seg = max(1, min(int(wanted), most, 65535))
+    seg_tiles = -(-n_tiles // n_seg)
+    return seg_tiles, -(-n_tiles // seg_tiles)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _forced_segments() -> int | None:
+    raw = os.environ.get(SEGMENTS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{SEGMENTS_ENV} must be a positive integer; got {raw!r}")
+    return n
 
 
 class _Params(ctypes.Structure):
@@ -96,8 +143,9 @@ SELF_CHECK_TOL = 1e-3  # largest |kernel - reference| / max |reference| accepted
 
 
 def self_check(device: torch.device | None = None) -> str:
-    """Run the kernel once on a small random problem (two parameter sets, B/C as strided views, a partial
-    tile) against the reference scan in float64 on the same device: output and every gradient. Returns
+    """Run the kernel on a small random problem (two parameter sets, B/C as strided views, a partial tile;
+    one sequence segment and three) against the reference scan in float64 on the same device: output and
+    every gradient. Returns
     ``""`` when it agrees within :data:`SELF_CHECK_TOL`, else what differed."""
     from ssamba.ops.scan import selective_scan_ref
 
@@ -120,14 +168,14 @@ def self_check(device: torch.device | None = None) -> str:
         r(di, scale=0.5) - 2,
     ]
     dy = r(b, 2 * di, L)
-    outs = []
-    for dtype in (torch.float32, torch.float64):
+
+    def run(dtype, n_segments=None):
         leaves = [t.detach().to(dtype).clone().requires_grad_() for t in base]
         u, delta, xd, a0, a1, d0, d1, b0, b1 = leaves
         Bm, Cm = xd[:, :, 3 : 3 + STATE_SIZE], xd[:, :, 3 + STATE_SIZE :]
         with torch.enable_grad():
             if dtype == torch.float32:
-                y = train_scan(u, delta, (a0, a1), Bm, Cm, (d0, d1), (b0, b1), True, period=di)
+                y = train_scan(u, delta, (a0, a1), Bm, Cm, (d0, d1), (b0, b1), True, period=di, n_segments=n_segments)
             else:
                 y = selective_scan_ref(
                     u,
@@ -140,13 +188,16 @@ def self_check(device: torch.device | None = None) -> str:
                     delta_softplus=True,
                 )
             y.backward(dy.to(dtype))
-        outs.append([y.detach()] + [t.grad for t in leaves])
+        return [y.detach()] + [t.grad for t in leaves]
+
+    want = run(torch.float64)
     names = "y u delta B/C A_log0 A_log1 D0 D1 bias0 bias1".split()
     bad = []
-    for name, got, want in zip(names, *outs):
-        err = float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
-        if not err <= SELF_CHECK_TOL:  # NaN fails too
-            bad.append(f"{name} {err:.1e}")
+    for segs in (1, 3):  # one segment, and one tile per segment (the partial tile in the last)
+        for name, got, ref in zip(names, run(torch.float32, segs), want):
+            err = float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            if not err <= SELF_CHECK_TOL:  # NaN fails too
+                bad.append(f"{name} {err:.1e}" + (f" ({segs} segments)" if segs > 1 else ""))
     return ", ".join(bad)
 
 
@@ -213,6 +264,7 @@ def _launch(p: _Params, dtype: torch.dtype, backward: bool, device: torch.device
             -2: f"channels, group size and period must be multiples of {BLOCK}",
             -3: f"d_state must be {STATE_SIZE}",
             -5: f"batch over {MAX_BATCH}",
+            -6: "bad sequence segments",
         }.get(rc)
         raise RuntimeError(f"train_scan launch failed: {why or lib.ssamba_train_scan_error(rc).decode()} (code {rc})")
 
@@ -223,12 +275,16 @@ def _ptr(X):
 
 class _TrainScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, B, C, A0, A1, D0, D1, bias0, bias1, period: int, softplus: bool):
+    def forward(ctx, u, delta, B, C, A0, A1, D0, D1, bias0, bias1, period: int, softplus: bool, n_segments):
         b, ch, L = u.shape
         groups = B.shape[1]
         n_tiles = -(-L // TILE)
+        seg_tiles, n_seg = segments(b, ch, L, _sm_count(u.device.index), n_segments or _forced_segments())
         y = torch.empty_like(u)
-        ckpt = torch.empty((b, n_tiles, STATE_SIZE, ch), dtype=torch.float32, device=u.device)
+        f32 = dict(dtype=torch.float32, device=u.device)
+        ckpt = torch.empty((b, n_tiles, STATE_SIZE, ch), **f32)
+        sdt = torch.empty((b, n_seg, ch), **f32)
+        hend = torch.empty((b, n_seg, STATE_SIZE, ch), **f32) if n_seg > 1 else None
         p = _Params(
             u.data_ptr(),
             delta.data_ptr(),
@@ -243,6 +299,9 @@ class _TrainScan(torch.autograd.Function):
             y.data_ptr(),
             ckpt.data_ptr(),
             *([None] * 11),
+            _ptr(hend),
+            sdt.data_ptr(),
+            None,
             b,
             ch,
             L,
@@ -256,15 +315,19 @@ class _TrainScan(torch.autograd.Function):
             ch // groups,
             period,
             int(softplus),
+            seg_tiles,
+            n_seg,
         )
         _launch(p, u.dtype, False, u.device)
-        ctx.save_for_backward(u, delta, B, C, A0, A1, D0, D1, bias0, bias1, ckpt)
+        ctx.save_for_backward(u, delta, B, C, A0, A1, D0, D1, bias0, bias1, ckpt, sdt)
+        ctx.segments = (seg_tiles, n_seg)
         ctx.period, ctx.softplus = period, softplus
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, B, C, A0, A1, D0, D1, bias0, bias1, ckpt = ctx.saved_tensors
+        u, delta, B, C, A0, A1, D0, D1, bias0, bias1, ckpt, sdt = ctx.saved_tensors
+        seg_tiles, n_seg = ctx.segments
         b, ch, L = u.shape
         groups = B.shape[1]
         dy = dy.to(u.dtype).contiguous()
@@ -277,6 +340,7 @@ class _TrainScan(torch.autograd.Function):
             return None if X is None else torch.zeros(X.shape, **f32)
 
         dA0, dA1, dD0, dD1, db0, db1 = (zeros(X) for X in (A0, A1, D0, D1, bias0, bias1))
+        gend = torch.empty((b, n_seg, STATE_SIZE, ch), **f32) if n_seg > 1 else None
         p = _Params(
             u.data_ptr(),
             delta.data_ptr(),
@@ -301,6 +365,9 @@ class _TrainScan(torch.autograd.Function):
             _ptr(dD1),
             _ptr(db0),
             _ptr(db1),
+            None,
+            sdt.data_ptr(),
+            _ptr(gend),
             b,
             ch,
             L,
@@ -314,9 +381,11 @@ class _TrainScan(torch.autograd.Function):
             ch // groups,
             ctx.period,
             int(ctx.softplus),
+            seg_tiles,
+            n_seg,
         )
         _launch(p, u.dtype, True, u.device)
-        return (du, ddelta, dB.to(B.dtype), dC.to(C.dtype), dA0, dA1, dD0, dD1, db0, db1, None, None)
+        return (du, ddelta, dB.to(B.dtype), dC.to(C.dtype), dA0, dA1, dD0, dD1, db0, db1, None, None, None)
 
 
 def train_scan(
@@ -329,13 +398,15 @@ def train_scan(
     delta_bias=None,
     delta_softplus: bool = True,
     period: int | None = None,
+    n_segments: int | None = None,
 ) -> torch.Tensor:
     """Selective scan with a backward pass, on CUDA; returns ``y`` like ``u`` (contiguous).
 
     ``u, delta: (batch, channels, L)``; ``B, C: (batch, groups, N, L)`` with ``N = 16`` (time-contiguous;
     other strides free); ``A_log``, ``D``, ``delta_bias``: one ``(channels, N)`` / ``(channels,)`` tensor, or
     a pair of ``(period, ...)`` tensors for two parameter sets (channel ``c`` uses set ``c // period``).
-    ``A = -exp(A_log)``. Gradients flow to every tensor argument.
+    ``A = -exp(A_log)``. Gradients flow to every tensor argument. ``n_segments`` asks for that many
+    sequence segments (default: ``$SSAMBA_TRAIN_SCAN_SEGMENTS``, else :func:`segments` decides).
     """
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(
@@ -369,7 +440,19 @@ def train_scan(
         return None if X is None else X.float().contiguous()
 
     return _TrainScan.apply(
-        u, delta, B, C, f32(A0), f32(A1), f32(D0), f32(D1), f32(bias0), f32(bias1), period, bool(delta_softplus)
+        u,
+        delta,
+        B,
+        C,
+        f32(A0),
+        f32(A1),
+        f32(D0),
+        f32(D1),
+        f32(bias0),
+        f32(bias1),
+        period,
+        bool(delta_softplus),
+        n_segments,
     )
 
 
@@ -386,9 +469,13 @@ def train_scan_emulated(
     dy: torch.Tensor | None = None,
     tile: int = TILE,
     dtype: torch.dtype = torch.float64,
+    n_segments: int = 1,
 ) -> tuple[torch.Tensor, dict | None]:
     """The kernel's algebra in torch, in ``dtype``: forward with a checkpoint every ``tile`` steps and, given
     ``dy``, the backward (tiles in reverse, states recomputed from checkpoints, the adjoint walked back).
+    With ``n_segments > 1`` the sequence is cut into segments as the kernel does: each segment scanned
+    from a zero state (adjoint), then the segments' end states (adjoints) folded with their decays
+    ``exp(A sum dt)`` to start the main passes.
 
     Returns ``(y, grads)`` with ``grads`` a dict of ``u, delta, B, C, A_log, D, delta_bias`` gradients
     (parameters per set as tuples when given as pairs), or ``None`` without ``dy``. For testing on CPU.
@@ -415,40 +502,73 @@ def train_scan_emulated(
     Bc = B.to(dtype)[:, gi]  # (b, ch, N, L)
     Cc = C.to(dtype)[:, gi]
     n_tiles = -(-L // tile)
-    h = torch.zeros(b, ch, A.shape[1], dtype=dtype)
-    ckpt = []
+    seg_tiles = -(-n_tiles // max(1, min(n_segments, n_tiles)))
+    n_seg = -(-n_tiles // seg_tiles)
+
+    def seg_steps(s):
+        return s * seg_tiles * tile, min(L, (s + 1) * seg_tiles * tile)
+
+    def step(h, t):
+        return torch.exp(dtv[:, :, t, None] * A) * h + (dtv[:, :, t] * x[:, :, t])[..., None] * Bc[..., t]
+
+    zero = torch.zeros(b, ch, A.shape[1], dtype=dtype)
+    hend, sdt = [], []
+    for s in range(n_seg - 1):  # local pass: each segment from a zero state
+        h = zero
+        t0, t1 = seg_steps(s)
+        for t in range(t0, t1):
+            h = step(h, t)
+        hend.append(h)
+        sdt.append(dtv[:, :, t0:t1].sum(-1))
+    ckpt = [None] * n_tiles
     y = torch.empty(b, ch, L, dtype=dtype)
-    for k in range(n_tiles):
-        ckpt.append(h.clone())
-        for t in range(k * tile, min(L, (k + 1) * tile)):
-            h = torch.exp(dtv[:, :, t, None] * A) * h + (dtv[:, :, t] * x[:, :, t])[..., None] * Bc[..., t]
-            y[:, :, t] = (h * Cc[..., t]).sum(-1)
+    for s in range(n_seg):
+        h = zero
+        for r in range(s):  # fold the earlier segments
+            h = torch.exp(sdt[r][..., None] * A) * h + hend[r]
+        for k in range(s * seg_tiles, min(n_tiles, (s + 1) * seg_tiles)):
+            ckpt[k] = h.clone()
+            for t in range(k * tile, min(L, (k + 1) * tile)):
+                h = step(h, t)
+                y[:, :, t] = (h * Cc[..., t]).sum(-1)
     if Dc is not None:
         y = y + Dc[:, None] * x
     if dy is None:
         return y.to(u.dtype), None
     dy = dy.to(dtype)
-    g = torch.zeros_like(h)
     du, ddt = torch.zeros_like(x), torch.zeros_like(x)
     dBc, dCc = torch.zeros_like(Bc), torch.zeros_like(Cc)
     dA = torch.zeros_like(A)
-    for k in reversed(range(n_tiles)):
-        t0, t1 = k * tile, min(L, (k + 1) * tile)
-        hist, hk = [], ckpt[k]
-        for t in range(t0, t1):  # recompute the tile's states from its checkpoint
-            hk = torch.exp(dtv[:, :, t, None] * A) * hk + (dtv[:, :, t] * x[:, :, t])[..., None] * Bc[..., t]
-            hist.append(hk)
+    gend = {}
+    for s in range(1, n_seg):  # local pass: each segment's adjoint from zero
+        g = zero
+        t0, t1 = seg_steps(s)
         for t in reversed(range(t0, t1)):
-            ht, bt, ct = hist[t - t0], Bc[..., t], Cc[..., t]
-            dtt, xt, dyt = dtv[:, :, t, None], x[:, :, t, None], dy[:, :, t, None]
-            g = g + dyt * ct  # g_t
-            prev = ht - dtt * xt * bt  # a_t h_{t-1}
-            dBc[..., t] = g * dtt * xt
-            dCc[..., t] = dyt * ht
-            du[:, :, t] = dtt[..., 0] * (g * bt).sum(-1)
-            ddt[:, :, t] = (g * (A * prev + xt * bt)).sum(-1)
-            dA += (g * dtt * prev).sum(0)
-            g = g * torch.exp(dtt * A)
+            g = (g + dy[:, :, t, None] * Cc[..., t]) * torch.exp(dtv[:, :, t, None] * A)
+        gend[s] = g
+    for s in reversed(range(n_seg)):
+        g = zero
+        if s + 1 < n_seg:  # fold the later segments, last first
+            g = gend[n_seg - 1]
+            for r in range(n_seg - 2, s, -1):
+                g = gend[r] + torch.exp(sdt[r][..., None] * A) * g
+        for k in reversed(range(s * seg_tiles, min(n_tiles, (s + 1) * seg_tiles))):
+            t0, t1 = k * tile, min(L, (k + 1) * tile)
+            hist, hk = [], ckpt[k]
+            for t in range(t0, t1):  # recompute the tile's states from its checkpoint
+                hk = step(hk, t)
+                hist.append(hk)
+            for t in reversed(range(t0, t1)):
+                ht, bt, ct = hist[t - t0], Bc[..., t], Cc[..., t]
+                dtt, xt, dyt = dtv[:, :, t, None], x[:, :, t, None], dy[:, :, t, None]
+                g = g + dyt * ct  # g_t
+                prev = ht - dtt * xt * bt  # a_t h_{t-1}
+                dBc[..., t] = g * dtt * xt
+                dCc[..., t] = dyt * ht
+                du[:, :, t] = dtt[..., 0] * (g * bt).sum(-1)
+                ddt[:, :, t] = (g * (A * prev + xt * bt)).sum(-1)
+                dA += (g * dtt * prev).sum(0)
+                g = g * torch.exp(dtt * A)
     if Dc is not None:
         du = du + Dc[:, None] * dy
     dv = ddt * torch.sigmoid(v) * (v <= 20) + ddt * (v > 20) if delta_softplus else ddt
