@@ -1,4 +1,5 @@
-"""A selective scan for training on CUDA: one thread per channel, forward with state checkpoints, backward.
+"""A selective scan for training on CUDA: one thread per channel and sequence segment, forward with state
+checkpoints, backward.
 
 mamba-ssm's scan gives each (batch, channel) pair one thread block that runs a parallel prefix scan over
 the sequence for each of the ``N`` states; at the training sizes of this project (hundreds of tokens,
@@ -9,10 +10,15 @@ what its bytes need. This kernel (``csrc/train_scan.cu``) gives each thread one 
 - forward: writes ``y`` and the state entering every tile of :data:`TILE` steps (fp32 checkpoints,
   ``N / TILE`` floats per step and channel);
 - backward, tiles from last to first: recomputes the tile's states from its checkpoint into shared
-  memory, then walks the tile in reverse with the adjoint ``g_t = dL/dh_t`` (formulas in the .cu file);
-  ``dB``/``dC`` are summed over a group's channels by a warp reduce-scatter and one atomic add per block,
-  ``dA_log``/``dD``/``d bias`` over the batch by atomic adds.
-
+  memory (every second step; the others are rebuilt on the way back), then walks the tile in reverse
+  with the adjoint ``g_t = dL/dh_t`` (formulas in the .cu file); ``dB``/``dC`` are summed over a group's
+  channels by a warp reduce-scatter and one atomic add per block, ``dA_log``/``dD``/``d bias`` over the
+  batch by atomic adds;
+- sequence segments: one thread walking a whole sequence of ~500 steps left an H100 mostly idle (24,576
+  threads where the card holds 270,336), so :func:`segments` cuts the sequence into segments, each its
+  own block. A light local pass scans each segment from a zero state (the adjoint from zero, backward);
+  the recurrence is linear and a segment's decays multiply to ``exp(A sum dt)``, so the main pass starts
+  each segment from the folded results of the ones before it (after it, backward).
 Layout: ``u, delta: (batch, channels, L)``; ``B, C: (batch, groups, N, L)`` (time-contiguous, any other
 strides); per-channel parameters in up to two sets of ``period`` rows (channel ``c`` uses set
 ``c // period``, row ``c % period``), so a bidirectional mixer passes its two directions' ``A_log``,
