@@ -1,21 +1,24 @@
-"""CLI: read sweep runs from MLflow, print the ablation tables, write plots, log them on the parents.
+"""CLI: read sweep runs from MLflow, print the ablation tables and write plots (read-only unless --log).
 
     python -m ablations.summarize                              # every sweep experiment, Markdown on stdout
     python -m ablations.summarize --experiment ssamba-masking --reference 300 --format latex --out t.tex
-    python -m ablations.summarize --sweep-id 20261101-1200-ab12 --plot plots/
+    python -m ablations.summarize --sweep-id 20261101-1200-ab12 --plot plots/ --log
 
 The summary itself is :func:`ablations.table.summarize` (pure); rendering is :mod:`ablations.render`.
-This file does the I/O only: collecting runs through :class:`ssamba.sweep.tracking.Tracker`, writing files,
-and logging the table (and plots) as artifacts of each contributing sweep's parent run under
-``summary/`` (``--no-log`` skips that).
+This file does the I/O only: collecting runs through :class:`ssamba.sweep.tracking.Tracker` and writing
+files. The store is only read: a missing local store is an error (never created), and the table (and
+plots) are logged as artifacts of each contributing sweep's parent run under ``summary/`` only with
+``--log`` (:func:`summarize_sweep`, which a sweep script calls at its end, logs them on its own parent).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from ablations.render import FORMATS, plot_all, render, table_filename
 from ablations.table import FactorTable, SummaryError, summarize
@@ -66,8 +69,50 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let interrupted, running and incomplete trials enter the statistics with what they logged",
     )
-    p.add_argument("--no-log", action="store_true", help="do not log the table and plots on the parent runs")
+    log = p.add_mutually_exclusive_group()
+    log.add_argument(
+        "--log",
+        action="store_true",
+        help="write the table (and plots) into each contributing parent run under summary/ "
+        "(default: read-only, nothing is written to the store)",
+    )
+    log.add_argument("--no-log", action="store_true", help="read-only (the default; kept for old command lines)")
     return p
+
+
+def missing_store(uri: str) -> Path | None:
+    """The local file a sqlite or file-store URI points at, when it does not exist (else None).
+
+    ``uri`` is absolute (:func:`ssamba.sweep.tracking.resolve_uri`). Opening a missing sqlite database with
+    MLflow creates an empty one (about 1 MB of tables); a reader must refuse instead."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :].partition("?")[0]
+        if path in ("", ":memory:"):
+            return None
+        p = Path(path)
+    elif uri.startswith("file:"):
+        p = Path(unquote(urlparse(uri).path))
+    else:
+        return None  # a server or a database: the server says what is wrong
+    return None if p.exists() else p
+
+
+def check_store(given: str | None, uri: str) -> None:
+    """Raise a one-line :class:`SummaryError` when the local store ``uri`` (resolved from ``given``) is missing."""
+    path = missing_store(uri)
+    if path is None:
+        return
+    if given:
+        origin = f"--mlflow-uri {given}"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        origin = f"$MLFLOW_TRACKING_URI={os.environ['MLFLOW_TRACKING_URI']}"
+    else:
+        origin = "the default, mlflow.db in the current folder"
+    raise SummaryError(
+        f"no MLflow store at {path} ({origin}); nothing was created. Fix: run in the folder that holds "
+        "the sweep's mlflow.db, or pass --mlflow-uri sqlite:////absolute/path/mlflow.db (or a server's "
+        "http://host:port), or set $MLFLOW_TRACKING_URI"
+    )
 
 
 def parse_reference(items: list[str]) -> str | dict[str, str] | None:
@@ -137,9 +182,10 @@ def summarize_sweep(mlflow_uri: str, sweep_id: str, *, log: bool = True, plot_di
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ssamba.sweep.tracking import Tracker  # imports mlflow: only when the CLI runs
+    from ssamba.sweep.tracking import Tracker, resolve_uri  # imports mlflow: only when the CLI runs
 
     try:
+        check_store(args.mlflow_uri, resolve_uri(args.mlflow_uri))
         tracker = Tracker(args.mlflow_uri)
         runs = collect_runs(tracker, args.experiment, args.sweep_id)
         tables = summarize(
@@ -166,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     plots = plot_all(tables, args.plot) if args.plot else {}
     for p in plots.values():
         print(f"wrote {p}", file=sys.stderr)
-    if not args.no_log:
+    if args.log:
         n = log_artifacts(tracker, tables, args.format, plots)
         print(f"logged the summary on {n} parent run(s) under {ARTIFACT_DIR}/", file=sys.stderr)
     return 0

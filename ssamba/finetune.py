@@ -2,6 +2,11 @@
 
 python -m ssamba.finetune --init runs/pretrain-demo-.../best.pt     # demo task on the demo corpus
 python -m ssamba.finetune --preset paper-tiny --manifest esc50.parquet --set finetune.fold=1 --init scratch
+python -m ssamba.finetune --threads 1 --mlflow-uri sqlite:///mlflow.db   # 1 torch thread, run in MLflow
+
+Output is line-buffered (progress reaches a file or pipe as it is printed). The torch thread count is
+--threads, else $OMP_NUM_THREADS, else the cores this process may use shared with the other ssamba runs
+found on the machine; a warning says when the runs oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -10,7 +15,14 @@ import argparse
 import sys
 
 from ssamba.base.errors import SSAMBAError
-from ssamba.config.cli import add_config_args, out_dir, print_config, resolve_config
+from ssamba.config.cli import (
+    add_config_args,
+    add_run_args,
+    line_buffered_output,
+    out_dir,
+    print_config,
+    resolve_config,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +36,28 @@ def main(argv: list[str] | None = None) -> int:
         default="scratch",
         help="pretrained weights: our checkpoint (.pt), an official SSAMBA/SSAST .pth, or 'scratch' (default)",
     )
+    add_run_args(p)
     args = p.parse_args(argv)
+    line_buffered_output()
     try:
         cfg = resolve_config(args, {"finetune.manifest": args.manifest} if args.manifest else None)
         if args.print_config:
             print_config(cfg)
             return 0
-        from ssamba.train.jobs import run_finetune
+        from ssamba.sweep.direct import run_direct
+        from ssamba.train.threads import use_threads
 
+        threads = use_threads(args.threads, warn=lambda msg: print(msg, file=sys.stderr)).threads
         init = None if args.init == "scratch" else args.init
-        res = run_finetune(cfg, out_dir(args, "finetune"), init=init)
+        res = run_direct(
+            "finetune",
+            cfg,
+            out_dir(args, "finetune"),
+            init=init,
+            mlflow_uri=args.mlflow_uri,
+            experiment=args.experiment,
+            threads=threads,
+        )
     except SSAMBAError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -312,8 +312,9 @@ def test_plot_writes_a_png(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the CLI on a real store
-def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
-    from ablations.summarize import main, parse_reference
+def make_store(tmp_path):
+    """A real sqlite store of two masking sweeps: s1 (arms 300 and 400, two seeds each, and one failed
+    trial of 300) and s2 (one trial of 400). Returns ``(uri, tracker, parent run ids by sweep id)``."""
     from ssamba.sweep.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -398,10 +399,40 @@ def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
     )
     tr.log_metrics(rid, {"ft/esc50/final": 0.1})
     tr.finish(rid)
+    return uri, tr, parents
 
+
+def store_state(tr, parents) -> dict:
+    """What a reader must leave alone: every parent's tags, params, metrics, artifacts and status."""
+    out = {}
+    for sid, pid in parents.items():
+        run = tr.client.get_run(pid)
+        arts = sorted(f.path for f in tr.client.list_artifacts(pid))
+        arts += sorted(f.path for f in tr.client.list_artifacts(pid, "summary"))
+        out[sid] = (run.data.tags, run.data.params, run.data.metrics, arts, run.info.status)
+    return out
+
+
+def test_cli_reads_a_real_mlflow_store_and_logs_artifacts_only_with_log(tmp_path, capsys):
+    from ablations.summarize import main, parse_reference
+
+    uri, tr, parents = make_store(tmp_path)
+    before = store_state(tr, parents)
+    assert before["s1"][3] == []  # no artifacts yet
+
+    # the default reads only: tables and plots on this machine, nothing written into the store
     plots = tmp_path / "plots"
     assert main(["--mlflow-uri", uri, "--sweep-id", "s1", "--plot", str(plots)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "## Ablation: masking (reference arm: 400)" in captured.out and "logged" not in captured.err
+    assert (plots / "ablation-masking.png").stat().st_size > 0
+    assert store_state(tr, parents) == before
+    assert not (tmp_path / "mlartifacts").exists()  # the local store's artifact folder was never made
+
+    # --log writes the table and the plot into the parent run of the summarised sweep
+    assert main(["--mlflow-uri", uri, "--sweep-id", "s1", "--plot", str(plots), "--log"]) == 0
+    out, err = capsys.readouterr()
+    assert "logged the summary on 1 parent run(s) under summary/" in err
     assert "## Ablation: masking (reference arm: 400)" in out
     assert "**0.805 ± 0.078 (n=2)**" in out  # arm 300: (0.75 + 0.86) / 2, best
     assert "| 400 | 2 finished | 0.750 ± 0.071 (n=2) | reference |" in out
@@ -411,6 +442,7 @@ def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
     logged = {f.path for f in tr.client.list_artifacts(parents["s1"], "summary")}
     assert logged == {"summary/ablation-masking.md", "summary/ablation-masking.png"}
     assert not tr.client.list_artifacts(parents["s2"], "summary")  # s2 was not part of this summary
+    assert store_state(tr, parents)["s2"] == before["s2"]
 
     # JSON to a file, every sweep, nothing logged; then a clear error for an unknown experiment
     out_file = tmp_path / "t.json"
@@ -420,6 +452,46 @@ def test_cli_reads_a_real_mlflow_store_and_logs_artifacts(tmp_path, capsys):
     assert main(["--mlflow-uri", uri, "--experiment", "nope"]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
     assert parse_reference(["masking=300", "norm=rmsnorm"]) == {"masking": "300", "norm": "rmsnorm"}
+
+
+def test_a_missing_store_is_an_error_and_never_created(tmp_path, monkeypatch, capsys):
+    """No store where the summary looks: exit 2 with one line naming the path and the fix, and no file made
+    (MLflow would create an empty ~1 MB database for a missing sqlite file)."""
+    from ablations.summarize import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cases = [
+        ([], work / "mlflow.db", "the default, mlflow.db in the current folder"),
+        (["--mlflow-uri", "sqlite:///runs/m.db"], work / "runs" / "m.db", "--mlflow-uri sqlite:///runs/m.db"),
+        (["--mlflow-uri", f"sqlite:///{tmp_path}/x/m.db"], tmp_path / "x" / "m.db", "--mlflow-uri sqlite:///"),
+        (["--mlflow-uri", "mlruns"], work / "mlruns", "--mlflow-uri mlruns"),  # a file store
+        (["--mlflow-uri", f"file://{tmp_path}/store"], tmp_path / "store", "--mlflow-uri file://"),
+    ]
+    for argv, path, origin in cases:
+        assert main([*argv, "--log"]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: no MLflow store at {path} ("), err
+        assert origin in err and "nothing was created" in err and "Fix: " in err and "--mlflow-uri" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert main([]) == 2
+    assert f"no MLflow store at {work / 'env.db'} ($MLFLOW_TRACKING_URI=sqlite:///env.db)" in capsys.readouterr().err
+    assert list(tmp_path.rglob("*")) == [work]  # nothing created anywhere
+
+
+def test_an_existing_store_is_read_where_the_default_points(tmp_path, monkeypatch, capsys):
+    """Run in the folder holding mlflow.db with no option: the default store is found and read, unchanged."""
+    from ablations.summarize import main
+
+    uri, tr, parents = make_store(tmp_path)
+    before = store_state(tr, parents)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["--sweep-id", "s1"]) == 0
+    assert "| 400 | 2 finished | 0.750 ± 0.071 (n=2) | reference |" in capsys.readouterr().out
+    assert store_state(tr, parents) == before
 
 
 def test_mlflow_names_are_spelled_once():

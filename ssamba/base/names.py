@@ -10,10 +10,13 @@ from __future__ import annotations
 
 # experiments
 EXPERIMENT_MARK = "ssamba.sweep"  # tag "1" on every experiment a sweep created
+DIRECT_EXPERIMENT = "ssamba-direct"  # the default experiment of python -m ssamba.pretrain|finetune --mlflow-uri
 
 # tags of runs
-ROLE = "sweep.role"  # PARENT or TRIAL
+ROLE = "sweep.role"  # PARENT or TRIAL, or DIRECT for a run of python -m ssamba.pretrain|finetune
 PARENT, TRIAL = "parent", "trial"
+DIRECT = "direct"
+DIRECT_OUT = "direct.out"  # a direct run's output folder (absolute): a rerun into it continues its run
 SWEEP_ID = "sweep.id"
 SWEEP_ARMS = "sweep.arms"  # JSON list, the arms in the script's order
 SWEEP_REFERENCE = "sweep.reference_arm"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+from ssamba.base import names as N
 from ssamba.config import ExperimentConfig, apply_overrides, parse_set_args, to_flat
 from ssamba.config.presets import PRESETS, preset
 
@@ -22,6 +24,47 @@ def add_config_args(p: argparse.ArgumentParser, default_preset: str = "demo") ->
     )
     p.add_argument("--out", help="output folder (default runs/<job>-<preset>-<time>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Options of a direct run (``ssamba.pretrain``, ``ssamba.finetune``): threads and MLflow."""
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        metavar="N",
+        help="torch threads (default: $OMP_NUM_THREADS, else the cores this process may use, shared with "
+        "the other ssamba runs found on the machine, at most 16); warns when the runs oversubscribe the cores",
+    )
+    p.add_argument(
+        "--mlflow-uri",
+        metavar="URI",
+        help="record the run in this MLflow store (sqlite:///runs.db, http://host:5000), in the layout of a "
+        "sweep's trial runs; default: nothing is logged to MLflow",
+    )
+    p.add_argument(
+        "--experiment",
+        default=N.DIRECT_EXPERIMENT,
+        metavar="NAME",
+        help=f"MLflow experiment of the run with --mlflow-uri (default {N.DIRECT_EXPERIMENT})",
+    )
+
+
+def line_buffered_output() -> None:
+    """Every printed line reaches a file or pipe at once (Python buffers blocks when stdout is not a terminal)."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
 
 
 def resolve_config(args, extra: dict[str, str] | None = None) -> ExperimentConfig:

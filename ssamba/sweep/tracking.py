@@ -51,7 +51,7 @@ def resolve_uri(uri: str | None = None, cwd: str | os.PathLike | None = None) ->
             return f"sqlite:///{(base / rel).resolve()}"
     if uri.startswith("file:") or "://" not in uri:
         path = uri[len("file:") :] if uri.startswith("file:") else uri
-        path = path.lstrip("/") if path.startswith("//") else path
+        path = path[2:] if path.startswith("//") else path  # file:///abs -> /abs (empty authority)
         return Path(base / path).resolve().as_uri()
     return uri
 

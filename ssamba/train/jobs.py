@@ -23,6 +23,7 @@ from ssamba.train.tasks import FinetuneTask, PretrainTask
 
 Report = Callable[[dict[str, float], Path | None], None]
 OnResume = Callable[[int], None]
+OnStart = Callable[[dict], None]  # called with the flat config the stage runs with, before its first step
 
 
 def _threads() -> None:
@@ -60,9 +61,12 @@ def run_pretrain(
     wrap_model: Callable | None = None,
     on_resume: OnResume | None = None,
     fault_nan_at_step: int = 0,
+    on_start: OnStart | None = None,
 ) -> FitResult:
     """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``.
 
+    ``on_start(config)``: the flat config the stage runs with (statistics and runtime settings resolved, as
+    its checkpoints store it), before training starts.
     ``fault_nan_at_step`` (a testing hook, never a config value): > 0 makes that optimiser step's loss NaN."""
     _threads()
     seed_everything(cfg.seed)
@@ -104,6 +108,8 @@ def run_pretrain(
         f"masks {p.mask_count} ({p.mask_strategy}), device {device} x {world} worker(s), scan {getattr(model.v, 'backend', '-')}"
     )
     meta = stage_record(cfg, "pretrain", loaders.clip)
+    if on_start is not None:
+        on_start(meta["config"])
     model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
@@ -171,11 +177,12 @@ def run_finetune(
     device=None,
     wrap_model: Callable | None = None,
     on_resume: OnResume | None = None,
+    on_start: OnStart | None = None,
 ) -> FitResult:
     """Fine-tune on ``cfg.finetune`` from ``init`` (our checkpoint) or from scratch (``init=None``).
 
     After training, the best checkpoint is evaluated on the test split (when the manifest has one);
-    those metrics are added as ``ft/<task>/test_<m>``.
+    those metrics are added as ``ft/<task>/test_<m>``. ``on_start``: as in :func:`run_pretrain`.
     """
     _threads()
     seed_everything(cfg.seed)
@@ -227,6 +234,8 @@ def run_finetune(
         eval_every=0,
     )
     meta = {**stage_record(cfg, "finetune", loaders.clip), "label_vocab": loaders.label_vocab}
+    if on_start is not None:
+        on_start(meta["config"])
     model.to(device)
     if wrap_model is not None:
         model = wrap_model(model)
