@@ -180,6 +180,38 @@ def test_scratch_arm_fine_tunes_without_pretraining(tmp_path, small_demo):
 # ------------------------------------------------------------------------------------------------------
 
 
+def test_pretrain_manifest_flag_is_resolved_checked_and_logged(tmp_path, small_demo, monkeypatch, capsys):
+    """--pretrain-manifest PATH: the scripts' flag for `--set data.manifest=...`, made absolute and checked here."""
+    import shutil
+
+    from ablations.run import main, sweep_argv
+    from ssamba.sweep.records import settle_data
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(small_demo, tmp_path / "mine.parquet")
+    argv = sweep_argv(NORM, ["--smoke-test", "--storage", "st", "--pretrain-manifest", "mine.parquet"])
+    assert "--pretrain-manifest" not in argv and argv[-2:] == ["--set", f"data.manifest={tmp_path / 'mine.parquet'}"]
+    plan = settle_data(plan_of(NORM, *argv), log=lambda _: None)
+    for cell in plan.cells:
+        assert cell.config.data.manifest == str(tmp_path / "mine.parquet")
+        assert cell.params()["data.manifest"] == str(tmp_path / "mine.parquet")  # logged as a data param
+        assert cell.files["pretrain"]["path"] == str(tmp_path / "mine.parquet")
+    # the same file through --set as well is fine; another one is refused
+    same = sweep_argv(NORM, ["--pretrain-manifest=mine.parquet", "--set", "data.manifest=./mine.parquet"])
+    assert plan_of(NORM, "--smoke-test", *same).cells[0].config.data.manifest == str(tmp_path / "mine.parquet")
+    shutil.copy(small_demo, tmp_path / "other.parquet")
+    with pytest.raises(ConfigError, match="--pretrain-manifest mine.parquet and --set data.manifest=other.parquet"):
+        sweep_argv(NORM, ["--pretrain-manifest", "mine.parquet", "--set", "data.manifest=other.parquet"])
+    # a missing file stops the script before anything starts (no Ray, no MLflow store)
+    assert main("norm", ["--smoke-test", "--storage", "st", "--pretrain-manifest", "nope.parquet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --pretrain-manifest nope.parquet: {tmp_path / 'nope.parquet'} does not exist" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "st").exists()
+    with pytest.raises(SystemExit):
+        sweep_argv(NORM, ["--help"])
+    assert "--pretrain-manifest PATH" in capsys.readouterr().out
+
+
 def test_recipes_apply_by_task_name_under_the_demo_preset(tmp_path, small_demo, capsys):
     """Under demo a recipe's task settings apply and the preset keeps its budget; the plan says so."""
     from ssamba.config.presets import TASK_RECIPES, preset

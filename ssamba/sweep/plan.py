@@ -174,6 +174,30 @@ def resolve_paths(overrides: Mapping[str, Any], cwd: str | Path | None = None) -
     return out
 
 
+PRETRAIN_MANIFEST_FLAG = "--pretrain-manifest"
+
+
+def pretrain_manifest_setting(value: str, set_args: list[str] | None = None, cwd: str | Path | None = None) -> str:
+    """``--pretrain-manifest PATH`` as the ``--set`` it stands for: ``data.manifest=<absolute path>``.
+
+    The path is resolved against ``cwd`` (default: the current directory) and must be a file; a
+    ``--set data.manifest`` naming another file is a :class:`ConfigError` (one pretraining set per sweep)."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    path = (base / Path(value).expanduser()).resolve()
+    if not path.is_file():
+        raise ConfigError(
+            f"{PRETRAIN_MANIFEST_FLAG} {value}: {path} does not exist. Fix: pass the manifest written by "
+            f"`python -m ssamba.data prepare LAYOUT ROOT --out FILE.parquet`"
+        )
+    other = parse_set_args(set_args or []).get("data.manifest")
+    if other and (base / Path(str(other)).expanduser()).resolve() != path:
+        raise ConfigError(
+            f"{PRETRAIN_MANIFEST_FLAG} {value} and --set data.manifest={other} name different files. "
+            f"Fix: pass one of them"
+        )
+    return f"data.manifest={path}"
+
+
 def tune_example(spec: Mapping[str, tuple]) -> dict[str, Any]:
     """One value of each tuned key (the low end, or the first choice): what validation resolves."""
     return {
