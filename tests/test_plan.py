@@ -212,6 +212,23 @@ def test_pretrain_manifest_flag_is_resolved_checked_and_logged(tmp_path, small_d
     assert "--pretrain-manifest PATH" in capsys.readouterr().out
 
 
+def test_a_pretraining_manifest_without_its_train_split_is_refused_before_ray(tmp_path, small_demo):
+    from ssamba.data.manifest import read_manifest
+    from ssamba.sweep.records import settle_data
+
+    m = read_manifest(small_demo)
+    m.df["split"] = None  # e.g. `prepare folders` without --speaker-split
+    path = tmp_path / "nosplit.parquet"
+    m.write(path)
+    plan = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--set", f"data.manifest={path}")
+    with pytest.raises(ConfigError, match=r"pretraining: manifest .*nosplit.parquet has no 'train' split") as err:
+        settle_data(plan, log=lambda _: None)
+    assert "--set data.train_split=" in str(err.value)
+    every = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--set", f"data.manifest={path}",
+                    "--set", "data.train_split=")  # fmt: skip
+    assert settle_data(every, log=lambda _: None).cells[0].files["pretrain"]["path"] == str(path)
+
+
 def test_recipes_apply_by_task_name_under_the_demo_preset(tmp_path, small_demo, capsys):
     """Under demo a recipe's task settings apply and the preset keeps its budget; the plan says so."""
     from ssamba.config.presets import TASK_RECIPES, preset
