@@ -189,7 +189,8 @@ def test_pretrain_manifest_flag_is_resolved_checked_and_logged(tmp_path, small_d
 
     monkeypatch.chdir(tmp_path)
     shutil.copy(small_demo, tmp_path / "mine.parquet")
-    argv = sweep_argv(NORM, ["--smoke-test", "--storage", "st", "--pretrain-manifest", "mine.parquet"])
+    small = ["--tasks", f"demo={small_demo}"]  # (the whole demo corpus would take its statistics' time)
+    argv = sweep_argv(NORM, ["--smoke-test", "--storage", "st", "--pretrain-manifest", "mine.parquet", *small])
     assert "--pretrain-manifest" not in argv and argv[-2:] == ["--set", f"data.manifest={tmp_path / 'mine.parquet'}"]
     plan = settle_data(plan_of(NORM, *argv), log=lambda _: None)
     for cell in plan.cells:
@@ -220,12 +221,13 @@ def test_a_pretraining_manifest_without_its_train_split_is_refused_before_ray(tm
     m.df["split"] = None  # e.g. `prepare folders` without --speaker-split
     path = tmp_path / "nosplit.parquet"
     m.write(path)
-    plan = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--set", f"data.manifest={path}")
+    small = ["--tasks", f"demo={small_demo}"]
+    plan = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--set", f"data.manifest={path}", *small)
     with pytest.raises(ConfigError, match=r"pretraining: manifest .*nosplit.parquet has no 'train' split") as err:
         settle_data(plan, log=lambda _: None)
     assert "--set data.train_split=" in str(err.value)
     every = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--set", f"data.manifest={path}",
-                    "--set", "data.train_split=")  # fmt: skip
+                    "--set", "data.train_split=", *small)  # fmt: skip
     assert settle_data(every, log=lambda _: None).cells[0].files["pretrain"]["path"] == str(path)
 
 
