@@ -47,7 +47,7 @@ def _describe(manifest) -> str:
     else:
         if df["split"].notna().any():
             lines.append("splits: " + ", ".join(f"{k}={v}" for k, v in sorted(Counter(df["split"].dropna()).items())))
-        if not df["split"].isin(("train", "validation", "test")).any():
+        if not df["split"].isin(("train", "validation", "test")).any() and df["fold"].isna().all():
             lines.append(
                 "no train/validation/test split: the layout gives none, and fine-tuning selects on 'validation'; "
                 "--speaker-split TRAIN,VAL,TEST makes one"
