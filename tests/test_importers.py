@@ -419,16 +419,54 @@ def test_speaker_disjoint_split_fsdd():
 
 @needs_sc
 def test_speaker_disjoint_split_speech_commands():
+    """Real speakers of unequal sizes (1 to 21 clips): the fractions are met in clips, not in speakers."""
     m = import_speech_commands(SC_MINI, progress=False)
     a = speaker_disjoint_split(m, seed=11)
     df = a.df
     assert (df.groupby("speaker")["split"].nunique() == 1).all()
-    n_spk = m.df["speaker"].nunique()
-    per_split = df.groupby("split")["speaker"].nunique()
-    assert per_split.sum() == n_spk
-    assert abs(per_split["train"] - 0.8 * n_spk) < 1
-    assert abs(per_split["validation"] - 0.1 * n_spk) < 1 and abs(per_split["test"] - 0.1 * n_spk) < 1
+    assert df.groupby("split")["speaker"].nunique().sum() == m.df["speaker"].nunique()
+    clips = Counter(df["split"])
+    assert abs(clips["validation"] - 30) <= 3 and abs(clips["test"] - 30) <= 3, clips  # 10% of 300 clips
+    info = a.meta["notes"]["speaker_split"]
+    assert info["unit"] == "clips" and info["clips"] == dict(clips)
+    assert info["clip_share"]["validation"] == pytest.approx(clips["validation"] / 300, abs=1e-6)
     assert a.df["split"].tolist() == speaker_disjoint_split(m, seed=11).df["split"].tolist()
+
+
+def _uneven_speakers() -> Manifest:
+    """Ten speakers of 100 clips and ninety of one clip (1,090 clips): a tenth of the speakers can hold
+    anything from 10 to 1,000 clips."""
+    rows = []
+    for s in range(100):
+        for i in range(100 if s < 10 else 1):
+            rows.append({"path": f"c/{s:03d}_{i:03d}.wav", "labels": ["c"], "speaker": f"spk{s:03d}", "split": None})
+    return Manifest.from_rows(rows, dataset="synthetic")
+
+
+def test_speaker_split_fractions_are_shares_of_clips():
+    m = _uneven_speakers()
+    seen = set()
+    for seed in range(5):
+        a = speaker_disjoint_split(m, (0.8, 0.1, 0.1), seed=seed)
+        df = a.df
+        assert (df.groupby("speaker")["split"].nunique() == 1).all()  # whole speakers
+        share = df["split"].value_counts(normalize=True)
+        assert share["train"] == pytest.approx(0.8, abs=0.01), (seed, share.to_dict())
+        assert share["validation"] == pytest.approx(0.1, abs=0.01) and share["test"] == pytest.approx(0.1, abs=0.01)
+        info = a.meta["notes"]["speaker_split"]
+        assert info["clip_share"] == {k: pytest.approx(v, abs=1e-6) for k, v in share.items()}
+        assert info["speakers"] == df.groupby("split")["speaker"].nunique().to_dict()
+        assert sum(info["clips"].values()) == 1090
+        assert speaker_disjoint_split(m, (0.8, 0.1, 0.1), seed=seed).df["split"].tolist() == df["split"].tolist()
+        seen.add(tuple(df["split"]))
+    assert len(seen) > 1  # the seed decides which speakers go where
+    # fewer speakers than the shares would need: every non-zero split still gets one speaker
+    few = Manifest.from_rows(
+        [{"path": f"{s}_{i}.wav", "labels": ["c"], "speaker": s} for s in "abc" for i in range(50 if s == "a" else 2)],
+        dataset="synthetic",
+    )
+    got = speaker_disjoint_split(few, (0.9, 0.05, 0.05), seed=0).meta["notes"]["speaker_split"]["speakers"]
+    assert got == {"train": 1, "validation": 1, "test": 1}
 
 
 def test_speaker_split_errors(tmp_path):
@@ -579,6 +617,118 @@ def test_audioset_csv_errors(tmp_path):
         import_audioset_csv(tmp_path / "none.csv", progress=False)
 
 
+# ----------------------------------------------------------------------------------- keyword-spotting layout
+KWS_WORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
+
+
+def _kws_tree(root: Path) -> None:
+    """The 12-class layout of the Speech Commands test sets: ten word folders, ``_silence_`` (numbered clips,
+    no speaker) and ``_unknown_`` (``{word}_{hash}_nohash_{n}``), no list files."""
+    for w, word in enumerate(KWS_WORDS):
+        for spk in ("aaaa1111", "bbbb2222", f"w{w:03d}cccc"):
+            write_wav(root / word / f"{spk}_nohash_0.wav", seconds=0.02)
+    for i in range(6):
+        write_wav(root / "_silence_" / f"{i}.wav", seconds=0.02)
+    for word, spk in (("bed", "aaaa1111"), ("cat", "dddd4444"), ("wow", "eeee5555"), ("bed", "dddd4444")):
+        write_wav(root / "_unknown_" / f"{word}_{spk}_nohash_1.wav", seconds=0.02)
+
+
+def test_speech_commands_keyword_spotting_layout(tmp_path, caplog):
+    root = tmp_path / "kws"
+    _kws_tree(root)
+    write_wav(root / "_background_noise_" / "white_noise.wav", seconds=0.3)
+    write_wav(root / "_scratch_" / "x.wav", seconds=0.02)
+    (root / "empty").mkdir()
+    with caplog.at_level(logging.WARNING):
+        m = import_speech_commands(root, progress=False)
+    assert len(m.label_vocab) == 12 and set(m.label_vocab) == {*KWS_WORDS, "_silence_", "_unknown_"}
+    df = m.df[m.df["split"] != "background_noise"]
+    assert len(df) == 30 + 6 + 4 and Counter(l[0] for l in df["labels"])["_silence_"] == 6
+    unknown = df[df["labels"].map(lambda l: l == ["_unknown_"])]
+    assert sorted(unknown["speaker"]) == ["aaaa1111", "dddd4444", "dddd4444", "eeee5555"]  # the hash, not word_hash
+    assert unknown["utterance"].tolist() == [1, 1, 1, 1]
+    assert df.loc[df["labels"].map(lambda l: l == ["_silence_"]), "speaker"].isna().all()
+    notes = m.meta["notes"]
+    assert notes["layout"] == "keyword_spotting"
+    assert notes["layout_description"] == "keyword spotting: 10 word folders plus _silence_ and _unknown_ as classes"
+    assert set(notes["not_classes"]) == {"_background_noise_", "_scratch_", "empty"}
+    assert "background noise" in notes["not_classes"]["_background_noise_"]
+    assert "not a word" in notes["not_classes"]["_scratch_"] and "_scratch_/x.wav" not in set(m.df["path"])
+    assert notes["not_classes"]["empty"] == "no audio files directly inside"
+    # no lists: the split is empty, and the warning names the command-line flag, not a Python function
+    assert m.df.loc[m.df["split"] != "background_noise", "split"].isna().all()
+    assert "--speaker-split" in caplog.text and "speaker_disjoint_split" not in caplog.text
+    round_trip(m, tmp_path)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = import_speech_commands(root, progress=False, expect_resplit=True)
+    assert "--speaker-split" not in caplog.text and again.meta["notes"]["no_split_lists"] is True
+
+    # the _silence_ clips have no speaker: they are split clip by clip, the speakers whole
+    split = speaker_disjoint_split(m, (0.6, 0.2, 0.2), seed=0)
+    sdf = split.df
+    spk = sdf.dropna(subset=["speaker"])
+    assert (spk.groupby("speaker")["split"].nunique() == 1).all()
+    assert set(sdf.loc[sdf["labels"].map(lambda l: l == ["_silence_"]), "split"]) <= {"train", "validation", "test"}
+    info = split.meta["notes"]["speaker_split"]
+    assert info["clips_without_speaker"] == 6 and info["kept"] == {"background_noise": 1}
+    assert sum(info["clips"].values()) == 40
+    assert info["speakers"] == spk[spk["split"] != "background_noise"].groupby("split")["speaker"].nunique().to_dict()
+    round_trip(split, tmp_path, "split.parquet")  # original_split: strings and nulls
+
+
+def test_speech_commands_original_layout_says_so(tmp_path):
+    root = tmp_path / "sc"
+    _sc_tree(root)
+    m = import_speech_commands(root, progress=False)
+    assert m.meta["notes"]["layout"] == "words" and "_silence_" not in m.label_vocab
+    assert m.meta["notes"]["layout_description"] == "one folder per word (2 words)"
+    assert m.meta["notes"]["not_classes"] == {
+        "_background_noise_": "2 audio files of background noise: kept as unlabelled rows with split 'background_noise'"
+    }
+    no_bg = import_speech_commands(root, progress=False, include_background=False)
+    assert "left out" in no_bg.meta["notes"]["not_classes"]["_background_noise_"]
+
+
+def test_cli_prepare_keyword_spotting_with_speaker_split(tmp_path, capsys, caplog):
+    from ssamba.data.__main__ import main
+
+    root = tmp_path / "kws"
+    _kws_tree(root)
+    write_wav(root / "_background_noise_" / "white_noise.wav", seconds=0.3)
+    out = tmp_path / "kws.parquet"
+    argv = ["prepare", "speech_commands", str(root), "--out", str(out), "--quiet"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--speaker-split", "0.6,0.2,0.2", "--seed", "3"]) == 0
+    printed = capsys.readouterr()
+    assert "split column is left empty" not in caplog.text + printed.err  # no misleading warning
+    assert "--speaker-split" not in caplog.text + printed.err
+    text = printed.out
+    assert "40 clips" not in text and "41 clips, 12 classes" in text
+    assert "layout: keyword spotting: 10 word folders plus _silence_ and _unknown_ as classes" in text
+    assert "not a class: _background_noise_/ (1 audio file of background noise" in text
+    assert "fractions are shares of clips" in text
+    m = read_manifest(out)
+    info = m.meta["notes"]["speaker_split"]
+    for name in ("train", "validation", "test"):  # each split's clips, share and speakers, as stored
+        n, share, spk = info["clips"][name], info["clip_share"][name], info["speakers"][name]
+        assert Counter(m.df["split"])[name] == n
+        assert f"{name:<10} {n:>7} clips {100 * share:5.1f}%" in text
+        assert f"{spk} speaker" in text.split(f"{name:<10}")[1].splitlines()[0]
+    assert "6 clips without a speaker (_silence_) split clip by clip" in text
+    assert "background_noise: 1 clip kept in this split" in text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0  # without --speaker-split: no split, and the advice names the flag
+    assert "--speaker-split" in caplog.text and "speaker_disjoint_split" not in caplog.text
+    assert "no train/validation/test split" in capsys.readouterr().out
+
+    assert main([*argv, "--speaker-split", "0.8,0.1"]) == 2
+    assert "--speaker-split '0.8,0.1'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------- folder per class
 def test_folders_without_split_level(tmp_path, caplog):
     root = tmp_path / "f"
@@ -636,3 +786,56 @@ def test_cli_layouts_are_the_importers():
     from ssamba.data.importers import IMPORTERS
 
     assert LAYOUTS == tuple(IMPORTERS)
+
+
+# ----------------------------------------------------------------------------------- speaker pattern (folders)
+def _digit_folders(root: Path) -> None:
+    for digit in ("0", "1"):
+        for spk, n in (("george", 4), ("jackson", 3), ("lucas", 2), ("nicolas", 1)):
+            for i in range(n):
+                write_wav(root / digit / f"{digit}_{spk}_{i}.wav", seconds=0.02)
+
+
+def test_folders_speaker_pattern(tmp_path):
+    root = tmp_path / "digits"
+    _digit_folders(root)
+    m = import_folders(root, progress=False, speaker_pattern=r"^\d+_([a-z]+)_")
+    assert dict(zip(m.df["path"], m.df["speaker"]))["1/1_lucas_1.wav"] == "lucas"
+    assert m.df.groupby("speaker").size().to_dict() == {"george": 8, "jackson": 6, "lucas": 4, "nicolas": 2}
+    assert m.meta["notes"]["speaker_pattern"] == r"^\d+_([a-z]+)_"
+    round_trip(m, tmp_path)
+    # a named group wins over the first group
+    named = import_folders(root, progress=False, speaker_pattern=r"^(\d)_(?P<speaker>[a-z]+)_")
+    assert set(named.df["speaker"]) == {"george", "jackson", "lucas", "nicolas"}
+    split = speaker_disjoint_split(m, (0.5, 0.25, 0.25), seed=0)
+    assert (split.df.groupby("speaker")["split"].nunique() == 1).all()
+    assert set(split.df["split"]) == {"train", "validation", "test"}
+
+    with pytest.raises(ManifestError, match=r"speaker pattern '\^\\d\+_' has no group") as err:
+        import_folders(root, progress=False, speaker_pattern=r"^\d+_")
+    assert "(?P<speaker>" in str(err.value)
+    with pytest.raises(ManifestError, match="not a regular expression"):
+        import_folders(root, progress=False, speaker_pattern="([a-z]+")
+    write_wav(root / "1" / "take7.wav", seconds=0.02)
+    with pytest.raises(ManifestError) as err:
+        import_folders(root, progress=False, speaker_pattern=r"^\d+_([a-z]+)_")
+    assert "'1/take7.wav'" in str(err.value) and "1 of 21 files do not match" in str(err.value)
+
+
+def test_cli_folders_speaker_pattern_and_split(tmp_path, capsys):
+    from ssamba.data.__main__ import main
+
+    root = tmp_path / "digits"
+    _digit_folders(root)
+    out = tmp_path / "d.parquet"
+    argv = ["prepare", "folders", str(root), "--out", str(out), "--quiet"]
+    assert main([*argv, "--speaker-split", "0.5,0.25,0.25"]) == 2  # no speakers without a pattern
+    assert "no speaker" in capsys.readouterr().err
+    assert main([*argv, "--speaker-pattern", r"^\d+_([a-z]+)_", "--speaker-split", "0.5,0.25,0.25"]) == 0
+    text = capsys.readouterr().out
+    assert r"speakers from the file names by pattern '^\d+_([a-z]+)_'" in text
+    m = read_manifest(out)
+    assert (m.df.groupby("speaker")["split"].nunique() == 1).all()
+    assert "fractions are shares of clips" in text and "speakers: 4" in text
+    assert main(["prepare", "fsdd", str(root), "--out", str(out), "--speaker-pattern", "(x)"]) == 2
+    assert "--speaker-pattern applies to the folders layout only" in capsys.readouterr().err

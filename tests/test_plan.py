@@ -173,3 +173,98 @@ def test_scratch_arm_fine_tunes_without_pretraining(tmp_path, small_demo):
     assert not plan_of(NORM, "--smoke-test", "--storage", str(tmp_path)).scratch  # off for smoke and demo
     smoke = plan_of(NORM, "--smoke-test", "--scratch", "--storage", str(tmp_path))
     assert [c.arm for c in smoke.cells] == ["layernorm", "rmsnorm", "scratch"]
+
+
+# ------------------------------------------------------------------------------------------------------
+# your own data: a pretraining manifest for the sweep, recipes under any preset
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_pretrain_manifest_flag_is_resolved_checked_and_logged(tmp_path, small_demo, monkeypatch, capsys):
+    """--pretrain-manifest PATH: the scripts' flag for `--set data.manifest=...`, made absolute and checked here."""
+    import shutil
+
+    from ablations.run import main, sweep_argv
+    from ssamba.sweep.records import settle_data
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(small_demo, tmp_path / "mine.parquet")
+    small = ["--tasks", f"demo={small_demo}"]  # (the whole demo corpus would take its statistics' time)
+    argv = sweep_argv(NORM, ["--smoke-test", "--storage", "st", "--pretrain-manifest", "mine.parquet", *small])
+    assert "--pretrain-manifest" not in argv and argv[-2:] == ["--set", f"data.manifest={tmp_path / 'mine.parquet'}"]
+    plan = settle_data(plan_of(NORM, *argv), log=lambda _: None)
+    for cell in plan.cells:
+        assert cell.config.data.manifest == str(tmp_path / "mine.parquet")
+        assert cell.params()["data.manifest"] == str(tmp_path / "mine.parquet")  # logged as a data param
+        assert cell.files["pretrain"]["path"] == str(tmp_path / "mine.parquet")
+    # the same file through --set as well is fine; another one is refused
+    same = sweep_argv(NORM, ["--pretrain-manifest=mine.parquet", "--set", "data.manifest=./mine.parquet"])
+    assert plan_of(NORM, "--smoke-test", *same).cells[0].config.data.manifest == str(tmp_path / "mine.parquet")
+    shutil.copy(small_demo, tmp_path / "other.parquet")
+    with pytest.raises(ConfigError, match="--pretrain-manifest mine.parquet and --set data.manifest=other.parquet"):
+        sweep_argv(NORM, ["--pretrain-manifest", "mine.parquet", "--set", "data.manifest=other.parquet"])
+    # a missing file stops the script before anything starts (no Ray, no MLflow store)
+    assert main("norm", ["--smoke-test", "--storage", "st", "--pretrain-manifest", "nope.parquet"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --pretrain-manifest nope.parquet: {tmp_path / 'nope.parquet'} does not exist" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "st").exists()
+    with pytest.raises(SystemExit):
+        sweep_argv(NORM, ["--help"])
+    assert "--pretrain-manifest PATH" in capsys.readouterr().out
+
+
+def test_a_pretraining_manifest_without_its_train_split_is_refused_before_ray(tmp_path, small_demo):
+    from ssamba.data.manifest import read_manifest
+    from ssamba.sweep.records import settle_data
+
+    m = read_manifest(small_demo)
+    m.df["split"] = None  # e.g. `prepare folders` without --speaker-split
+    path = tmp_path / "nosplit.parquet"
+    m.write(path)
+    small = ["--tasks", f"demo={small_demo}"]
+    plan = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--set", f"data.manifest={path}", *small)
+    with pytest.raises(ConfigError, match=r"pretraining: manifest .*nosplit.parquet has no 'train' split") as err:
+        settle_data(plan, log=lambda _: None)
+    assert "--set data.train_split=" in str(err.value)
+    every = plan_of(NORM, "--smoke-test", "--storage", str(tmp_path), "--set", f"data.manifest={path}",
+                    "--set", "data.train_split=", *small)  # fmt: skip
+    assert settle_data(every, log=lambda _: None).cells[0].files["pretrain"]["path"] == str(path)
+
+
+def test_recipes_apply_by_task_name_under_the_demo_preset(tmp_path, small_demo, capsys):
+    """Under demo a recipe's task settings apply and the preset keeps its budget; the plan says so."""
+    from ssamba.config.presets import TASK_RECIPES, preset
+
+    plan = plan_of(NORM, "--storage", str(tmp_path), "--tasks", f"speechcommands={small_demo}", f"mine={small_demo}")
+    demo = preset("demo").finetune
+    sc, mine = (t.config.finetune for t in plan.cells[0].tasks)
+    recipe = TASK_RECIPES["speechcommands"]
+    for key in ("loss", "mixup", "freqm", "timem", "noise", "target_length", "metric"):
+        assert getattr(sc, key) == recipe[f"finetune.{key}"], key  # the task's settings: the recipe's
+    assert (sc.loss, sc.mixup, sc.freqm) == ("bce", 0.6, 48) and (demo.loss, demo.mixup, demo.freqm) == ("ce", 0.0, 0)
+    for key in ("epochs", "batch_size", "lr", "fstride", "tstride", "lr_decay_start"):
+        assert getattr(sc, key) == getattr(demo, key), key  # the budget: the preset's
+    assert sc.batch_size == 32 != recipe["finetune.batch_size"]
+    assert mine == dataclasses.replace(demo, task="mine", manifest=str(small_demo.resolve()))  # no recipe
+    out = capsys.readouterr().out
+    assert plan.notices[0] in out and plan.notices[1] in out
+    assert plan.notices[0].startswith("task speechcommands: recipe 'speechcommands' under preset demo")
+    assert "loss=bce" in plan.notices[0] and "batch_size=32 [recipe 128]" in plan.notices[0]
+    assert "head_lr" not in plan.notices[0]  # equal in both: not worth a word
+    assert plan.notices[1].startswith("task mine: no recipe is named 'mine'")
+    assert plan_of(NORM, "--storage", str(tmp_path)).notices == ()  # the built-in demo task needs no word
+
+
+def test_set_arms_and_tuned_values_win_over_a_recipe(tmp_path, small_demo):
+    from ssamba.sweep.factors import Factor
+
+    lr = Factor("lr", {"slow": {"finetune.lr": 1e-5}, "fast": {"finetune.lr": 1e-3}}, reference="slow")
+    plan = plan_of(lr, "--preset", "paper-tiny", "--no-scratch", "--seeds", "1", "--storage", str(tmp_path),
+                   "--tasks", f"esc50={small_demo}", "--set", "finetune.epochs=2",
+                   "--tune", "finetune.head_lr=uniform:2:4")  # fmt: skip
+    assert "--set wins for epochs=2" in plan.notices[0]
+    slow, fast = (c.tasks[0].config.finetune for c in plan.cells)
+    assert (slow.lr, fast.lr) == (1e-5, 1e-3)  # the arm, not the recipe's 1e-4
+    assert slow.epochs == fast.epochs == 2 and slow.target_length == 512  # --set, and the rest of the recipe
+    tuned = plan.trial({"cell": 1, "finetune.head_lr": 3.5}).tasks[0].config.finetune
+    assert tuned.head_lr == 3.5 and tuned.lr == 1e-3  # Optuna's value reaches the task

@@ -1,8 +1,9 @@
 """Named experiment presets: ``demo`` (embedded default), ``smoke`` (CI), ``paper-{tiny,small,base}``.
 
 A :class:`Preset` is the whole of what a name means: its config, its seeds, the tasks it fine-tunes on when
-none is named, whether it needs real data, and whether the task recipes apply. Nothing else tests a
-preset's name.
+none is named, whether it needs real data, and how much of a task's recipe applies (:meth:`Preset.recipe`:
+the whole recipe under the paper presets; under ``demo`` and ``smoke`` the recipe's task settings, while the
+preset keeps its budget, :data:`RECIPE_BUDGET_KEYS`). Nothing else tests a preset's name.
 
 The paper presets are docs/model.md sections 4-5 (pretraining on 128 x 1024 at stride 16, 400 masked
 patches; fine-tuning with the ESC-50 recipe) and need manifests of real data (``--manifest``,
@@ -115,6 +116,20 @@ TASK_RECIPES: dict[str, dict] = {
     },
     "fsdd": {**_SC, "finetune.loss": "ce", "finetune.mixup": 0.0},
 }
+RECIPE_BUDGET_KEYS = (
+    "finetune.lr",
+    "finetune.head_lr",
+    "finetune.epochs",
+    "finetune.batch_size",
+    "finetune.lr_decay_start",
+    "finetune.lr_decay_step",
+    "finetune.lr_decay",
+    "finetune.fstride",
+    "finetune.tstride",
+)
+"""A recipe's compute budget and optimisation schedule: under a preset without ``recipe_budget`` (``demo``,
+``smoke``) the preset's values stay. The rest of a recipe describes the task (clip length, loss, metric,
+augmentation, statistics, fold) and applies under every preset."""
 
 
 def _paper(size: str) -> ExperimentConfig:
@@ -203,17 +218,28 @@ class Preset:
     seeds: tuple[int, ...]  # a sweep's seeds when --seeds is not given
     default_tasks: tuple[str, ...]  # fine-tuned when --tasks is not given (empty: the user must name them)
     real_data: bool  # pretrains and fine-tunes on manifests of real audio (none built in)
-    recipes: bool  # a task named in TASK_RECIPES gets its recipe
+    recipe_budget: bool  # a task named in TASK_RECIPES gets its whole recipe; else its task keys only
     scratch: bool = False  # a sweep adds the no-pretraining arm (same fine-tuning and seeds) unless told not to
 
     @property
     def config(self) -> ExperimentConfig:
         return self.build()
 
+    def recipe(self, task: str) -> tuple[dict, dict]:
+        """The recipe of ``task`` under this preset, as ``(applied, kept)``: the ``finetune.*`` overrides that
+        apply, and the recipe's budget keys left at the preset's values (empty with ``recipe_budget``).
+        A task without a recipe gets ``({}, {})``."""
+        recipe = TASK_RECIPES.get(task, {})
+        if self.recipe_budget:
+            return dict(recipe), {}
+        applied = {k: v for k, v in recipe.items() if k not in RECIPE_BUDGET_KEYS}
+        kept = {k: v for k, v in recipe.items() if k in RECIPE_BUDGET_KEYS}
+        return applied, kept
+
 
 _ALL = [
-    Preset("demo", _demo, seeds=(0,), default_tasks=("demo",), real_data=False, recipes=False),
-    Preset("smoke", _smoke, seeds=(0,), default_tasks=("demo",), real_data=False, recipes=False),
+    Preset("demo", _demo, seeds=(0,), default_tasks=("demo",), real_data=False, recipe_budget=False),
+    Preset("smoke", _smoke, seeds=(0,), default_tasks=("demo",), real_data=False, recipe_budget=False),
     *(
         Preset(
             f"paper-{size}",
@@ -221,7 +247,7 @@ _ALL = [
             seeds=(0, 1, 2),
             default_tasks=(),
             real_data=True,
-            recipes=True,
+            recipe_budget=True,
             scratch=True,
         )
         for size in ("tiny", "small", "base")
@@ -246,4 +272,13 @@ def default_seeds(name: str) -> list[int]:
     return list(get_preset(name).seeds)
 
 
-__all__ = ["PRESETS", "PRESET_OBJECTS", "Preset", "TASK_RECIPES", "default_seeds", "get_preset", "preset"]
+__all__ = [
+    "PRESETS",
+    "PRESET_OBJECTS",
+    "Preset",
+    "RECIPE_BUDGET_KEYS",
+    "TASK_RECIPES",
+    "default_seeds",
+    "get_preset",
+    "preset",
+]

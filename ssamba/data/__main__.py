@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections import Counter
 
-from ssamba.base.errors import SSAMBAError
+from ssamba.base.errors import ConfigError, SSAMBAError
 from ssamba.config import FrontendConfig, apply_overrides, parse_set_args
 
 LAYOUTS = ("esc50", "esc10", "speech_commands", "fsdd", "ssast_json", "audioset_csv", "folders")
@@ -25,16 +25,40 @@ def _frontend(args) -> FrontendConfig:
     return apply_overrides(FrontendConfig(), overrides)
 
 
+# notes that _describe writes out in words (the others are shown as counts)
+_NOTES_IN_WORDS = ("layout", "layout_description", "not_classes", "speaker_split", "speaker_pattern", "no_split_lists")
+
+
 def _describe(manifest) -> str:
+    from ssamba.data.importers import describe_speaker_split
+
     df = manifest.df
+    notes = manifest.meta.get("notes") or {}
     lines = [f"{len(df)} clips, {len(manifest.label_vocab)} classes, dataset {manifest.meta.get('dataset')!r}"]
-    if df["split"].notna().any():
-        lines.append("splits: " + ", ".join(f"{k}={v}" for k, v in sorted(Counter(df["split"].dropna()).items())))
+    if "layout_description" in notes:
+        lines.append(f"layout: {notes['layout_description']}")
+    for folder, why in (notes.get("not_classes") or {}).items():
+        lines.append(f"not a class: {folder}/ ({why})")
+    if "speaker_pattern" in notes:
+        lines.append(f"speakers from the file names by pattern '{notes['speaker_pattern']}'")
+    split_lines = describe_speaker_split(manifest)
+    if split_lines:
+        lines.extend(split_lines)
+    else:
+        if df["split"].notna().any():
+            lines.append("splits: " + ", ".join(f"{k}={v}" for k, v in sorted(Counter(df["split"].dropna()).items())))
+        if not df["split"].isin(("train", "validation", "test")).any() and df["fold"].isna().all():
+            lines.append(
+                "no train/validation/test split: the layout gives none, and fine-tuning selects on 'validation'; "
+                "--speaker-split TRAIN,VAL,TEST makes one"
+            )
     if df["fold"].notna().any():
         lines.append("folds: " + ", ".join(f"{int(k)}={v}" for k, v in sorted(Counter(df["fold"].dropna()).items())))
     if df["speaker"].notna().any():
         lines.append(f"speakers: {df['speaker'].nunique()}")
-    for key, value in (manifest.meta.get("notes") or {}).items():
+    for key, value in notes.items():
+        if key in _NOTES_IN_WORDS:
+            continue
         if isinstance(value, dict) and "count" in value:
             n = value["count"]
         elif isinstance(value, (list, dict)):
@@ -45,12 +69,36 @@ def _describe(manifest) -> str:
     return "\n".join(lines)
 
 
+def _fractions(text: str) -> tuple[float, float, float]:
+    """``--speaker-split 0.8,0.1,0.1`` -> (0.8, 0.1, 0.1), or a ConfigError naming the flag."""
+    try:
+        fractions = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        fractions = ()
+    if len(fractions) != 3 or any(not 0 <= f <= 1 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(
+            f"--speaker-split {text!r}: expected three shares of clips TRAIN,VAL,TEST between 0 and 1 that sum "
+            f"to 1. Fix: e.g. --speaker-split 0.8,0.1,0.1"
+        )
+    return fractions
+
+
 def cmd_prepare(args) -> int:
     from ssamba.data.importers import IMPORTERS, speaker_disjoint_split
 
-    manifest = IMPORTERS[args.layout](args.root, progress=not args.quiet)
-    if args.speaker_split:
-        fractions = tuple(float(x) for x in args.speaker_split.split(","))
+    fractions = _fractions(args.speaker_split) if args.speaker_split else None
+    options = {}
+    if args.speaker_pattern:
+        if args.layout != "folders":
+            raise ConfigError(
+                f"--speaker-pattern applies to the folders layout only; {args.layout} reads speakers its own way "
+                f"(or has none). Fix: drop --speaker-pattern, or import with `prepare folders`."
+            )
+        options["speaker_pattern"] = args.speaker_pattern
+    if args.layout == "speech_commands" and fractions is not None:
+        options["expect_resplit"] = True  # no advice to re-split: that is what happens next
+    manifest = IMPORTERS[args.layout](args.root, progress=not args.quiet, **options)
+    if fractions is not None:
         manifest = speaker_disjoint_split(manifest, fractions, seed=args.seed)
     if args.stats:
         manifest = _with_stats(manifest, _frontend(args), args)
@@ -147,9 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--speaker-split",
         metavar="TRAIN,VAL,TEST",
-        help="re-split speaker-disjointly by these fractions of speakers, e.g. 0.8,0.1,0.1",
+        help="re-split speaker-disjointly: shares of clips, e.g. 0.8,0.1,0.1; whole speakers are assigned (shuffled "
+        "by --seed), so the shares come as close as the speakers' sizes allow (the sizes obtained are printed)",
     )
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--speaker-pattern",
+        metavar="REGEX",
+        help="folders layout: the speaker in each file name, as the regex's group 'speaker' or its first group, "
+        "e.g. '^[0-9]+_([a-z]+)_' for 7_george_12.wav (searched in the name, not the folders)",
+    )
+    sp.add_argument("--seed", type=int, default=0, help="shuffles the speakers of --speaker-split (default 0)")
     sp.add_argument("--stats", action="store_true", help="also compute fbank statistics")
     sp.add_argument("--split", help="compute statistics on this split only (e.g. train)")
     common(sp)

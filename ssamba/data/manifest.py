@@ -214,8 +214,8 @@ class Manifest:
                 if col in ("fold", "sample_rate"):
                     values = [None if v is None else int(v) for v in values]
                 arrays.append(pa.array(values, type=typ))
-            else:
-                arrays.append(pa.array(values))
+            else:  # a missing value is null whatever pandas made of it (NaN in a column of strings)
+                arrays.append(pa.array([None if _is_missing(v) else v for v in values]))
             names.append(col)
         table = pa.Table.from_arrays(arrays, names=names)
         return table.replace_schema_metadata({META_KEY: json.dumps(self.meta).encode()})

@@ -1,8 +1,11 @@
 """The sweep plan: the command line turned, once, into every trial's fully resolved config.
 
-:func:`make_plan` is pure (no Ray, no MLflow, no files written): it reads the preset, applies ``--set``,
+:func:`make_plan` is pure (no Ray, no MLflow, no files written; it prints one line per task saying what the
+task's recipe does under the preset): it reads the preset, applies ``--set``,
 scales the arms to the preset, parses seeds, tasks and the Optuna space, resolves and validates one
-:class:`TrialSpec` per cell (arm x seed) and returns a frozen :class:`SweepPlan`. The driver then fits the
+:class:`TrialSpec` per cell (arm x seed) and returns a frozen :class:`SweepPlan`. A trial's fine-tuning
+config is the preset, then the task's recipe (:meth:`Preset.recipe`), then ``--set``, the arm and the tuned
+values, then the task's name and manifest. The driver then fits the
 resources to the cluster (:meth:`Resources.fit`), opens MLflow, and hands the plan to Ray Tune; a trial
 gets its spec with :meth:`SweepPlan.trial` (the cell's spec plus the tuned values Optuna chose) and its
 Ray Train worker reads nothing else. No preset is resolved a second time.
@@ -59,19 +62,58 @@ def parse_seeds(text: str | None, p: Preset) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def parse_tasks(specs: list[str] | None, p: Preset) -> dict[str, Overrides]:
-    """``--tasks NAME[=MANIFEST] ...`` -> task name -> ``finetune.*`` overrides (recipe + manifest)."""
+# a task's own keys: its name and data, set by --tasks; every other key of a task's overrides is its recipe's,
+# which --set, an arm or a tuned value overrides
+TASK_OWN_KEYS = ("finetune.task", "finetune.manifest")
+
+
+def _values(over: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k.removeprefix('finetune.')}={v}" for k, v in over.items())
+
+
+def recipe_notice(name: str, p: Preset, applied: Overrides, kept: Overrides, given: Mapping[str, Any]) -> str:
+    """What the recipe named ``name`` does under preset ``p``, in one line (``given``: the --set overrides)."""
+    if not applied and not kept:
+        return (
+            f"task {name}: no recipe is named {name!r} (recipes: {', '.join(TASK_RECIPES)}), so it fine-tunes "
+            f"with preset {p.name}'s finetune.* settings and --set; name the task after a recipe to use one"
+        )
+    overridden = sorted(k for k in {*applied, *kept} if k in given)
+    said = f"; --set wins for {_values({k: given[k] for k in overridden})}" if overridden else ""
+    applied = {k: v for k, v in applied.items() if k not in given and k not in ("finetune.mean", "finetune.std")}
+    if not kept:
+        return f"task {name}: recipe {name!r} applies whole under preset {p.name}{said}"
+    base = to_flat(p.config)
+    budget = ", ".join(
+        f"{k.removeprefix('finetune.')}={base[k]} [recipe {v}]"
+        for k, v in kept.items()
+        if k not in given and base[k] != v
+    )
+    return (
+        f"task {name}: recipe {name!r} under preset {p.name}: its task settings apply ({_values(applied)}; "
+        f"mean/std: the manifest's when data.stats_from_manifest), the preset keeps its budget ({budget}){said}. "
+        f"A paper-* preset applies the whole recipe; --set finetune.KEY=VALUE overrides any of these"
+    )
+
+
+def parse_tasks(
+    specs: list[str] | None, p: Preset, given: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Overrides], list[str]]:
+    """``--tasks NAME[=MANIFEST] ...`` -> (task name -> ``finetune.*`` overrides (recipe + task and manifest),
+    one line per task saying what its recipe does under the preset). ``given``: the --set overrides."""
     specs = list(specs or p.default_tasks)
     if not specs:
         raise ConfigError(
             f"preset {p.name} fine-tunes on real data: pass --tasks NAME=MANIFEST (recipes: {', '.join(TASK_RECIPES)})"
         )
     out: dict[str, Overrides] = {}
+    notices: list[str] = []
     for spec in specs:
         name, _, manifest = spec.partition("=")
         if name in out:
             raise ConfigError(f"--tasks names {name!r} twice")
-        over = dict(TASK_RECIPES.get(name, {})) if p.recipes else {}
+        applied, kept = p.recipe(name)
+        over = dict(applied)
         over["finetune.task"] = name
         if manifest:
             path = Path(manifest).expanduser().resolve()
@@ -81,7 +123,9 @@ def parse_tasks(specs: list[str] | None, p: Preset) -> dict[str, Overrides]:
         elif name != "demo":
             raise ConfigError(f"task {name!r} needs a manifest: --tasks {name}=PATH.parquet")
         out[name] = over
-    return out
+        if name != "demo":  # the built-in task of the demo corpus has no recipe, and needs none
+            notices.append(recipe_notice(name, p, applied, kept, given or {}))
+    return out, notices
 
 
 def parse_tune(specs: list[str]) -> dict[str, tuple]:
@@ -128,6 +172,30 @@ def resolve_paths(overrides: Mapping[str, Any], cwd: str | Path | None = None) -
             raise ConfigError(f"--set {key}={value}: {path} does not exist")
         out[key] = str(path)
     return out
+
+
+PRETRAIN_MANIFEST_FLAG = "--pretrain-manifest"
+
+
+def pretrain_manifest_setting(value: str, set_args: list[str] | None = None, cwd: str | Path | None = None) -> str:
+    """``--pretrain-manifest PATH`` as the ``--set`` it stands for: ``data.manifest=<absolute path>``.
+
+    The path is resolved against ``cwd`` (default: the current directory) and must be a file; a
+    ``--set data.manifest`` naming another file is a :class:`ConfigError` (one pretraining set per sweep)."""
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    path = (base / Path(value).expanduser()).resolve()
+    if not path.is_file():
+        raise ConfigError(
+            f"{PRETRAIN_MANIFEST_FLAG} {value}: {path} does not exist. Fix: pass the manifest written by "
+            f"`python -m ssamba.data prepare LAYOUT ROOT --out FILE.parquet`"
+        )
+    other = parse_set_args(set_args or []).get("data.manifest")
+    if other and (base / Path(str(other)).expanduser()).resolve() != path:
+        raise ConfigError(
+            f"{PRETRAIN_MANIFEST_FLAG} {value} and --set data.manifest={other} name different files. "
+            f"Fix: pass one of them"
+        )
+    return f"data.manifest={path}"
 
 
 def tune_example(spec: Mapping[str, tuple]) -> dict[str, Any]:
@@ -302,6 +370,7 @@ class SweepPlan:
     worker_retries: int = 1
     max_failures: int = 1
     scratch: bool = False  # the arm SCRATCH_ARM fine-tunes without pretraining
+    notices: tuple[str, ...] = ()  # what each task's recipe does under the preset (printed by make_plan)
     # set by the driver once MLflow is open
     experiment_id: str = ""
     parent_run_id: str = ""
@@ -343,8 +412,15 @@ def resolve_trial(plan: SweepPlan, arm: str, seed: int, tuned: Mapping[str, Any]
     cfg = replace(cfg, data=replace(cfg.data, num_workers=cfg.data.resolved_num_workers(plan.resources.device_type)))
     key = digest({"sweep": plan.sweep_id, "arm": arm, "seed": seed, "tuned": dict(tuned)})
     trial_dir = plan.sweep_dir / "trials" / key
+    # a recipe sits between the preset and what was asked for: --set, the arm and the tuned values win over it
+    asked = {*plan.overrides, *plan.arms[arm], *tuned}
     tasks = tuple(
-        TaskSpec(name, apply_overrides(cfg, over), trial_dir / f"ft-{name}") for name, over in plan.tasks.items()
+        TaskSpec(
+            name,
+            apply_overrides(cfg, {k: v for k, v in over.items() if k in TASK_OWN_KEYS or k not in asked}),
+            trial_dir / f"ft-{name}",
+        )
+        for name, over in plan.tasks.items()
     )
     pkey = pretrain_key(to_flat(cfg)) if pretrained else "none"
     return TrialSpec(
@@ -395,6 +471,7 @@ def make_plan(
     if args.keep_checkpoints not in ("all", "best", "none"):
         raise ConfigError(f"--keep-checkpoints must be all, best or none, got {args.keep_checkpoints!r}")
     name = args.name or f"{factor.name}-{preset_name}"
+    tasks, notices = parse_tasks(args.tasks, p, overrides)
     plan = SweepPlan(
         factor=factor,
         preset=preset_name,
@@ -404,7 +481,7 @@ def make_plan(
         overrides=overrides,
         arms=arms,
         seeds=parse_seeds(args.seeds, p),
-        tasks=parse_tasks(args.tasks, p),
+        tasks=tasks,
         tune=tune,
         tune_samples=args.tune_samples,
         cells=(),
@@ -422,6 +499,7 @@ def make_plan(
         worker_retries=args.worker_retries,
         max_failures=args.max_failures,
         scratch=scratch,
+        notices=tuple(notices),
     )
     cells = tuple(resolve_trial(plan, arm, seed, {}) for arm in arms for seed in plan.seeds)
     plan = replace(plan, cells=cells)
@@ -429,6 +507,8 @@ def make_plan(
         example = tune_example(tune)
         for cell in cells:
             resolve_trial(plan, cell.arm, cell.seed, example)
+    for line in notices:
+        print(line, flush=True)
     return plan
 
 

@@ -6,7 +6,8 @@ and returns the plan with each stage's ``mean`` / ``std`` set to the values its 
 manifest's stored statistics for this front end, or statistics computed from the training rows (the same
 computation the job makes, :func:`ssamba.train.data.resolve_stats`), or the configured ones when
 ``data.stats_from_manifest`` is off. The trial logs those as its params, so the params are what ran; each
-stage's manifest is logged too (``files.<stage>.path``, ``.sha256``, ``.size``, ``.mtime``).
+stage's manifest is logged too (``files.<stage>.path``, ``.sha256``, ``.size``, ``.mtime``). A pretraining
+manifest without the split pretraining reads, or a task without a split to select on, stops the sweep here.
 """
 
 from __future__ import annotations
@@ -86,10 +87,24 @@ def check_selection_split(name: str, ft, manifest_path: str, splits: set[str]) -
     )
 
 
+def check_pretrain_split(data, manifest_path: str, splits: set[str]) -> None:
+    """Pretraining reads the rows of ``data.train_split`` (every row when it is empty): a manifest without that
+    split would leave nothing to pretrain on, so the sweep refuses before Ray starts."""
+    if not data.train_split or data.train_split in splits:
+        return
+    raise ConfigError(
+        f"pretraining: manifest {manifest_path} has no {data.train_split!r} split (splits: {sorted(splits)}), "
+        f"so data.train_split={data.train_split} leaves nothing to pretrain on. Fix: pretrain on every clip with "
+        f"--set data.train_split= (empty), give the manifest splits (python -m ssamba.data prepare ... "
+        f"--speaker-split 0.8,0.1,0.1), or set data.train_split to one of its splits"
+    )
+
+
 def settle_trial(spec: TrialSpec, stats: _Stats) -> TrialSpec:
     cfg = spec.config
     files = {}
     if spec.pretrained:  # (the from-scratch arm reads no pretraining data)
+        check_pretrain_split(cfg.data, stats.manifest_path(cfg.data.manifest), stats.splits(cfg.data.manifest))
         mean, std = stats(cfg, cfg.data.manifest, cfg.data.train_split, 0, cfg.pretrain.clip_input())
         cfg = replace(cfg, pretrain=replace(cfg.pretrain, mean=mean, std=std))
         files["pretrain"] = file_facts(stats.manifest_path(cfg.data.manifest))

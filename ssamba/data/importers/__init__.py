@@ -18,7 +18,8 @@ registered in :data:`IMPORTERS`, so that a caller can write ``IMPORTERS[name](ro
 Listings in ``notes`` have the shape ``{"count": int, "items": [...], "truncated": bool}``;
 ``items`` holds at most :data:`MAX_LISTED` entries (``count`` is always the full number).
 
-:func:`speaker_disjoint_split` reassigns whole speakers to train / validation / test.
+:func:`speaker_disjoint_split` reassigns whole speakers to train / validation / test, by shares of
+clips; :func:`describe_speaker_split` says what it made.
 
 Modules: :mod:`.common` (helpers every importer shares), :mod:`.esc` (ESC-50 / ESC-10),
 :mod:`.speech` (Speech Commands, FSDD), :mod:`.audioset` (SSAST JSON, AudioSet CSV),
@@ -37,15 +38,20 @@ from ssamba.data.importers.common import (
     is_audio_file,
 )
 from ssamba.data.importers.esc import detect_esc_layout, import_esc10, import_esc50
-from ssamba.data.importers.folders import SPLIT_DIR_NAMES, import_folders
+from ssamba.data.importers.folders import SPLIT_DIR_NAMES, import_folders, speaker_regex
 from ssamba.data.importers.speech import (
     BACKGROUND_DIR,
     BACKGROUND_SPLIT,
     FSDD_TEST_MAX_INDEX,
+    KWS_CLASS_DIRS,
+    LAYOUT_KWS,
+    LAYOUT_WORDS,
+    SILENCE_LABEL,
+    UNKNOWN_LABEL,
     import_fsdd,
     import_speech_commands,
 )
-from ssamba.data.importers.splits import SPEAKER_IMPORTERS, speaker_disjoint_split
+from ssamba.data.importers.splits import SPEAKER_IMPORTERS, describe_speaker_split, speaker_disjoint_split
 from ssamba.data.manifest import Manifest
 
 IMPORTERS: dict[str, Callable[..., Manifest]] = {
@@ -66,9 +72,15 @@ __all__ = [
     "EXAMPLES_LISTED",
     "FSDD_TEST_MAX_INDEX",
     "IMPORTERS",
+    "KWS_CLASS_DIRS",
+    "LAYOUT_KWS",
+    "LAYOUT_WORDS",
     "MAX_LISTED",
+    "SILENCE_LABEL",
     "SPEAKER_IMPORTERS",
     "SPLIT_DIR_NAMES",
+    "UNKNOWN_LABEL",
+    "describe_speaker_split",
     "detect_esc_layout",
     "import_audioset_csv",
     "import_esc10",
@@ -80,4 +92,5 @@ __all__ = [
     "is_audio_file",
     "read_class_labels",
     "speaker_disjoint_split",
+    "speaker_regex",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +21,53 @@ SPLIT_DIR_NAMES = {
 _FOLDERS_EXPECTED = "ROOT/{class}/**/*.wav (or ROOT/{train,validation,test}/{class}/**/*.wav)"
 
 
-def import_folders(root: str | os.PathLike, *, progress: bool = True, follow_symlinks: bool = False) -> Manifest:
+def speaker_regex(pattern: str) -> re.Pattern:
+    """``pattern`` compiled, or a :class:`ManifestError` when it is not a regex or has no group to read."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ManifestError(
+            f"folders: speaker pattern '{pattern}' is not a regular expression ({exc}). "
+            f"Fix: e.g. '^[0-9]+_([a-z]+)_' for files named 7_george_12.wav."
+        ) from None
+    if not regex.groups:
+        raise ManifestError(
+            f"folders: speaker pattern '{pattern}' has no group, so it cannot say which part of a file name is "
+            f"the speaker. Fix: put the speaker part in parentheses, e.g. '^[0-9]+_([a-z]+)_', or name it: "
+            f"'(?P<speaker>[a-z]+)'."
+        )
+    return regex
+
+
+def speaker_of(regex: re.Pattern, name: str) -> str | None:
+    """The speaker in file name ``name``: group ``speaker`` if the pattern names one, else its first group."""
+    m = regex.search(name)
+    if m is None:
+        return None
+    return m.group("speaker" if "speaker" in regex.groupindex else 1) or None
+
+
+def import_folders(
+    root: str | os.PathLike,
+    *,
+    progress: bool = True,
+    follow_symlinks: bool = False,
+    speaker_pattern: str | None = None,
+) -> Manifest:
     """Folder per class: ``ROOT/{class}/**/<audio>``, label = the top folder name.
 
     When the top level is made of split folders (``train``, ``validation``/``valid``/``val``,
     ``test``), the layout is ``ROOT/{split}/{class}/**`` and ``split`` is filled (``valid`` and
     ``val`` become ``validation``). Audio lying outside any class folder is listed in
     ``notes["outside_class_folders"]``.
+
+    ``speaker_pattern``: a regular expression searched (``re.search``) in each file's name (the name
+    only, extension included, no folders); its group ``speaker``, or else its first group, fills the
+    ``speaker`` column, so that :func:`~ssamba.data.importers.speaker_disjoint_split` can hold
+    speakers out. A file it does not match, or a pattern without a group, is a :class:`ManifestError`
+    naming the file (or the pattern).
     """
+    regex = speaker_regex(speaker_pattern) if speaker_pattern else None
     root = existing_dir(root, "folders", _FOLDERS_EXPECTED)
     top = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     split_dirs = [d for d in top if d.name.lower() in SPLIT_DIR_NAMES]
@@ -52,7 +92,23 @@ def import_folders(root: str | os.PathLike, *, progress: bool = True, follow_sym
             add_classes(d, SPLIT_DIR_NAMES[d.name.lower()])
     else:
         add_classes(root, None)
+    if regex is not None:
+        unmatched = []
+        for row in rows:
+            row["speaker"] = speaker_of(regex, Path(row["path"]).name)
+            if row["speaker"] is None:
+                unmatched.append(row["path"])
+        if unmatched:
+            also = f", also e.g. {unmatched[1]!r}" if len(unmatched) > 1 else ""
+            raise ManifestError(
+                f"folders: speaker pattern '{speaker_pattern}' finds no speaker in the name of {unmatched[0]!r} "
+                f"({len(unmatched)} of {len(rows)} files do not match{also}). "
+                f"Fix: change the pattern so that its group matches every file name (it is searched in the "
+                f"name only, extension included), or move the files without a speaker out of {root}."
+            )
     notes: dict[str, Any] = {"split_level": bool(split_dirs)}
+    if regex is not None:
+        notes["speaker_pattern"] = speaker_pattern
     if outside:
         note_listing(
             notes,
