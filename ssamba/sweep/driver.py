@@ -144,13 +144,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _job_env_vars() -> set[str]:
+    """The environment variables a submitted job's own runtime environment sets (``ray job submit
+    --runtime-env-json``): Ray refuses to merge a variable given twice, and the job's value stands."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    return set((job.get("runtime_env") or {}).get("env_vars") or {})
+
+
 def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: str = "127.0.0.1") -> str:
     """Join the cluster of a ``ray job submit`` (or ``$RAY_ADDRESS``), else start a local Ray on loopback.
 
-    A local Ray's dashboard gets a port chosen here, and ``$RAY_API_SERVER_ADDRESS`` names it before Ray
-    starts, so that every Ray process of the sweep inherits it: Ray Train's placement-group clean-up asks
-    the state API about its controller from inside an actor, and without an address that API discovers
-    "the latest cluster" on the machine, which may be someone else's Ray."""
+    Either way every Ray process of the sweep is pinned to that one cluster. Where no address is given,
+    Ray finds one itself, and with several Rays on the machine it takes "the latest cluster", which may be
+    someone else's: Ray Train's placement-group cleaner (a detached actor) asks the state API about its
+    controller with no address, and that API reads ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``,
+    else discovers. A local Ray's dashboard gets a port chosen here and ``$RAY_API_SERVER_ADDRESS`` names
+    it before Ray starts, so every Ray process (a child of this one) inherits it. A joined cluster's
+    processes were started by ``ray start``: its GCS address, resolved once here, goes to this process and
+    to all of them as ``$RAY_ADDRESS`` (theirs through the job's runtime environment, which every task and
+    actor of the sweep inherits), with ``$RAY_API_SERVER_ADDRESS`` emptied so that a value inherited from
+    the shell that started the cluster cannot point them elsewhere: the state API then asks that GCS for
+    the dashboard's address. A Ray Client address (``ray://``) is joined as given."""
     joining = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
     if not joining:
         # single-machine mode: every Ray process on 127.0.0.1 (read when ray is imported)
@@ -160,7 +176,18 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: 
     if ray.is_initialized():
         return "existing"
     if joining:
-        ray.init(log_to_driver=not quiet)
+        address = os.environ.get("RAY_ADDRESS") or None
+        if address and "://" in address:
+            ray.init(log_to_driver=not quiet)
+            return "cluster"
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        gcs = canonicalize_bootstrap_address_or_die(address)  # resolved once, here ("auto" included)
+        pinned = {"RAY_ADDRESS": gcs, "RAY_API_SERVER_ADDRESS": ""}
+        taken = _job_env_vars()
+        runtime_env = {"env_vars": {k: v for k, v in pinned.items() if k not in taken}}
+        os.environ.update(pinned)
+        ray.init(address=gcs, log_to_driver=not quiet, runtime_env=runtime_env)
         return "cluster"
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
