@@ -216,3 +216,32 @@ def test_sweep_on_a_joined_cluster_talks_only_to_it(cache_env, tmp_path, ray_tmp
     assert len(parents) == 1 and parents["tags.sweep.ray"].iloc[0] == "cluster"
     assert len(trials) == 1 and (trials["tags.trial.status"] == "finished").all()
     assert all(psutil.pid_exists(pid) for pid in other_pids), "the other Ray must still be up"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_job_handed_another_cluster_by_ray_is_refused(cache_env, tmp_path, ray_tmp):
+    """Two clusters sharing one temp folder: Ray's job supervisor gives a job submitted to the first the
+    address of the second (the latest there). The sweep refuses to run there, saying why, before it opens
+    any run."""
+    env = _env(cache_env, ray_tmp)
+    shared = ray_tmp / "ray"
+    first = _start_head(shared, env, num_cpus=1)
+    second = _start_head(shared, env, num_cpus=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    submit = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{first['dashboard']}", "--working-dir",
+              str(ROOT), "--", "python", "sweeps/norm.py", "--smoke-test", "--arms", "layernorm", "--storage",
+              str(tmp_path / "store"), "--mlflow-uri", uri]  # fmt: skip
+    for _ in range(30):  # the dashboard agent takes a few seconds to accept jobs after `ray start`
+        run = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=500)
+        if "No available agent" not in run.stderr + run.stdout:
+            break
+        time.sleep(2)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0, out[-3000:]
+    assert f"was not submitted to the Ray cluster at 127.0.0.1:{second['gcs']}" in out, out[-3000:]
+    assert "--temp-dir" in out
+    from ssamba.sweep.tracking import Tracker
+
+    tracker = Tracker(uri)
+    assert tracker.runs_frame(tracker.sweep_experiments()).empty  # no parent run, no trial

@@ -144,13 +144,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _job_env_vars() -> set[str]:
-    """The environment variables a submitted job's own runtime environment sets (``ray job submit
-    --runtime-env-json``): Ray refuses to merge a variable given twice, and the job's value stands."""
+def _submitted_job() -> dict:
+    """What Ray's job supervisor hands the driver of a ``ray job submit`` (``runtime_env``, ``metadata``);
+    empty outside a submitted job."""
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-    return set((job.get("runtime_env") or {}).get("env_vars") or {})
+    return json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+
+
+def _check_submitted_here(job: dict, gcs: str) -> None:
+    """Refuse to run a submitted job on a cluster that has no record of it. Ray 2.60's job supervisor gives
+    the job's driver ``$RAY_ADDRESS`` by discovery: the cluster last started with ``ray start`` in the
+    supervisor node's temp folder. Two clusters that share a temp folder (the default ``/tmp/ray``) make
+    it hand a job submitted to the first the address of the second (measured), where it would run."""
+    from ray._private import ray_constants
+    from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY, JobInfoStorageClient
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    job_id = (job.get("metadata") or {}).get(JOB_ID_METADATA_KEY)
+    key = JobInfoStorageClient.JOB_DATA_KEY.format(job_id=job_id)
+    if job_id and not _internal_kv_exists(key, namespace=ray_constants.KV_NAMESPACE_JOB):
+        raise SSAMBAError(
+            f"job {job_id} was not submitted to the Ray cluster at {gcs}, the address Ray's job supervisor "
+            "gave it: that is the cluster last started with the same temp folder, not the one the job was "
+            "submitted to. Start each Ray cluster on this machine with its own `ray start --temp-dir`."
+        )
 
 
 def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: str = "127.0.0.1") -> str:
@@ -184,10 +202,16 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: 
 
         gcs = canonicalize_bootstrap_address_or_die(address)  # resolved once, here ("auto" included)
         pinned = {"RAY_ADDRESS": gcs, "RAY_API_SERVER_ADDRESS": ""}
-        taken = _job_env_vars()
+        job = _submitted_job()
+        taken = (job.get("runtime_env") or {}).get("env_vars") or {}  # Ray refuses a variable set twice
         runtime_env = {"env_vars": {k: v for k, v in pinned.items() if k not in taken}}
         os.environ.update(pinned)
         ray.init(address=gcs, log_to_driver=not quiet, runtime_env=runtime_env)
+        try:
+            _check_submitted_here(job, gcs)
+        except SSAMBAError:
+            ray.shutdown()
+            raise
         return "cluster"
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
