@@ -157,6 +157,8 @@ def _check_submitted_here(job: dict, gcs: str) -> None:
     the job's driver ``$RAY_ADDRESS`` by discovery: the cluster last started with ``ray start`` in the
     supervisor node's temp folder. Two clusters that share a temp folder (the default ``/tmp/ray``) make
     it hand a job submitted to the first the address of the second (measured), where it would run."""
+    if not job:
+        return
     from ray._private import ray_constants
     from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY, JobInfoStorageClient
     from ray.experimental.internal_kv import _internal_kv_exists
