@@ -144,13 +144,49 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _submitted_job() -> dict:
+    """What Ray's job supervisor hands the driver of a ``ray job submit`` (``runtime_env``, ``metadata``);
+    empty outside a submitted job."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+
+
+def _check_submitted_here(job: dict, gcs: str) -> None:
+    """Refuse to run a submitted job on a cluster that has no record of it. Ray 2.60's job supervisor gives
+    the job's driver ``$RAY_ADDRESS`` by discovery: the cluster last started with ``ray start`` in the
+    supervisor node's temp folder. Two clusters that share a temp folder (the default ``/tmp/ray``) make
+    it hand a job submitted to the first the address of the second (measured), where it would run."""
+    if not job:
+        return
+    from ray._private import ray_constants
+    from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY, JobInfoStorageClient
+    from ray.experimental.internal_kv import _internal_kv_exists
+
+    job_id = (job.get("metadata") or {}).get(JOB_ID_METADATA_KEY)
+    key = JobInfoStorageClient.JOB_DATA_KEY.format(job_id=job_id)
+    if job_id and not _internal_kv_exists(key, namespace=ray_constants.KV_NAMESPACE_JOB):
+        raise SSAMBAError(
+            f"job {job_id} was not submitted to the Ray cluster at {gcs}, the address Ray's job supervisor "
+            "gave it: that is the cluster last started with the same temp folder, not the one the job was "
+            "submitted to. Start each Ray cluster on this machine with its own `ray start --temp-dir`."
+        )
+
+
 def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: str = "127.0.0.1") -> str:
     """Join the cluster of a ``ray job submit`` (or ``$RAY_ADDRESS``), else start a local Ray on loopback.
 
-    A local Ray's dashboard gets a port chosen here, and ``$RAY_API_SERVER_ADDRESS`` names it before Ray
-    starts, so that every Ray process of the sweep inherits it: Ray Train's placement-group clean-up asks
-    the state API about its controller from inside an actor, and without an address that API discovers
-    "the latest cluster" on the machine, which may be someone else's Ray."""
+    Either way every Ray process of the sweep is pinned to that one cluster. Where no address is given,
+    Ray finds one itself, and with several Rays on the machine it takes "the latest cluster", which may be
+    someone else's: Ray Train's placement-group cleaner (a detached actor) asks the state API about its
+    controller with no address, and that API reads ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``,
+    else discovers. A local Ray's dashboard gets a port chosen here and ``$RAY_API_SERVER_ADDRESS`` names
+    it before Ray starts, so every Ray process (a child of this one) inherits it. A joined cluster's
+    processes were started by ``ray start``: its GCS address, resolved once here, goes to this process and
+    to all of them as ``$RAY_ADDRESS`` (theirs through the job's runtime environment, which every task and
+    actor of the sweep inherits), with ``$RAY_API_SERVER_ADDRESS`` emptied so that a value inherited from
+    the shell that started the cluster cannot point them elsewhere: the state API then asks that GCS for
+    the dashboard's address. A Ray Client address (``ray://``) is joined as given."""
     joining = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
     if not joining:
         # single-machine mode: every Ray process on 127.0.0.1 (read when ray is imported)
@@ -160,7 +196,24 @@ def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: 
     if ray.is_initialized():
         return "existing"
     if joining:
-        ray.init(log_to_driver=not quiet)
+        address = os.environ.get("RAY_ADDRESS") or None
+        if address and "://" in address:
+            ray.init(log_to_driver=not quiet)
+            return "cluster"
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        gcs = canonicalize_bootstrap_address_or_die(address)  # resolved once, here ("auto" included)
+        pinned = {"RAY_ADDRESS": gcs, "RAY_API_SERVER_ADDRESS": ""}
+        job = _submitted_job()
+        taken = (job.get("runtime_env") or {}).get("env_vars") or {}  # Ray refuses a variable set twice
+        runtime_env = {"env_vars": {k: v for k, v in pinned.items() if k not in taken}}
+        os.environ.update(pinned)
+        ray.init(address=gcs, log_to_driver=not quiet, runtime_env=runtime_env)
+        try:
+            _check_submitted_here(job, gcs)
+        except SSAMBAError:
+            ray.shutdown()
+            raise
         return "cluster"
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
