@@ -11,9 +11,8 @@ what its bytes need. This kernel (``csrc/train_scan.cu``) gives each thread one 
   ``N / TILE`` floats per step and channel);
 - backward, tiles from last to first: recomputes the tile's states from its checkpoint into shared
   memory (every second step; the others are rebuilt on the way back), then walks the tile in reverse
-  with the adjoint ``g_t = dL/dh_t`` (formulas in the .cu file); ``dB``/``dC`` are summed over a block's
-  channels by a warp reduce-scatter and stored per block, then summed over a group's blocks in torch (an
-  atomic add per block and step, as before, serialised in L2); ``dA_log``/``dD``/``d bias`` over the
+  with the adjoint ``g_t = dL/dh_t`` (formulas in the .cu file); ``dB``/``dC`` are summed over a group's
+  channels by a warp reduce-scatter and one atomic add per block, ``dA_log``/``dD``/``d bias`` over the
   batch by atomic adds;
 - sequence segments: one thread walking a whole sequence of ~500 steps left an H100 mostly idle (24,576
   threads where the card holds 270,336), so :func:`segments` cuts the sequence into segments, each its
@@ -340,9 +339,8 @@ class _TrainScan(torch.autograd.Function):
         dy = dy.to(u.dtype).contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         f32 = dict(dtype=torch.float32, device=u.device)
-        n_blocks = ch // BLOCK  # per-block sums of dB, dC (every element written by the kernel)
-        dB = torch.empty((b, n_blocks, STATE_SIZE, L), **f32)
-        dC = torch.empty((b, n_blocks, STATE_SIZE, L), **f32)
+        dB = torch.zeros((b, groups, STATE_SIZE, L), **f32)
+        dC = torch.zeros((b, groups, STATE_SIZE, L), **f32)
 
         def zeros(X):
             return None if X is None else torch.zeros(X.shape, **f32)
@@ -393,7 +391,6 @@ class _TrainScan(torch.autograd.Function):
             n_seg,
         )
         _launch(p, u.dtype, True, u.device)
-        dB, dC = (X.view(b, groups, n_blocks // groups, STATE_SIZE, L).sum(2) for X in (dB, dC))
         return (du, ddelta, dB.to(B.dtype), dC.to(C.dtype), dA0, dA1, dD0, dD1, db0, db1, None, None, None)
 
 
