@@ -116,11 +116,12 @@ def test_launch_shape_rules(args, why):
 @pytest.mark.parametrize(
     "batch,channels,length,sms,forced,want",
     [
-        # SSAMBA-tiny bi at pretraining (513 steps = 33 tiles) on 132 SMs: 768 blocks -> 6 segments of 6 tiles
-        (32, 768, 513, 132, None, (6, 6)),
-        (128, 768, 513, 132, None, (17, 2)),  # already 3,072 blocks: ceil(4,224 / 3,072) = 2 segments
+        # SSAMBA-tiny bi at pretraining (513 steps = 33 tiles) on 132 SMs: 768 blocks >= 4 x 132 -> one segment
+        (32, 768, 513, 132, None, (33, 1)),
+        (128, 768, 513, 132, None, (33, 1)),
+        (32, 384, 513, 132, None, (3, 11)),  # tiny uni: 384 blocks -> ceil(4,224 / 384) = 11 segments of 3 tiles
         (1, 768, 513, 132, None, (3, 11)),  # one clip: at most 33 // 2 = 16 asked, 3 tiles -> 11 segments
-        (32, 768, 20, 132, None, (2, 1)),  # 2 tiles: too short to cut
+        (4, 384, 20, 132, None, (2, 1)),  # 2 tiles: too short to cut
         (32, 768, 513, 132, 1, (33, 1)),  # forced: no segments
         (32, 768, 513, 132, 10, (4, 9)),  # forced 10 -> 4 tiles each, 9 non-empty segments
         (32, 768, 513, 132, 1000, (1, 33)),  # forced beyond the tiles: one tile each

@@ -57,10 +57,14 @@ _INT_FIELDS = (
     "batch channels length n_tiles b_sb b_sg b_sn c_sb c_sg c_sn group_size period softplus seg_tiles n_seg"
 ).split()
 
-# Segments along the sequence (grid z). One block per (32 channels, batch row) leaves an H100 mostly idle
-# at training sizes; cutting the sequence into segments multiplies the blocks at the cost of a light extra
-# pass (each segment scanned from zero, then the segments' results folded: see the .cu file).
-BLOCKS_PER_SM = 32  # aim for about this many blocks per SM over the whole launch
+# Segments along the sequence (grid z). One block per (32 channels, batch row) leaves an H100 partly idle
+# when there are few blocks; cutting the sequence into segments multiplies the blocks at the cost of a light
+# extra pass (each segment scanned from zero, then the segments' results folded: see the .cu file). Measured
+# on an H100 (docs/benchmarks.md section 5): with fewer than about 4 blocks per SM (SSAMBA-tiny uni, batch
+# 32: 384 blocks on 132 SMs) 11 segments made forward + backward 1.45x faster; from 768 blocks on (tiny bi
+# at batch 32, base at 16, tiny at 128) one segment was the fastest, by 5-8%.
+SEGMENT_BELOW_BLOCKS_PER_SM = 4  # cut the sequence only when a launch has fewer blocks than this per SM
+BLOCKS_PER_SM = 32  # then aim for about this many blocks per SM over the whole launch
 MIN_SEGMENT_TILES = 2  # a segment is at least this many tiles (32 steps)
 SEGMENTS_ENV = "SSAMBA_TRAIN_SCAN_SEGMENTS"  # force a segment count (benchmarks); 1 = no segments
 
@@ -68,16 +72,20 @@ SEGMENTS_ENV = "SSAMBA_TRAIN_SCAN_SEGMENTS"  # force a segment count (benchmarks
 def segments(batch: int, channels: int, length: int, sm_count: int, forced: int | None = None) -> tuple[int, int]:
     """``(seg_tiles, n_seg)``: how the kernel cuts a sequence of ``length`` steps (pure: tested on CPU).
 
-    Enough segments that ``channels / BLOCK x batch x n_seg`` blocks give about :data:`BLOCKS_PER_SM` per SM,
-    none shorter than :data:`MIN_SEGMENT_TILES` tiles, and none empty. ``forced`` asks for a count (still
-    capped by the length).
+    One segment when ``channels / BLOCK x batch`` blocks give at least :data:`SEGMENT_BELOW_BLOCKS_PER_SM`
+    per SM; else enough segments for about :data:`BLOCKS_PER_SM` blocks per SM, none shorter than
+    :data:`MIN_SEGMENT_TILES` tiles, and none empty. ``forced`` asks for a count (still capped by the length).
     """
     if batch < 1 or channels < BLOCK or length < 1 or sm_count < 1:
         raise ValueError(f"segments of batch={batch}, channels={channels}, length={length}, SMs={sm_count}")
     n_tiles = -(-length // TILE)
     blocks = (channels // BLOCK) * batch
-    wanted = forced if forced is not None else -(-(BLOCKS_PER_SM * sm_count) // blocks)
-    most = max(1, n_tiles // MIN_SEGMENT_TILES) if forced is None else n_tiles
+    if forced is not None:
+        wanted, most = forced, n_tiles
+    elif blocks >= SEGMENT_BELOW_BLOCKS_PER_SM * sm_count:
+        wanted, most = 1, 1
+    else:
+        wanted, most = -(-(BLOCKS_PER_SM * sm_count) // blocks), max(1, n_tiles // MIN_SEGMENT_TILES)
     n_seg = max(1, min(int(wanted), most, 65535))
     seg_tiles = -(-n_tiles // n_seg)
     return seg_tiles, -(-n_tiles // seg_tiles)
