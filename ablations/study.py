@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help=f"comma-separated ablations (default all: {','.join(ORDER)})")
     p.add_argument("--smoke", action="store_true", help="tiny model and steps, 1 seed: the whole path in minutes")
     p.add_argument("--seeds", help=f"a count or a list (default: 0,1,2; 0 with --smoke); at least {MIN_SEEDS}")
-    p.add_argument("--gpus-per-trial", type=float, help=f"default {GPU_SHARE} where there are GPUs, else 0")
+    p.add_argument("--gpus-per-trial", type=float, help=f"default {GPU_SHARE} where Ray has GPUs, else 0")
     p.add_argument("--parallel", type=int, help="sweeps at once on the one Ray (default: all of them)")
     p.add_argument("--results", help="where the result pages go (default docs/results; OUT/results with --smoke)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, every trial")
@@ -120,7 +120,7 @@ def settings(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def sweep_options(args, out: str, seeds, sets: list[str], gpus: float, cpus: float, conc: int) -> list[str]:
+def sweep_options(out: str, seeds, sets: list[str], gpus: float, cpus: float, conc: int) -> list[str]:
     """The options of one sweep (after ``python -m ablations.run FACTOR``)."""
     d = f"{out}/data"
     return [
@@ -313,7 +313,11 @@ def _launch(record: dict, factor: str, options: list[str], out: str, env: dict) 
     sweep.setdefault("start", sweep["attempts"][-1]["start"])
     log = open(Path(sweep["log"]), "a")
     print(f"sweep {factor}: started, log {sweep['log']}", flush=True)
-    return subprocess.Popen([sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT), log
+    # its own session: a Ctrl-C at the terminal reaches the study alone, which passes one SIGINT to each sweep
+    proc = subprocess.Popen(
+        [sys.executable, *argv], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return proc, log
 
 
 def _ended(record: dict, factor: str, rc: int, out: str) -> None:
@@ -380,7 +384,6 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
     record = load_record(path, options, args.resume)
     commit, dirty = git_state()
     card_info = cards()
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (GPU_SHARE if card_info["gpus"] else 0.0)
     results = Path(args.results or (f"{out}/results" if args.smoke else "docs/results"))
     command = shlex.join(["python", "-m", "ablations.study", *argv])
     record.setdefault("command", command)  # the first invocation; the later ones (--resume) are listed
@@ -391,7 +394,7 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
     record["dirty"] = record.get("dirty", False) or dirty
     record.update(
         out=out, preset=PRESET, settings=sets, cards=card_info, mlflow_uri=mlflow_uri(out),
-        every_s=args.sample_every, results=str(results), gpus_per_trial=gpus,
+        every_s=args.sample_every, results=str(results),
     )  # fmt: skip
     t_start = time.time()
     phase = time.time()
@@ -403,7 +406,7 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before Ray starts: its workers inherit it
     mode, record["ray"] = start_ray()
     try:
-        return _on_ray(record, args, factors, seeds, sets, gpus, out, path, results, t_start)
+        return _on_ray(record, args, factors, seeds, sets, out, path, results, t_start)
     finally:
         if mode == "local":
             import ray
@@ -411,20 +414,21 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
             ray.shutdown()  # the Ray this process started (a joined cluster stays up)
 
 
-def _on_ray(record, args, factors, seeds, sets, gpus, out, path, results, t_start) -> int:
+def _on_ray(record, args, factors, seeds, sets, out, path, results, t_start) -> int:
     from ssamba.sweep.plan import Resources
     from ssamba.sweep.tracking import Tracker
 
-    mode = record["ray"]["mode"]
+    mode, ray = record["ray"]["mode"], record["ray"]
     parallel = max(1, min(args.parallel or len(factors), len(factors)))
-    ray = record["ray"]
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (GPU_SHARE if ray["gpus"] > 0 else 0.0)
+    record["gpus_per_trial"] = gpus
     res = Resources(gpus=gpus).fit(ray["cpus"], ray["gpus"], ray["largest_node_cpus"], driver_cpus=0.01 * parallel)
     print(
         f"Ray ({mode}): {ray['cpus']:g} CPUs, {ray['gpus']:g} GPUs; per trial {gpus:g} GPU and "
         f"{res.cpus_per_worker:g} CPUs, {res.concurrent} trials at once; {parallel} sweep(s) at once",
         flush=True,
     )
-    options_ = sweep_options(args, out, seeds, sets, gpus, res.cpus_per_worker, res.concurrent)
+    options_ = sweep_options(out, seeds, sets, gpus, res.cpus_per_worker, res.concurrent)
     check_plans(factors, options_)
     Tracker(mlflow_uri(out)).client.search_experiments()  # the store's tables, made once before the sweeps race
     sampler = UsageSampler(Path(out) / "gpu_samples.csv", args.sample_every, workers=train_workers).start()

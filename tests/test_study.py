@@ -107,6 +107,17 @@ def small_sets(tmp_path) -> Path:
     return base
 
 
+def _run_here(step: D.Step) -> None:
+    """A data step's command line run in this process: ``-m ssamba.data ARGS`` or ``-c CODE``."""
+    if step.argv[:2] == ("-m", "ssamba.data"):
+        from ssamba.data.__main__ import main
+
+        assert main(list(step.argv[2:])) == 0, step.text()
+    else:
+        assert step.argv[0] == "-c", step.text()
+        exec(step.argv[1], {})
+
+
 def test_data_steps_prepare_the_study_data_from_published_layouts(small_sets, tmp_path, cache_env, capsys):
     from ablations.study import ORDER, check_plans, sweep_options
 
@@ -116,8 +127,9 @@ def test_data_steps_prepare_the_study_data_from_published_layouts(small_sets, tm
         f"python -m ssamba.data prepare fsdd {small_sets}/fsdd --out {out}/data/fsdd.parquet "
         "--speaker-split 0.67,0.17,0.16 --quiet"
     )
-    for step in steps:  # each as its recorded command, in its own process
-        assert D.run_step(step, tmp_path / "data.log")["rc"] == 0
+    assert D.run_step(steps[0], tmp_path / "data.log")["rc"] == 0  # a step as its recorded command, in a process
+    for step in steps[1:]:  # the others as the same command lines, in this process (no interpreter start-ups)
+        _run_here(step)
     facts = {n: D.manifest_facts(f"{out}/data/{n}.parquet") for n in (*D.TASKS, "pretrain")}
     assert facts["fsdd"]["splits"] == {"test": 6, "train": 24, "validation": 6}  # 4 / 1 / 1 speakers of 6 clips
     assert facts["fsdd"]["speakers"] == {"test": 1, "train": 4, "validation": 1}
@@ -129,7 +141,7 @@ def test_data_steps_prepare_the_study_data_from_published_layouts(small_sets, tm
     for name in (*D.TASKS, "pretrain"):
         assert facts[name]["stats"]["n_clips"] == facts[name]["splits"]["train"]  # statistics of the training split
     # every sweep of the study plans on these manifests (each trial resolved), before any Ray
-    options = sweep_options(None, out, (0, 1, 2), ["finetune.fold=0"], 0.5, 7.5, 16)
+    options = sweep_options(out, (0, 1, 2), ["finetune.fold=0"], 0.5, 7.5, 16)
     check_plans(list(ORDER), options)
     from ablations.run import sweep_argv
     from ssamba.sweep.driver import build_parser
