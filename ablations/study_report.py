@@ -145,7 +145,15 @@ def packing(
     makespan = t1 - t0
     held = h["worker_s"] * share
     ideal = held / devices if devices > 0 else 0.0
+    busy = [r["time"] for r in workers if t0 <= r["time"] <= t1 and r["workers"] > 0]
+    first, last = (busy[0], busy[-1]) if busy else (t1, t1)
     return {
+        "ramp_s": first - t0,  # no trial worker yet: data checks, the sweeps' start-up, the first trials' set-up
+        "tail_s": t1 - last,  # no trial worker any more: the sweeps' ends (summaries, MLflow)
+        "idle_between_device_h": max(
+            0.0, devices * (last - first) - share * held_time(workers, first, last, every_s)["worker_s"]
+        )
+        / 3600,
         "unit": unit,
         "makespan_s": makespan,
         "devices": devices,
@@ -416,9 +424,16 @@ def packing_lines(pack: dict[str, Any]) -> list[str]:
         f"{hms(pack['ideal_s'])}; makespan / that = **{ratio:.2f}x** (goal: 1.1x or less)"
         if ratio is not None
         else f"- no trial worker was seen alive in {pack['samples']} samples",
-        f"- {unit} time no trial held within the makespan: {_h(pack['idle_device_h'])} {unit}-hours; trials at once: "
-        f"{pack['mean_concurrency']:.1f} on average, {pack['max_concurrency']} at most; {pack['workers_seen']} "
-        "trial worker processes seen",
+        f"- {unit} time no trial held within the makespan: {_h(pack['idle_device_h'])} {unit}-hours: "
+        f"{hms(pack['ramp_s'])} before the first trial worker, {hms(pack['tail_s'])} after the last, and "
+        f"{_h(pack['idle_between_device_h'])} {unit}-hours in between (fewer trials than fit)",
+        f"- trials at once: {pack['mean_concurrency']:.1f} on average, {pack['max_concurrency']} at most; "
+        f"{pack['workers_seen']} trial worker processes seen"
+        + (
+            f", {pack['workers_seen'] / pack['devices']:.1f} per GPU on average"
+            if unit == "GPU" and pack["devices"]
+            else ""
+        ),
     ]
     if trials.get("trials"):
         lines.append(

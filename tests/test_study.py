@@ -262,12 +262,20 @@ def test_packing_compares_the_makespan_with_the_held_gpu_time():
     assert p["makespan_s"] == 100 and p["capacity"] == 4
     assert p["held_device_h"] == pytest.approx(115 / 3600) and p["ideal_s"] == pytest.approx(57.5)
     assert p["ratio"] == pytest.approx(100 / 57.5) and p["idle_device_h"] == pytest.approx((200 - 115) / 3600)
+    # no ramp (a worker in the first sample), a 10 s tail after the last sample with one; in between, from
+    # t=100 to 190: 2 GPUs x 90 s - 105 held (the last sample's 10 s x 0.5 GPU are after it)
+    assert p["ramp_s"] == 0 and p["tail_s"] == 10
+    assert p["idle_between_device_h"] == pytest.approx((2 * 90 - (115 - 5)) / 3600)
     trials = [{"start": 100, "end": 160, "device_hours": 0.01}, {"start": 110, "end": 190, "device_hours": None},
               {"start": 120, "end": None, "device_hours": None}]  # fmt: skip
     p["trials"] = R.trials_summary(trials)
     assert p["trials"] == {"trials": 2, "span_s": 90, "stage_device_h": 0.01}
     text = "\n".join(R.packing_lines(p))
     assert "**1.74x**" in text and "4 trials fit at once" in text and "4 at most" in text and "2 trial runs" in text
+    assert (
+        "0 s before the first trial worker, 10 s after the last" in text
+        and "4 trial worker processes seen, 2.0 per GPU" in text
+    )
     assert R.packing_lines({"trials": {"trials": 0}}) == ["- 0 trials ended: no packing to measure"]
 
 
