@@ -382,6 +382,8 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
     options = {"data": args.data, "smoke": args.smoke, "seeds": list(seeds), "set": sets, "only": factors}
     path = Path(out) / "study.json"
     record = load_record(path, options, args.resume)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / ".gitignore").write_text("# the study's run (data, MLflow store, checkpoints): never in git\n*\n")
     commit, dirty = git_state()
     card_info = cards()
     results = Path(args.results or (f"{out}/results" if args.smoke else "docs/results"))

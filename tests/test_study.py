@@ -476,3 +476,4 @@ def test_smoke_study_of_one_ablation_end_to_end(shared_data, cache_env, tmp_path
     readme = (page / "README.md").read_text()
     assert "CPU only (no GPU" in readme and R.READING_START in readme and "makespan / that = **" in readme
     assert (out / "results" / "study.md").is_file() and (page / "ablation-norm.png").is_file()
+    assert (out / ".gitignore").read_text().splitlines()[-1] == "*"  # the run's folder stays out of git
