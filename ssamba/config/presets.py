@@ -1,4 +1,4 @@
-"""Named experiment presets: ``demo`` (embedded default), ``smoke`` (CI), ``paper-{tiny,small,base}``.
+"""Named experiment presets: ``demo`` (embedded default), ``smoke`` (CI), ``paper-{tiny,small,base}``, ``study``.
 
 A :class:`Preset` is the whole of what a name means: its config, its seeds, the tasks it fine-tunes on when
 none is named, whether it needs real data, and how much of a task's recipe applies (:meth:`Preset.recipe`:
@@ -8,7 +8,9 @@ preset keeps its budget, :data:`RECIPE_BUDGET_KEYS`). Nothing else tests a prese
 The paper presets are docs/model.md sections 4-5 (pretraining on 128 x 1024 at stride 16, 400 masked
 patches; fine-tuning with the ESC-50 recipe) and need manifests of real data (``--manifest``,
 ``--set finetune.manifest=...``). ``demo`` and ``smoke`` are small models on the demo corpus,
-with the mask count scaled to the same fraction of patches as the paper (400 / 512).
+with the mask count scaled to the same fraction of patches as the paper (400 / 512). ``study`` is the real-data
+ablation study of ``python -m ablations.study``: SSAMBA-tiny on short windows, the recipes' task settings with
+one fine-tuning budget, three seeds and the from-scratch arm.
 """
 
 from __future__ import annotations
@@ -209,6 +211,43 @@ def _smoke() -> ExperimentConfig:
     )
 
 
+def _study() -> ExperimentConfig:
+    """The real-data ablation study (``python -m ablations.study``, docs/results/README.md): SSAMBA-tiny
+    pretrained on the union of the training splits of FSDD, ESC-10 and Speech Commands, then fine-tuned on
+    each. Sized so that the four ablations x 3 seeds, with the from-scratch arm, take about an hour on one
+    machine of 8 GPUs at half a GPU per trial (an estimate from docs/benchmarks.md, not a measurement)."""
+    return ExperimentConfig(
+        name="study",
+        model=model_preset("tiny"),  # the paper's smallest SSAMBA: D 192, depth 24
+        data=DataConfig(stats_from_manifest=True),
+        # 2.56 s windows (8 x 16 = 128 patches): most clips are about 1 s (FSDD, Speech Commands), ESC-10's 5 s
+        # are cropped; 2,000 steps of 64 clips are about 50 passes over the ~2,450 training clips of the union
+        pretrain=PretrainConfig(
+            target_length=256,
+            mask_count=100,  # 400 of 512 patches, scaled to 128
+            lr=2.5e-4,
+            batch_size=64,
+            epochs=1000,
+            max_steps=2000,
+            warmup_steps=200,
+            plateau_every=250,
+        ),
+        # the budget every task keeps (a recipe brings its task settings: clip length, loss, augmentation, ...)
+        finetune=FinetuneConfig(
+            task="fsdd",
+            fold=0,
+            fstride=10,
+            tstride=10,
+            lr=2.5e-4,
+            batch_size=32,
+            epochs=20,
+            lr_decay_start=5,
+            lr_decay_step=1,
+            lr_decay=0.85,
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named starting point: ``build()`` gives its config; the rest says how a sweep uses it."""
@@ -252,6 +291,7 @@ _ALL = [
         )
         for size in ("tiny", "small", "base")
     ),
+    Preset("study", _study, seeds=(0, 1, 2), default_tasks=(), real_data=True, recipe_budget=False, scratch=True),
 ]
 PRESET_OBJECTS: dict[str, Preset] = {p.name: p for p in _ALL}
 PRESETS = tuple(PRESET_OBJECTS)

@@ -18,6 +18,7 @@ Any other column is kept as it is. File-level metadata (JSON under the Parquet k
 holds ``dataset``, ``root`` (absolute), ``label_vocab`` (the ordered class list that defines
 label indices), ``stats`` (fbank mean/std with the front-end key they were computed for) and
 free-form ``notes`` (for example files that a list named but that were missing on disk).
+:func:`union_manifests` joins the rows of some splits of several manifests into one (absolute paths).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -227,6 +228,63 @@ class Manifest:
         with atomic_path(path) as tmp:
             pq.write_table(self.to_arrow(), tmp)
         return path
+
+
+def union_manifests(
+    parts: Mapping[str, Manifest], splits: Sequence[str] | None = ("train",), *, dataset: str = "union"
+) -> Manifest:
+    """The rows of ``splits`` of several manifests as one (``None``: every row), e.g. a pretraining set made
+    of the training splits of every fine-tuning task. ``parts`` maps a name to each manifest.
+
+    Nothing is copied: every ``path`` becomes absolute (``root`` is None). A row keeps its ``split``,
+    ``fold``, ``duration`` and ``sample_rate``; its labels and speaker are prefixed with its part's name
+    (``fsdd/3``, ``fsdd/george``) so that classes and speakers of different sets stay apart, and the column
+    ``source`` names the part. Other columns are dropped (the parts' schemas differ). ``notes["union_of"]``
+    lists each part's dataset, root and row count. A file in two parts is a :class:`ManifestError`
+    naming it and both parts; a part without any of the splits is one too."""
+    rows: list[dict[str, Any]] = []
+    vocab: list[str] = []
+    sources: dict[str, str] = {}
+    notes: dict[str, Any] = {}
+    for name, m in parts.items():
+        df = m.df
+        if splits is not None:
+            df = df[df["split"].isin(list(splits))]
+            if df.empty:
+                present = sorted(m.df["split"].dropna().unique())
+                raise ManifestError(
+                    f"union: part {name!r} (dataset {m.meta.get('dataset')!r}) has no rows of splits {list(splits)} "
+                    f"(splits present: {present}). Fix: give it those splits (prepare ... --speaker-split) or "
+                    f"choose other splits"
+                )
+        vocab.extend(f"{name}/{lab}" for lab in m.label_vocab)
+        for rec, path in zip(df.to_dict("records"), df["path"]):
+            full = str(m.resolve(path).absolute())
+            if full in sources:
+                raise ManifestError(
+                    f"union: {full} is in both {sources[full]!r} and {name!r}. Fix: leave the file out of one "
+                    f"of them (a clip must not be counted twice)"
+                )
+            sources[full] = name
+            speaker = rec.get("speaker")
+            rows.append(
+                {
+                    "path": full,
+                    "labels": [f"{name}/{lab}" for lab in _as_label_list(rec.get("labels"))],
+                    "split": None if _is_missing(rec.get("split")) else rec["split"],
+                    "fold": None if _is_missing(rec.get("fold")) else int(rec["fold"]),
+                    "speaker": None if _is_missing(speaker) else f"{name}/{speaker}",
+                    "duration": None if _is_missing(rec.get("duration")) else float(rec["duration"]),
+                    "sample_rate": None if _is_missing(rec.get("sample_rate")) else int(rec["sample_rate"]),
+                    "source": name,
+                }
+            )
+        notes[name] = {"dataset": m.meta.get("dataset"), "root": m.meta.get("root"), "rows": len(df)}
+    union = Manifest.from_rows(
+        rows, dataset=dataset, label_vocab=vocab, notes={"union_of": notes, "splits": list(splits or [])}
+    )
+    union.validate()
+    return union
 
 
 def read_manifest(path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> Manifest:
