@@ -87,6 +87,7 @@ def test_progress_points_at_the_console_cadence_with_the_lr_used(tmp_path):
     assert all(p["toy/train_loss"] > 0 and p["toy/samples_per_s"] > 0 for _, p in rec.points)
     # an evaluation at a point's step repeats that point; the final one covers the steps since
     assert [e["toy/step"] for e in rec.evals] == [10, 12]
+    assert all("toy/samples_per_s" not in e for e in rec.evals)  # a measurement: evaluations stay repeatable
     assert rec.evals[0]["toy/train_loss"] == rec.points[2][1]["toy/train_loss"]
     assert rec.evals[1]["toy/train_loss"] != rec.evals[0]["toy/train_loss"]
     progress = [line for line in lines if "samples/s, ETA" in line]

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -452,7 +453,7 @@ def sweep_note(plan: SweepPlan, table: str = "") -> str:
         f"{res.cpus_per_worker} CPU{f' + {res.gpus} GPU' if res.use_gpu else ''} each, {res.concurrent} trials "
         f"at once. Storage: `{plan.sweep_dir}`. Commit: `{plan.git_commit}`."
     )
-    cmd = " ".join(sys.argv)
+    cmd = shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0] else ""
     if cmd:
         text += f"\n\nCommand: `{cmd}`"
     return text + (f"\n\n{table}" if table else "")

@@ -2,9 +2,11 @@
 
 Layout (docs/architecture.md section 5.5):
 - one experiment per sweep script (``ssamba-<factor>`` unless ``--experiment``), tagged
-  ``ssamba.sweep=1`` and ``ablation.factor``;
+  ``ssamba.sweep=1``, ``ablation.factor``, ``mlflow.experimentKind`` (machine learning) and described
+  (``mlflow.note.content``);
 - one parent run per sweep (``sweep.role=parent``, ``sweep.id``, ``ablation.factor``, ``sweep.arms``
-  (JSON, natural order), ``sweep.reference_arm``, ``sweep.tasks`` (JSON), ``sweep.preset``, ``git.commit``);
+  (JSON, natural order), ``sweep.reference_arm``, ``sweep.tasks`` (JSON), ``sweep.preset``, ``git.commit``,
+  a description), with each arm's summary at the end (metrics ``arm/<arm>/...``);
   a resumed sweep continues its parent run;
 - one child run per trial (``mlflow.parentRunId``, ``sweep.role=trial``, ``sweep.id``, ``ablation.factor``,
   ``ablation.arm``, ``seed``, ``git.commit``, ``trial.key``, ``trial.status``), holding every config

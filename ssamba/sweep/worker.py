@@ -169,11 +169,13 @@ class StageReporter:
     A metric is logged at a step only once, and never at a step the run already holds for it (read once per
     metric and attempt), so a restarted stage does not log its points twice and an evaluation does not repeat
     the progress point of its step. The report to Ray leads with ``stage``, ``step``, ``loss``, ``score``
-    (the stage's metric) and ``samples_per_s``: the same columns for every stage in Tune's table."""
+    (the stage's metric) and ``samples_per_s`` (of the latest progress point): the same columns for every
+    stage in Tune's table."""
 
     def __init__(self, run: RunLog, stage: str, metric: str, ray_report: Callable[[dict], None] | None):
         self.run, self.stage, self.metric, self.ray_report = run, stage, metric, ray_report
         self.last: dict[str, int] = {}  # metric -> last step in the run
+        self.samples_per_s: float | None = None  # of the latest progress point
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if not self.run.on:
@@ -189,6 +191,7 @@ class StageReporter:
             self.run.log_metrics(fresh, step=step)
 
     def progress(self, metrics: dict[str, float], step: int) -> None:
+        self.samples_per_s = metrics.get(f"{self.stage}/samples_per_s", self.samples_per_s)
         self._log(metrics, step)
 
     def __call__(self, metrics: dict[str, float], _ckpt_dir) -> None:
@@ -200,7 +203,7 @@ class StageReporter:
                 "step": step,
                 "loss": metrics.get(f"{self.stage}/loss"),
                 "score": metrics.get(f"{self.stage}/{self.metric}"),
-                "samples_per_s": metrics.get(f"{self.stage}/samples_per_s"),
+                "samples_per_s": self.samples_per_s,
             }
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.ray_report({**{k: v for k, v in lead.items() if v is not None}, **numbers})

@@ -155,11 +155,12 @@ def fit(
     """Train ``model`` on ``task``; see the module docstring. Resumes from ``out_dir/last.pt`` if present.
 
     ``report(metrics, checkpoint_dir)`` is called after every evaluation with metrics named
-    ``<task.prefix>/<name>`` (and ``.../train_<name>``, ``lr``, ``samples_per_s``), and the folder holding
-    ``best.pt``. Between evaluations, at the first step of a run and every ``log_every`` steps, a progress
-    point is printed (training loss, lr, samples/s, ETA) and, if ``report`` has a ``progress(metrics, step)``
-    method, passed to it: ``.../train_<name>`` (means since the previous point), ``lr`` (the one the last
-    step used), ``samples_per_s``. An evaluation at the step of a point repeats that point's values.
+    ``<task.prefix>/<name>`` (and ``.../train_<name>``, ``lr``), and the folder holding ``best.pt``. Between
+    evaluations, at the first step of a run and every ``log_every`` steps, a progress point is printed
+    (training loss, lr, samples/s, ETA) and, if ``report`` has a ``progress(metrics, step)`` method, passed
+    to it: ``.../train_<name>`` (means since the previous point), ``lr`` (the one the last step used),
+    ``samples_per_s`` (a measurement: never part of an evaluation, which stays repeatable). An evaluation at
+    the step of a point repeats that point's training means.
     ``on_resume(step)`` is called once when the run continues from ``last.pt`` at that step.
     """
     out = Path(out_dir)
@@ -214,8 +215,8 @@ def fit(
         named[f"{task.prefix}/step"] = step
         named[f"{task.prefix}/epoch"] = epoch
         named[f"{task.prefix}/skipped_clips"] = len(res.skipped)
-        named[f"{task.prefix}/samples_per_s"] = speed()[0]
-        named.update(last_point[1] if last_point is not None and last_point[0] == step else take_window())
+        point = last_point[1] if last_point is not None and last_point[0] == step else take_window()
+        named.update({k: v for k, v in point.items() if k.startswith(f"{task.prefix}/train_")})
         res.last_eval = named
         value = metrics.get(task.metric, float("nan"))
         schedule.after_eval(value)
