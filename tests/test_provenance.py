@@ -1,6 +1,7 @@
 """Where a run's code came from and where its results go: ``git.commit`` when the code runs in Ray's copy of a
-submitted job's working directory (git's HEAD files travel, its objects do not), and the warning when results
-would land inside that temporary copy. Real git repositories and Ray's own packager; no Ray started."""
+submitted job's working directory (Ray leaves ``.git`` out of it), and the warning when results would land
+inside that temporary copy. Real git repositories and Ray's own packager with its default excludes (what
+``ray job submit --working-dir`` uploads); no Ray started."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from ssamba.sweep.driver import GIT_COMMIT_ENV, git_commit, ray_job_copy, read_git_head, temporary_copy_warnings
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
 
@@ -29,45 +28,61 @@ def _git(cwd: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def _repo(path: Path, rayignore: str | None = None) -> str:
-    """A clone-like repository (a ``.git`` folder) holding a package; returns its HEAD commit."""
-    (path / "pkg").mkdir(parents=True)
-    (path / "pkg" / "__init__.py").write_text("")
-    (path / ".rayignore").write_text(rayignore if rayignore is not None else (ROOT / ".rayignore").read_text())
+def _repo(path: Path) -> str:
+    """A clone-like repository (a ``.git`` folder) holding the project's source folders; its HEAD commit."""
+    for rel, text in {
+        "ssamba/__init__.py": "",
+        "ssamba/sweep/driver.py": "x = 1\n",
+        "sweeps/norm.py": "y = 2\n",
+    }.items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
     _git(path, "init")
     _git(path, "add", ".")
     _git(path, "commit", "-m", "one")
     return _git(path, "rev-parse", "HEAD")
 
 
-def _submit_copy(repo: Path, dest: Path) -> Path:
-    """What `ray job submit --working-dir repo` extracts on the cluster: Ray's own packager, then unzip."""
+def _submit_copy(repo: Path, session: Path) -> Path:
+    """What `ray job submit --working-dir repo` extracts on the cluster: Ray's packager with Ray's default
+    excludes (``.git`` among them), unzipped where Ray puts it."""
+    from ray._private import ray_constants
     from ray._private.runtime_env.packaging import create_package
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    pkg = dest.parent / "pkg.zip"
-    create_package(str(repo), pkg, include_gitignore=True)
+    dest = session / "runtime_resources" / "working_dir_files" / "_ray_pkg_0f1e2d3c"
+    dest.parent.mkdir(parents=True)
+    pkg = session / "pkg.zip"
+    create_package(str(repo), pkg, include_gitignore=True, excludes=ray_constants.get_runtime_env_default_excludes())
     with zipfile.ZipFile(pkg) as z:
         z.extractall(dest)
     return dest
 
 
-def test_a_submitted_jobs_copy_knows_its_commit(tmp_path):
-    sha = _repo(tmp_path / "clone")
-    copy = _submit_copy(tmp_path / "clone", tmp_path / "session" / "_ray_pkg_0f1e2d")
-    assert (copy / ".git" / "HEAD").is_file() and (copy / ".git" / "refs" / "heads" / "main").is_file()
-    assert not (copy / ".git" / "objects").exists() and not (copy / ".git" / "config").exists()  # small, no remotes
-    no_git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=copy / "pkg", capture_output=True, text=True)
-    assert no_git.returncode != 0  # git itself cannot tell without its objects
-    assert git_commit(copy / "pkg", environ={}) == sha
+def test_a_submitted_jobs_copy_takes_the_commit_of_the_install_holding_the_same_code(tmp_path):
+    clone = tmp_path / "clone"
+    sha = _repo(clone)
+    copy = _submit_copy(clone, tmp_path / "session")
+    assert not (copy / ".git").exists() and (copy / "ssamba" / "sweep" / "driver.py").is_file()
+    assert git_commit(copy, environ={}, installed=None) == "unknown"  # no repository, no install: cannot tell
+    assert git_commit(copy, environ={}, installed=clone) == sha  # `pip install -e` of the submitted clone
+
+    (clone / "sweeps" / "norm.py").write_text("y = 3\n")  # the install's tree moved on: not the code that runs
+    assert git_commit(copy, environ={}, installed=clone) == "unknown"
+    (clone / "sweeps" / "norm.py").write_text("y = 2\n")
+    (copy / "ssamba" / "extra.py").write_text("")  # nor when the copy holds a file the install lacks
+    assert git_commit(copy, environ={}, installed=clone) == "unknown"
 
 
-def test_without_the_rayignore_exceptions_the_commit_is_unknown(tmp_path):
-    """The failure this fixes: `.git/` ignored as a whole leaves the job's runs with git.commit=unknown."""
-    _repo(tmp_path / "clone", rayignore=".git/\n")
-    copy = _submit_copy(tmp_path / "clone", tmp_path / "session" / "_ray_pkg_0f1e2d")
-    assert not (copy / ".git").exists()
-    assert git_commit(copy / "pkg", environ={}) == "unknown"
+def test_a_copy_inside_an_unrelated_repository_does_not_take_its_commit(tmp_path):
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    _git(outer, "init")
+    _git(outer, "commit", "--allow-empty", "-m", "unrelated")
+    clone = tmp_path / "clone"
+    sha = _repo(clone)
+    copy = _submit_copy(clone, outer / "ray_session")  # Ray's temp dir happens to sit in another repository
+    assert git_commit(copy, environ={}, installed=None) == "unknown"
+    assert git_commit(copy, environ={}, installed=clone) == sha
 
 
 def test_head_read_from_packed_refs_a_worktree_and_a_detached_head(tmp_path):
@@ -75,15 +90,15 @@ def test_head_read_from_packed_refs_a_worktree_and_a_detached_head(tmp_path):
     sha = _repo(repo)
     _git(repo, "pack-refs", "--all")
     assert not (repo / ".git" / "refs" / "heads" / "main").exists()
-    assert read_git_head(repo / "pkg") == sha  # from .git/packed-refs
+    assert read_git_head(repo / "ssamba") == sha  # from .git/packed-refs
 
     wt = tmp_path / "wt"
     _git(repo, "worktree", "add", "-b", "other", str(wt))
     assert (wt / ".git").is_file()  # "gitdir: .../.git/worktrees/wt"
-    (wt / "pkg" / "more.py").write_text("x = 1\n")
+    (wt / "ssamba" / "more.py").write_text("z = 1\n")
     _git(wt, "add", ".")
     _git(wt, "commit", "-m", "two")
-    assert read_git_head(wt / "pkg") == _git(wt, "rev-parse", "HEAD") != sha
+    assert read_git_head(wt / "ssamba") == _git(wt, "rev-parse", "HEAD") != sha
     assert read_git_head(repo) == sha
 
     _git(repo, "checkout", "--detach")
@@ -93,16 +108,14 @@ def test_head_read_from_packed_refs_a_worktree_and_a_detached_head(tmp_path):
 def test_the_environment_names_the_commit_and_no_repository_is_unknown(tmp_path):
     assert git_commit(tmp_path, environ={GIT_COMMIT_ENV: "1234abcd"}) == "1234abcd"
     assert read_git_head(tmp_path) is None
-    assert git_commit(tmp_path, environ={}) == "unknown"
+    assert git_commit(tmp_path, environ={}, installed=None) == "unknown"
 
 
 def test_results_inside_a_jobs_temporary_copy_are_warned_about(tmp_path):
     copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_5e6f"
     (copy / "sweeps").mkdir(parents=True)
-    job = {"RAY_JOB_SUBMISSION_ID": "raysubmit_abc"}
-    assert ray_job_copy(copy / "sweeps", environ=job) == copy
-    assert ray_job_copy(copy, environ={}) is None  # not a job
-    assert ray_job_copy(tmp_path, environ=job) is None  # a job run where it was started, not in a copy
+    assert ray_job_copy(copy / "sweeps") == copy
+    assert ray_job_copy(tmp_path) is None
 
     storage_w, store_w = temporary_copy_warnings(copy / "sweep_results", f"sqlite:///{copy / 'mlflow.db'}", copy)
     assert f"--storage resolves to {copy / 'sweep_results'}" in storage_w and "--storage /shared" in storage_w

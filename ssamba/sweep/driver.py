@@ -47,14 +47,14 @@ class SweepResult:
 
 GIT_COMMIT_ENV = "SSAMBA_GIT_COMMIT"  # the commit to record, when the code runs without its repository
 _SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ssamba package (a clone, or Ray's copy)
+_CODE_FOLDERS, _CODE_SUFFIXES = ("ssamba", "ablations", "sweeps"), (".py", ".cu")
 
 
 def read_git_head(start: str | os.PathLike) -> str | None:
     """The commit checked out in the git work tree holding ``start``, read from git's files alone (no git
-    binary, no objects): ``.git/HEAD``, the branch it names (a loose ref or a line of ``packed-refs``),
-    following the ``gitdir:`` file of a worktree. These files are what a ``ray job submit`` carries with
-    the working directory (the project's ``.rayignore`` keeps ``.git/HEAD``, ``refs`` and ``packed-refs``
-    and leaves out the rest of ``.git``). None when there is no repository or HEAD does not resolve."""
+    binary): ``.git/HEAD``, the branch it names (a loose ref or a line of ``packed-refs``), following the
+    ``gitdir:`` file of a worktree. None when there is no repository or HEAD does not resolve."""
     start = Path(start).resolve()
     for folder in (start, *start.parents):
         dotgit = folder / ".git"
@@ -92,31 +92,83 @@ def read_git_head(start: str | os.PathLike) -> str | None:
     return None
 
 
-def git_commit(start: str | os.PathLike | None = None, environ: dict | None = None) -> str:
-    """The commit of the code that runs: ``$SSAMBA_GIT_COMMIT`` if set, else ``git rev-parse HEAD`` where
-    the code is, else git's own files there (:func:`read_git_head`: Ray's copy of a submitted job's working
-    directory has no git objects), else ``unknown``."""
-    env = os.environ if environ is None else environ
-    if env.get(GIT_COMMIT_ENV, "").strip():
-        return env[GIT_COMMIT_ENV].strip()
-    where = Path(start) if start is not None else Path(__file__).resolve().parent
+def _head(where: Path) -> str | None:
+    """``git rev-parse HEAD`` in ``where``, else :func:`read_git_head`."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=where)
         if out.returncode == 0 and _SHA.fullmatch(out.stdout.strip()):
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return read_git_head(where) or "unknown"
+    return read_git_head(where)
 
 
-def ray_job_copy(cwd: str | os.PathLike | None = None, environ: dict | None = None) -> Path | None:
-    """Ray's temporary copy of the working directory of a submitted job (``ray job submit --working-dir``)
-    when this process runs in one, else None."""
-    env = os.environ if environ is None else environ
-    if not env.get("RAY_JOB_SUBMISSION_ID"):
+def installed_source(dist: str = "ssamba") -> Path | None:
+    """The folder an editable install (``pip install -e``) of the project points at (its ``direct_url.json``,
+    PEP 610), None for another kind of install."""
+    import importlib.metadata
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    try:
+        text = importlib.metadata.distribution(dist).read_text("direct_url.json")
+        info = json.loads(text or "{}")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
         return None
+    url = info.get("url", "")
+    if not url.startswith("file:") or not info.get("dir_info", {}).get("editable"):
+        return None
+    return Path(url2pathname(urlparse(url).path))
+
+
+def same_code(a: Path, b: Path) -> bool:
+    """Whether two copies of the project hold the same sources (every ``.py`` and ``.cu`` file under
+    ``ssamba/``, ``ablations/``, ``sweeps/``, byte for byte)."""
+
+    def files(root: Path) -> dict[Path, Path]:
+        return {
+            p.relative_to(root): p
+            for top in _CODE_FOLDERS
+            for p in (root / top).rglob("*")
+            if p.suffix in _CODE_SUFFIXES and "__pycache__" not in p.parts
+        }
+
+    fa, fb = files(a), files(b)
+    return bool(fa) and fa.keys() == fb.keys() and all(fa[k].read_bytes() == fb[k].read_bytes() for k in fa)
+
+
+def git_commit(
+    code: str | os.PathLike | None = None, environ: dict | None = None, installed: Path | None | bool = True
+) -> str:
+    """The commit of the code that runs (``code``: the folder holding the package):
+
+    1. ``$SSAMBA_GIT_COMMIT``, when set;
+    2. the HEAD of the git work tree the code sits in;
+    3. the code has no repository (Ray's copy of a submitted job's working directory: Ray leaves ``.git``
+       out): the HEAD of the editable install's source folder (``installed``; True: look it up), when that
+       folder holds the same sources, byte for byte, as the code that runs;
+    4. ``unknown``."""
+    env = os.environ if environ is None else environ
+    if env.get(GIT_COMMIT_ENV, "").strip():
+        return env[GIT_COMMIT_ENV].strip()
+    where = Path(code) if code is not None else CODE_ROOT
+    sha = _head(where) if ray_job_copy(where) is None else None  # (a job's copy may sit inside an unrelated repo)
+    if sha:
+        return sha
+    source = installed_source() if installed is True else installed or None
+    if source is not None and source.resolve() != where.resolve() and same_code(where, source):
+        return _head(source) or "unknown"
+    return "unknown"
+
+
+def ray_job_copy(cwd: str | os.PathLike | None = None) -> Path | None:
+    """Ray's temporary copy of a submitted job's working directory (``ray job submit --working-dir``:
+    ``<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>``) when ``cwd`` is in one, else None."""
     here = Path(cwd or os.getcwd()).resolve()
-    return next((f for f in (here, *here.parents) if f.name.startswith("_ray_pkg_")), None)
+    return next(
+        (f for f in (here, *here.parents) if f.name.startswith("_ray_pkg_") and f.parent.name == "working_dir_files"),
+        None,
+    )
 
 
 def temporary_copy_warnings(storage: str | os.PathLike, mlflow_uri: str, copy: Path | None) -> list[str]:
