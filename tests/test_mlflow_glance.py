@@ -159,3 +159,37 @@ def test_trial_names_say_arm_and_seed():
     ]
     tuned = driver.TrialNames([("250", 0)], searching=True)
     assert tuned(SimpleNamespace(config={"cell": 0, "finetune.lr": 1e-4}, trial_id="ab12_00003")) == "250-s0-ab12_00003"
+
+
+def test_scrubbing_survives_the_environment_changing_in_another_thread(monkeypatch):
+    """MLflow's telemetry sets and unsets a variable from its own thread; reading the environment while it did
+    raised KeyError in a trial (a stray traceback and a retried trial). Here the variable is gone between its
+    name and its value, every time."""
+    import os
+    from collections.abc import MutableMapping
+
+    from ssamba.sweep import tracking
+
+    class Racing(MutableMapping):
+        def __init__(self, data):
+            self.data = data
+
+        def __iter__(self):
+            yield "_MLFLOW_TELEMETRY_SESSION_ID"  # listed, then unset by the other thread
+            yield from self.data
+
+        def __getitem__(self, key):
+            return self.data[key]
+
+        def __len__(self):
+            return len(self.data) + 1
+
+        def __setitem__(self, key, value):
+            self.data[key] = value
+
+        def __delitem__(self, key):
+            del self.data[key]
+
+    monkeypatch.setattr(os, "environ", Racing({"SSAMBA_TEST_TOKEN": "tok-0123456789", "HOME": "/root"}))
+    assert tracking.scrub("postgresql://u:pw@h/db?t=tok-0123456789") == "postgresql://u:***@h/db?t=***"
+    assert tracking.environ_snapshot() == {"SSAMBA_TEST_TOKEN": "tok-0123456789", "HOME": "/root"}

@@ -80,11 +80,25 @@ def redact_uri(text: str) -> str:
     return _URI_PASSWORD.sub(r"\g<head>:***@", text)
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of the environment that another thread may change meanwhile (MLflow's telemetry sets and unsets
+    ``_MLFLOW_TELEMETRY_SESSION_ID`` from its own thread): iterating ``os.environ`` then raised KeyError
+    (a variable gone between its name and its value) and failed a trial."""
+    for _ in range(1000):
+        try:
+            names = list(os.environ)
+        except RuntimeError:  # the mapping changed size while it was read
+            continue
+        return {k: v for k in names if (v := os.environ.get(k)) is not None}
+    return dict(os.environ)  # (never reached in practice; never an empty answer: secrets must be found)
+
+
 def scrub(text: str) -> str:
     """``text`` with URI passwords and the values of secret-named environment variables (8 characters or
     more, so that e.g. ``1`` or ``true`` are left alone) replaced by ``***``."""
     text = redact_uri(text)
-    secrets = sorted({v for k, v in os.environ.items() if len(v) >= 8 and SECRET_ENV.search(k)}, key=len, reverse=True)
+    env = environ_snapshot()
+    secrets = sorted({v for k, v in env.items() if len(v) >= 8 and SECRET_ENV.search(k)}, key=len, reverse=True)
     for value in secrets:
         if value in text:
             text = text.replace(value, "***")
