@@ -154,3 +154,28 @@ def test_ray_trains_report_dumps_are_silenced():
 
 def test_durations_read_as_time():
     assert [duration(s) for s in (0, 42.4, 185, 3725)] == ["0s", "42s", "3m05s", "1h02m"]
+
+
+def test_every_trials_progress_line_reaches_the_console():
+    """Ray folds worker lines that match once their words with digits are dropped into one "[repeated Nx
+    across cluster]" line: two trials' progress lines at the same step would show as one. Lines with a
+    trial's prefix are exempt (the sweep sets Ray's allow pattern before Ray is imported)."""
+    from ray._private.ray_logging import LogDeduplicator
+
+    from ssamba.sweep.driver import TRIAL_LINES
+
+    lines = {
+        1: "[250-s0-c070ac] [pretrain] step 20/120 loss 6.9656 lr 1.00e-03 (47.8 samples/s, ETA 1m07s)",
+        2: "[300-s0-13e7ac] [pretrain] step 20/120 loss 7.1212 lr 1.00e-03 (45.1 samples/s, ETA 1m10s)",
+    }
+
+    def shown(allow):
+        dedup = LogDeduplicator(60, allow, None, _timesource=lambda: 0.0)
+        out = []
+        for pid, line in lines.items():
+            for batch in dedup.deduplicate({"ip": "127.0.0.1", "pid": pid, "lines": [line]}):
+                out += batch["lines"]
+        return out
+
+    assert shown(None) == [lines[1]]  # Ray's default: the second trial's line is folded away
+    assert shown(TRIAL_LINES) == [lines[1], lines[2]]

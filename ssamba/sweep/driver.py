@@ -583,6 +583,11 @@ class TrialNames:
 # the columns of Tune's trial table (the first results' keys) and of its trial-completed box
 PROGRESS_METRICS = ("stage", "step", "loss", "score", "samples_per_s")
 
+# A trial's console lines (``[<arm>-s<seed>-<key>] ...``, ssamba.sweep.worker). Ray folds lines that are equal
+# once every word holding a digit is dropped into one "[repeated Nx across cluster]" line, which would show
+# one trial's progress and hide the others' (same words, other numbers); lines matching this are left alone.
+TRIAL_LINES = r"^\[\S+-s\d+-[0-9a-f]{6}\] "
+
 
 def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any]]:
     """Run (or restore) the Tuner over the plan's trials; one ``{config, metrics, error}`` per trial."""
@@ -717,6 +722,7 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
                 plan.sweep_id, plan.experiment, done.info.experiment_id, done.info.run_id, tracker.uri, plan.sweep_dir
             )
     plan = settle_data(plan)  # each stage's statistics and data file, as the trials will log them
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", TRIAL_LINES)  # read when Ray is imported (next line)
     mode = start_ray(quiet=args.quiet, dashboard_host=getattr(args, "dashboard_host", "127.0.0.1"))
     plan = fit_resources(plan)
     plan = open_records(plan, tracker, mode, args.resume)
