@@ -179,3 +179,35 @@ def test_every_trials_progress_line_reaches_the_console():
 
     assert shown(None) == [lines[1]]  # Ray's default: the second trial's line is folded away
     assert shown(TRIAL_LINES) == [lines[1], lines[2]]
+
+
+def test_the_sigterm_that_stops_a_finished_trial_prints_no_traceback():
+    """Ray's SIGTERM handler raises SystemExit; landing in a weakref callback, Python printed "Exception ignored
+    in ..." and its traceback on the console. Other exceptions there are still printed."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import sys, weakref
+        from ssamba.sweep.worker import quiet_actor_exit
+        if sys.argv[1] == "quiet":
+            quiet_actor_exit()
+        class Obj:
+            pass
+        def stopped(_):
+            raise SystemExit(1)  # what Ray's sigterm_handler raises
+        def broken(_):
+            raise ValueError("a real bug")
+        a, b = Obj(), Obj()
+        refs = [weakref.ref(a, stopped), weakref.ref(b, broken)]
+        del a, b
+        print("alive")
+        """
+    )
+    runs = {
+        m: subprocess.run([sys.executable, "-c", code, m], capture_output=True, text=True) for m in ("quiet", "raw")
+    }
+    assert runs["raw"].stdout == runs["quiet"].stdout == "alive\n"
+    assert "SystemExit" in runs["raw"].stderr and "ValueError" in runs["raw"].stderr  # the problem
+    assert "SystemExit" not in runs["quiet"].stderr and "ValueError: a real bug" in runs["quiet"].stderr

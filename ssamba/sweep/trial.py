@@ -27,8 +27,9 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ssamba.sweep.tracking import Tracker
-    from ssamba.sweep.worker import trial_worker
+    from ssamba.sweep.worker import quiet_actor_exit, trial_worker
 
+    quiet_actor_exit()
     spec = plan.trial(params)
     tracker = Tracker(plan.mlflow_uri)
     tags = {

@@ -139,6 +139,23 @@ def quiet_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def quiet_actor_exit() -> None:
+    """Ray stops a finished trial's processes with SIGTERM, whose handler raises ``SystemExit``; when the
+    signal lands in a weakref callback or a destructor, Python prints "Exception ignored in ..." with a
+    traceback on the console. In this process, such a ``SystemExit`` (nowhere to go: the process is ending)
+    is not printed; every other unraisable exception still is."""
+    if getattr(sys.unraisablehook, "_ssamba", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, SystemExit):
+            previous(unraisable)
+
+    hook._ssamba = True
+    sys.unraisablehook = hook
+
+
 def console_log(prefix: str) -> Callable[[str], None]:
     """A worker's console lines, each written once. Ray Train 2.60 replaces ``print`` in its workers with one
     that writes the line and also logs it through the root logger, whose console handler writes it again;
@@ -216,6 +233,7 @@ def trial_worker(job: dict[str, Any]) -> None:
     import ray.train.torch
 
     quiet_train_reports()
+    quiet_actor_exit()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec: TrialSpec = job["spec"]
