@@ -115,6 +115,12 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(cache_env, tmp_pa
     for run_id in finished_before["run_id"]:
         assert len(t.metric_history(run_id, "ft/demo/final")) == 1  # and not logged twice
     assert "## Ablation: masking" in out.stdout
+    assert parents["metrics.arm/400/n"].iloc[0] == 1  # the arms' summary, once the sweep is whole
+
+    again = subprocess.run(cmd + ["--resume"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "nothing to resume" in again.stdout and "Ray not started" in again.stdout
+    assert "Started a local Ray instance" not in again.stdout + again.stderr
 
 
 def _free_port() -> int:
@@ -172,7 +178,7 @@ def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
             "--smoke-test",
             "--quiet",
             "--storage",
-            str(tmp_path / "store"),
+            "job_results",  # relative: inside Ray's temporary copy of the working directory (warned about)
             "--mlflow-uri",
             uri,
         ]
@@ -183,9 +189,18 @@ def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
             time.sleep(2)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-4000:]
         assert "## Ablation: norm" in job.stdout
+        assert "warning: --storage resolves to" in job.stdout and "_ray_pkg_" in job.stdout
         _, parents, trials = _trials(uri)
         assert len(parents) == 1 and parents["tags.sweep.ray"].iloc[0] == "cluster"
         assert len(trials) == 2 and (trials["tags.trial.status"] == "finished").all()
+        # the job ran in Ray's copy of ROOT, without .git: its commit is the editable install's when that install
+        # holds the same code (a clone installed with `pip install -e .`, then submitted), else unknown
+        from ssamba.sweep.driver import installed_source, same_code
+
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        source = installed_source()
+        expected = head if head and source is not None and same_code(ROOT, source) else "unknown"
+        assert (parents["tags.git.commit"] == expected).all() and (trials["tags.git.commit"] == expected).all()
     finally:
         killed = kill_marked(str(ray_tmp))
         time.sleep(1)
@@ -232,6 +247,14 @@ def test_sweep_talks_only_to_its_own_ray(cache_env, tmp_path, ray_tmp):
         out = run.stdout + run.stderr
         assert run.returncode == 0, out[-4000:]
         assert "Found multiple active Ray instances" not in out
+        # a quiet console: each project line once, no Ray Train report dumps, no traceback, the arm in Tune's table
+        mine = [line.split(")", 1)[-1].strip() for line in out.splitlines() if "[layernorm-s0-" in line]
+        steps = [m for m in mine if "] step " in m]  # progress and evaluation lines: one per stage and step
+        assert steps and len(steps) == len(set(steps)), [m for m in steps if steps.count(m) > 1][:3]
+        assert any("pretraining done:" in m for m in mine) and any("samples/s, ETA" in m for m in mine)
+        assert "Reporting training result" not in out and "TrainingReport(" not in out
+        assert "Traceback" not in out
+        assert "layernorm-s0 " in out and "run_trial_" not in out
         assert _ray_logs_mention(own_tmp, "Found multiple active Ray instances") == []
         _, parents, trials = _trials(uri)
         assert parents["tags.sweep.ray"].iloc[0] == "local" and (trials["tags.trial.status"] == "finished").all()

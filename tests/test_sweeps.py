@@ -78,6 +78,23 @@ def test_smoke_sweep_end_to_end(local_ray, tmp_path, factor_name, n_arms, capsys
     if factor.name == "masking":  # 250/300/400 of 512 scaled to 64 patches
         counts = dict(zip(trials["tags.ablation.arm"], trials["params.pretrain.mask_count"].astype(int)))
         assert counts == {"250": 31, "300": 38, "400": 50}
+    # read at a glance: the experiment opens on its runs and says what it is; the parent compares the arms
+    t, _ = _store(uri)
+    exp = t.client.get_experiment(parents["experiment_id"].iloc[0])
+    assert (
+        exp.tags["mlflow.experimentKind"] == "custom_model_development"
+        and factor.name in exp.tags["mlflow.note.content"]
+    )
+    parent = parents.iloc[0]
+    for arm, final in zip(trials["tags.ablation.arm"], trials["metrics.ft/demo/final"]):
+        assert parent[f"metrics.arm/{arm}/n"] == 1 and parent[f"metrics.arm/{arm}/ft/demo/final"] == final
+        assert f"| {arm} | 1 |" in parent["tags.mlflow.note.content"]
+    # pretraining points at the console's cadence (the first step, then the evaluations of this 6-step
+    # smoke run), with the warm-up lr the first step used (smoke: lr 1e-3, 2 warm-up steps)
+    run_id = trials["run_id"].iloc[0]
+    assert [s for s, _ in t.metric_history(run_id, "pretrain/train_loss")] == [1, 3, 6]
+    assert t.metric_history(run_id, "pretrain/lr") == [(1, 0.0005), (3, 0.001), (6, 0.001)]
+    assert f"mlflow ui --backend-store-uri {uri}" in out and "/runs?workflowType=machine_learning" in out
 
 
 @pytest.mark.timeout(600)

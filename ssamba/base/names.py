@@ -11,6 +11,11 @@ from __future__ import annotations
 # experiments
 EXPERIMENT_MARK = "ssamba.sweep"  # tag "1" on every experiment a sweep created
 DIRECT_EXPERIMENT = "ssamba-direct"  # the default experiment of python -m ssamba.pretrain|finetune --mlflow-uri
+# MLflow's own tags: the experiment's kind (the UI's "Machine learning" view, not the GenAI one) and the
+# description it shows on an experiment or a run
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_ML = "custom_model_development"
+NOTE = "mlflow.note.content"
 
 # tags of runs
 ROLE = "sweep.role"  # PARENT or TRIAL, or DIRECT for a run of python -m ssamba.pretrain|finetune
@@ -54,6 +59,7 @@ COST_DEVICE_HOURS = "cost/device_hours"
 COST_SAMPLES = "cost/samples_per_s"
 COST_PREFIX = "cost/"
 FINAL = "final"  # ft/<task>/final: the task's headline number (test if any, else best validation)
+ARM_PREFIX = "arm/"  # on a parent run: arm/<arm>/<metric>, the arm's mean over its seeds; arm/<arm>/n
 
 
 def ft(task: str) -> str:
@@ -68,6 +74,11 @@ def ft_final(task: str) -> str:
 
 def is_final(metric: str) -> bool:
     return metric.startswith("ft/") and metric.endswith(f"/{FINAL}")
+
+
+def arm_metric(arm: str, metric: str) -> str:
+    """A parent run's summary of one arm: ``arm/<arm>/<metric>`` (e.g. ``arm/400/ft/esc50/final``)."""
+    return f"{ARM_PREFIX}{arm}/{metric}"
 
 
 def column(kind: str, name: str) -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -43,14 +45,165 @@ class SweepResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
 
 
-def git_commit() -> str:
+GIT_COMMIT_ENV = "SSAMBA_GIT_COMMIT"  # the commit to record, when the code runs without its repository
+_SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
+CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ssamba package (a clone, or Ray's copy)
+_CODE_FOLDERS, _CODE_SUFFIXES = ("ssamba", "ablations", "sweeps"), (".py", ".cu")
+
+
+def read_git_head(start: str | os.PathLike) -> str | None:
+    """The commit checked out in the git work tree holding ``start``, read from git's files alone (no git
+    binary): ``.git/HEAD``, the branch it names (a loose ref or a line of ``packed-refs``), following the
+    ``gitdir:`` file of a worktree. None when there is no repository or HEAD does not resolve."""
+    start = Path(start).resolve()
+    for folder in (start, *start.parents):
+        dotgit = folder / ".git"
+        try:
+            if dotgit.is_file():  # a worktree or submodule: "gitdir: PATH"
+                text = dotgit.read_text().strip()
+                if not text.startswith("gitdir:"):
+                    return None
+                gitdir = (folder / text[len("gitdir:") :].strip()).resolve()
+            elif dotgit.is_dir():
+                gitdir = dotgit
+            else:
+                continue
+            head = (gitdir / "HEAD").read_text().strip()
+            if _SHA.fullmatch(head):
+                return head  # detached
+            if not head.startswith("ref:"):
+                return None
+            ref = head[len("ref:") :].strip()
+            common = gitdir
+            if (gitdir / "commondir").is_file():  # a worktree's branches live in the main repository
+                common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
+            for base in (gitdir, common):
+                if (base / ref).is_file():
+                    sha = (base / ref).read_text().strip()
+                    return sha if _SHA.fullmatch(sha) else None
+            if (common / "packed-refs").is_file():
+                for line in (common / "packed-refs").read_text().splitlines():
+                    sha, _, name = line.partition(" ")
+                    if name.strip() == ref and _SHA.fullmatch(sha):
+                        return sha
+            return None
+        except OSError:
+            return None
+    return None
+
+
+def _head(where: Path) -> str | None:
+    """``git rev-parse HEAD`` in ``where``, else :func:`read_git_head`."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=where)
+        if out.returncode == 0 and _SHA.fullmatch(out.stdout.strip()):
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return read_git_head(where)
+
+
+def installed_source(dist: str = "ssamba") -> Path | None:
+    """The folder an editable install (``pip install -e``) of the project points at (its ``direct_url.json``,
+    PEP 610), None for another kind of install."""
+    import importlib.metadata
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    try:
+        text = importlib.metadata.distribution(dist).read_text("direct_url.json")
+        info = json.loads(text or "{}")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    url = info.get("url", "")
+    if not url.startswith("file:") or not info.get("dir_info", {}).get("editable"):
+        return None
+    return Path(url2pathname(urlparse(url).path))
+
+
+def same_code(a: Path, b: Path) -> bool:
+    """Whether two copies of the project hold the same sources (every ``.py`` and ``.cu`` file under
+    ``ssamba/``, ``ablations/``, ``sweeps/``, byte for byte)."""
+
+    def files(root: Path) -> dict[Path, Path]:
+        return {
+            p.relative_to(root): p
+            for top in _CODE_FOLDERS
+            for p in (root / top).rglob("*")
+            if p.suffix in _CODE_SUFFIXES and "__pycache__" not in p.parts
+        }
+
+    fa, fb = files(a), files(b)
+    return bool(fa) and fa.keys() == fb.keys() and all(fa[k].read_bytes() == fb[k].read_bytes() for k in fa)
+
+
+def git_commit(
+    code: str | os.PathLike | None = None, environ: dict | None = None, installed: Path | None | bool = True
+) -> str:
+    """The commit of the code that runs (``code``: the folder holding the package):
+
+    1. ``$SSAMBA_GIT_COMMIT``, when set;
+    2. the HEAD of the git work tree the code sits in;
+    3. the code has no repository (Ray's copy of a submitted job's working directory: Ray leaves ``.git``
+       out): the HEAD of the editable install's source folder (``installed``; True: look it up), when that
+       folder holds the same sources, byte for byte, as the code that runs;
+    4. ``unknown``."""
+    env = os.environ if environ is None else environ
+    if env.get(GIT_COMMIT_ENV, "").strip():
+        return env[GIT_COMMIT_ENV].strip()
+    where = Path(code) if code is not None else CODE_ROOT
+    sha = _head(where) if ray_job_copy(where) is None else None  # (a job's copy may sit inside an unrelated repo)
+    if sha:
+        return sha
+    source = installed_source() if installed is True else installed or None
+    if source is not None and source.resolve() != where.resolve() and same_code(where, source):
+        return _head(source) or "unknown"
+    return "unknown"
+
+
+def ray_job_copy(cwd: str | os.PathLike | None = None) -> Path | None:
+    """Ray's temporary copy of a submitted job's working directory (``ray job submit --working-dir``:
+    ``<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>``) when ``cwd`` is in one, else None."""
+    here = Path(cwd or os.getcwd()).resolve()
+    return next(
+        (f for f in (here, *here.parents) if f.name.startswith("_ray_pkg_") and f.parent.name == "working_dir_files"),
+        None,
+    )
+
+
+def temporary_copy_warnings(storage: str | os.PathLike, mlflow_uri: str, copy: Path | None) -> list[str]:
+    """What would be written inside Ray's temporary copy of a job's working directory (``copy``): the sweep
+    storage, a local MLflow store. Ray deletes that copy with its session, and other nodes do not see it."""
+    if copy is None:
+        return []
+    out = []
+    storage = Path(storage).resolve()
+    if storage.is_relative_to(copy):
+        out.append(
+            f"--storage resolves to {storage}, inside Ray's temporary copy of the job's working directory "
+            f"({copy}): the checkpoints and the sweep's state are lost with it and other nodes do not see "
+            f"them. Give an absolute path on storage every node sees, e.g. --storage /shared/sweeps"
+        )
+    store = local_store_path(mlflow_uri)
+    if store is not None and store.is_relative_to(copy):
+        out.append(
+            f"the MLflow store {store} is inside Ray's temporary copy of the job's working directory ({copy}): "
+            f"the runs are lost with it. Pass --mlflow-uri with an absolute path (sqlite:////shared/mlflow.db) "
+            f"or a server (http://HEAD:5000)"
+        )
+    return out
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (``sqlite:///``, ``file:``), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).resolve()
+    if uri.startswith("file:"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(uri).path)).resolve()
+    return None
 
 
 def build_parser(factor: Factor) -> argparse.ArgumentParser:
@@ -314,7 +467,15 @@ def open_records(plan: SweepPlan, tracker, ray_mode: str, resume: bool) -> Sweep
     """The MLflow experiment and the sweep's parent run (created, or found again on resume), and
     ``sweep.json`` in the sweep's folder; returns the plan with their ids."""
     factor, res = plan.factor, plan.resources
-    exp_id = tracker.experiment(plan.experiment, {N.EXPERIMENT_MARK: "1", N.FACTOR: factor.name})
+    exp_id = tracker.experiment(
+        plan.experiment,
+        {
+            N.EXPERIMENT_MARK: "1",
+            N.FACTOR: factor.name,
+            N.EXPERIMENT_KIND: N.EXPERIMENT_KIND_ML,  # the UI's "Machine learning" kind: runs, not GenAI traces
+            N.NOTE: experiment_note(plan),
+        },
+    )
     parent_tags = {
         N.ROLE: N.PARENT,
         N.FACTOR: factor.name,
@@ -338,13 +499,15 @@ def open_records(plan: SweepPlan, tracker, ray_mode: str, resume: bool) -> Sweep
         "tune_samples": plan.tune_samples if plan.searching else 0,
         **{f"set.{k}": v for k, v in plan.overrides.items()},
     }
-    parent_id, _ = tracker.get_or_create_run(
+    parent_id, created = tracker.get_or_create_run(
         exp_id,
         key_tags={N.SWEEP_ID: plan.sweep_id, N.ROLE: N.PARENT},
         name=plan.sweep_id,
         tags=parent_tags,
         params=parent_params,
     )
+    if created:
+        tracker.set_tags(parent_id, {N.NOTE: sweep_note(plan)})
     plan.sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_json_atomic(
@@ -360,6 +523,125 @@ def open_records(plan: SweepPlan, tracker, ray_mode: str, resume: bool) -> Sweep
     return replace(plan, experiment_id=exp_id, parent_run_id=parent_id)
 
 
+def _selection_metrics(plan: SweepPlan) -> dict[str, str]:
+    """Each task's validation score (what selection uses): task -> ``ft/<task>/best_<metric>``."""
+    cell = plan.cells[0] if plan.cells else None
+    return {t.name: f"{N.ft(t.name)}/best_{t.config.finetune.metric}" for t in (cell.tasks if cell else ())}
+
+
+def experiment_note(plan: SweepPlan) -> str:
+    """The experiment's description (MLflow's ``mlflow.note.content``, shown above its runs)."""
+    f = plan.factor
+    return (
+        f"**Ablation of {f.description or f.name}** (factor `{f.name}`): arms {', '.join(f.arms)}, "
+        f"reference `{f.reference}`.\n\n"
+        f"Each **parent run** is one sweep (`python -m ablations.run {f.name} ...` or `sweeps/{f.name}.py`); "
+        f"its **child runs** are the trials, one arm x seed each: a masked-patch pretraining, then a "
+        f"fine-tuning on each task (`pretrain/...`, `ft/<task>/...`; `ft/<task>/final` is the test score). "
+        f"A parent run carries each arm's summary as `arm/<arm>/...` metrics (means over seeds, `n` seeds) "
+        f"and a table in its description.\n\n"
+        f"Tables with differences and intervals: `python -m ablations.summarize --experiment {plan.experiment}`."
+    )
+
+
+def sweep_note(plan: SweepPlan, table: str = "") -> str:
+    """The parent run's description: what the sweep runs and how it selects, then (once it ends) its arms."""
+    sel = _selection_metrics(plan)
+    res = plan.resources
+    tune = f"; Optuna tunes {', '.join(plan.tune)} ({plan.tune_samples} samples per arm x seed)" if plan.tune else ""
+    text = (
+        f"**Sweep `{plan.sweep_id}`**: {plan.factor.name}, arms {', '.join(plan.arms)} (reference "
+        f"`{plan.factor.reference}`) x seeds {', '.join(map(str, plan.seeds))} = {plan.n_trials} trials on preset "
+        f"`{plan.preset}`, tasks {', '.join(plan.tasks)}{tune}.\n\n"
+        f"Selection uses the validation score ({', '.join(f'`{m}`' for m in sel.values())}), never the test "
+        f"score (`ft/<task>/final`). Resources: {res.workers} worker(s) per trial, "
+        f"{res.cpus_per_worker} CPU{f' + {res.gpus} GPU' if res.use_gpu else ''} each, {res.concurrent} trials "
+        f"at once. Storage: `{plan.sweep_dir}`. Commit: `{plan.git_commit}`."
+    )
+    cmd = shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0] else ""
+    if cmd:
+        text += f"\n\nCommand: `{cmd}`"
+    return text + (f"\n\n{table}" if table else "")
+
+
+def arm_summary(trials: list[tuple[str, str, dict[str, float]]], plan: SweepPlan) -> dict[str, dict[str, float]]:
+    """Each arm's mean over its seeds of every task's validation score (``ft/<task>/best_<metric>``) and test
+    score (``ft/<task>/final``), and ``n`` (seeds). ``trials`` are the finished trials as ``(arm, seed,
+    metrics)``; with Optuna samples, a seed counts the sample with the best validation score (``plan.metric``).
+    Arms in the plan's order; an arm without a finished trial is left out."""
+    chosen: dict[tuple[str, str], dict[str, float]] = {}
+    for arm, seed, metrics in trials:
+        best = chosen.get((arm, seed))
+        score = metrics.get(plan.metric, float("-inf"))
+        if best is None or score > best.get(plan.metric, float("-inf")):
+            chosen[(arm, seed)] = metrics
+    keys = [k for task, m in _selection_metrics(plan).items() for k in (m, N.ft_final(task))]
+    out: dict[str, dict[str, float]] = {}
+    for arm in plan.arms:
+        runs = [m for (a, _), m in chosen.items() if a == arm]
+        if not runs:
+            continue
+        summary: dict[str, float] = {"n": float(len(runs))}
+        for k in keys:
+            values = [m[k] for m in runs if k in m and m[k] == m[k]]
+            if values:
+                summary[k] = sum(values) / len(values)
+        out[arm] = summary
+    return out
+
+
+def arm_table(summary: dict[str, dict[str, float]], plan: SweepPlan) -> str:
+    """A Markdown table of :func:`arm_summary` for the parent run's description."""
+    sel = _selection_metrics(plan)
+    cols = [(m, f"{t} validation") for t, m in sel.items()] + [(N.ft_final(t), f"{t} test") for t in sel]
+    lines = [
+        "| arm | n | " + " | ".join(label for _, label in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for arm, m in summary.items():
+        cells = [f"{m[k]:.4f}" if k in m else "-" for k, _ in cols]
+        lines.append(f"| {arm} | {int(m['n'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n(means over seeds; the summary's intervals: `python -m ablations.summarize`)"
+
+
+def log_arm_summary(plan: SweepPlan, tracker) -> dict[str, dict[str, float]]:
+    """Put each arm's summary on the parent run: metrics ``arm/<arm>/<metric>`` and ``arm/<arm>/n`` (at the
+    step = the number of finished trials, so a resumed sweep adds a later point) and a table in its
+    description, so that the runs table compares arms and sweeps without opening the children."""
+    trials = [
+        (r.data.tags.get(N.ARM, "?"), r.data.tags.get(N.SEED, "?"), dict(r.data.metrics))
+        for r in tracker.trial_runs(plan.experiment_id, plan.sweep_id)
+        if r.info.status == "FINISHED" and r.data.tags.get(N.TRIAL_STATUS, "finished") == "finished"
+    ]
+    summary = arm_summary(trials, plan)
+    metrics = {N.arm_metric(arm, k): v for arm, m in summary.items() for k, v in m.items()}
+    if metrics:
+        tracker.log_metrics_once(plan.parent_run_id, metrics, step=len(trials))
+        tracker.set_tags(plan.parent_run_id, {N.NOTE: sweep_note(plan, arm_table(summary, plan))})
+    return summary
+
+
+class TrialNames:
+    """Tune's name for a trial: its arm and seed (``400-s0``; with Optuna, the sample's id after them), so
+    that Tune's trial table says which cell each row is."""
+
+    def __init__(self, cells: list[tuple[str, int]], searching: bool):
+        self.cells, self.searching = list(cells), searching
+
+    def __call__(self, trial) -> str:
+        arm, seed = self.cells[int(trial.config["cell"])]
+        return f"{arm}-s{seed}" + (f"-{trial.trial_id}" if self.searching else "")
+
+
+# the columns of Tune's trial table (the first results' keys) and of its trial-completed box
+PROGRESS_METRICS = ("stage", "step", "loss", "score", "samples_per_s")
+
+# A trial's console lines (``[<arm>-s<seed>-<key>] ...``, ssamba.sweep.worker). Ray folds lines that are equal
+# once every word holding a digit is dropped into one "[repeated Nx across cluster]" line, which would show
+# one trial's progress and hide the others' (same words, other numbers); lines matching this are left alone.
+TRIAL_LINES = r"^\[\S+-s\d+-[0-9a-f]{6}\] "
+
+
 def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any]]:
     """Run (or restore) the Tuner over the plan's trials; one ``{config, metrics, error}`` per trial."""
     from ray import tune
@@ -368,6 +650,7 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # Train's intermediate reports lack the final metric
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
+    trainable._progress_metrics = list(PROGRESS_METRICS)  # Tune prints only these when a trial completes
     tuner_path = plan.sweep_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tuner_path)):
         tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
@@ -380,6 +663,7 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
             verbose=0 if quiet else 1,
         )
         n, conc = len(plan.cells), plan.resources.concurrent
+        names = TrialNames([(c.arm, c.seed) for c in plan.cells], plan.searching)
         if plan.searching:
             from ray.tune.search.optuna import OptunaSearch
 
@@ -387,10 +671,12 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
             search = OptunaSearch(
                 space=OptunaSpace(n, dict(plan.tune)), metric=plan.metric, mode="max", points_to_evaluate=points, seed=0
             )
-            tune_config = tune.TuneConfig(search_alg=search, num_samples=len(points), max_concurrent_trials=conc)
+            tune_config = tune.TuneConfig(
+                search_alg=search, num_samples=len(points), max_concurrent_trials=conc, trial_name_creator=names
+            )
             space = None
         else:
-            tune_config = tune.TuneConfig(max_concurrent_trials=conc)
+            tune_config = tune.TuneConfig(max_concurrent_trials=conc, trial_name_creator=names)
             space = {"cell": tune.grid_search(list(range(n)))}
         tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     # a trial that ran to its end reported its MLflow run; one that Tune stopped (Ctrl-C) did not
@@ -445,6 +731,7 @@ def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
         from ssamba.sweep.trial import drop_pretrainings
 
         drop_pretrainings(plan.sweep_dir)  # no trial left that could reuse them
+    log_arm_summary(plan, tracker)
     tracker.set_tags(
         plan.parent_run_id,
         {
@@ -456,13 +743,39 @@ def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
     tracker.finish(plan.parent_run_id, status)
 
 
+def finished_before(plan: SweepPlan, tracker):
+    """The parent run of this sweep when it already finished with every trial (``--resume`` has nothing to
+    do), else None. Read from MLflow alone: no Ray needed to tell."""
+    run = tracker.parent_run(plan.experiment, plan.sweep_id)
+    if run is None or run.info.status != "FINISHED" or run.data.tags.get(N.SWEEP_STATUS) != "finished":
+        return None
+    return run
+
+
 def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     """Plan (every trial resolved and validated, before Ray), resources, execute (Ray Tune), finish (MLflow)."""
     from ssamba.sweep.tracking import Tracker
 
     tracker = Tracker(args.mlflow_uri)
     plan = make_plan(factor, args, sweep_id=_sweep_id(factor, args), git_commit=git_commit(), mlflow_uri=tracker.uri)
+    for warning in temporary_copy_warnings(plan.sweep_dir, tracker.uri, ray_job_copy()):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if args.resume:
+        done = finished_before(plan, tracker)
+        if done is not None:
+            tags = done.data.tags
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime((done.info.end_time or 0) / 1000))
+            print(
+                f"nothing to resume: sweep {plan.sweep_id} finished on {when} with all its "
+                f"{tags.get(N.SWEEP_TRIALS, '?')} trials (none failed); Ray not started. Its table follows. "
+                f"For a new sweep, run without --resume (or pass another --name).",
+                flush=True,
+            )
+            return SweepResult(
+                plan.sweep_id, plan.experiment, done.info.experiment_id, done.info.run_id, tracker.uri, plan.sweep_dir
+            )
     plan = settle_data(plan)  # each stage's statistics and data file, as the trials will log them
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", TRIAL_LINES)  # read when Ray is imported (next line)
     mode = start_ray(quiet=args.quiet, dashboard_host=getattr(args, "dashboard_host", "127.0.0.1"))
     plan = fit_resources(plan)
     plan = open_records(plan, tracker, mode, args.resume)
@@ -526,14 +839,24 @@ def run_sweep_cli(
         return 2
     failed = [t for t in res.trials if t["error"]]
     print(summarize(res.mlflow_uri, res.sweep_id) if summarize is not None else _plain_table(res))
-    print(
-        f"MLflow: run `mlflow ui --backend-store-uri {res.mlflow_uri}` (or plain `mlflow ui` here) and open "
-        f"experiment {res.experiment!r}; sweep id {res.sweep_id}"
-    )
+    print(ui_hint(res.mlflow_uri, res.experiment_id, res.experiment, res.sweep_id))
     if failed:
         print(f"{len(failed)} trial(s) failed: " + "; ".join((t["error"] or "")[:200] for t in failed), file=sys.stderr)
         return 1
     return 0
+
+
+def ui_hint(uri: str, experiment_id: str, experiment: str, sweep_id: str) -> str:
+    """Where to look at a sweep's runs: for a server its page, else the ``mlflow ui`` command for the store."""
+    from ssamba.sweep.tracking import runs_page, ui_start_command
+
+    where = f"experiment {experiment!r}, sweep {sweep_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: open {runs_page(uri, experiment_id)} ({where})"
+    return (
+        f"MLflow: {ui_start_command(uri)}\n"
+        f"        then open {runs_page('http://127.0.0.1:5000', experiment_id)} ({where})"
+    )
 
 
 def _plain_table(res: SweepResult) -> str:

@@ -2,9 +2,11 @@
 
 Layout (docs/architecture.md section 5.5):
 - one experiment per sweep script (``ssamba-<factor>`` unless ``--experiment``), tagged
-  ``ssamba.sweep=1`` and ``ablation.factor``;
+  ``ssamba.sweep=1``, ``ablation.factor``, ``mlflow.experimentKind`` (machine learning) and described
+  (``mlflow.note.content``);
 - one parent run per sweep (``sweep.role=parent``, ``sweep.id``, ``ablation.factor``, ``sweep.arms``
-  (JSON, natural order), ``sweep.reference_arm``, ``sweep.tasks`` (JSON), ``sweep.preset``, ``git.commit``);
+  (JSON, natural order), ``sweep.reference_arm``, ``sweep.tasks`` (JSON), ``sweep.preset``, ``git.commit``,
+  a description), with each arm's summary at the end (metrics ``arm/<arm>/...``);
   a resumed sweep continues its parent run;
 - one child run per trial (``mlflow.parentRunId``, ``sweep.role=trial``, ``sweep.id``, ``ablation.factor``,
   ``ablation.arm``, ``seed``, ``git.commit``, ``trial.key``, ``trial.status``), holding every config
@@ -78,11 +80,25 @@ def redact_uri(text: str) -> str:
     return _URI_PASSWORD.sub(r"\g<head>:***@", text)
 
 
+def environ_snapshot() -> dict[str, str]:
+    """A copy of the environment that another thread may change meanwhile (MLflow's telemetry sets and unsets
+    ``_MLFLOW_TELEMETRY_SESSION_ID`` from its own thread): iterating ``os.environ`` then raised KeyError
+    (a variable gone between its name and its value) and failed a trial."""
+    for _ in range(1000):
+        try:
+            names = list(os.environ)
+        except RuntimeError:  # the mapping changed size while it was read
+            continue
+        return {k: v for k in names if (v := os.environ.get(k)) is not None}
+    return dict(os.environ)  # (never reached in practice; never an empty answer: secrets must be found)
+
+
 def scrub(text: str) -> str:
     """``text`` with URI passwords and the values of secret-named environment variables (8 characters or
     more, so that e.g. ``1`` or ``true`` are left alone) replaced by ``***``."""
     text = redact_uri(text)
-    secrets = sorted({v for k, v in os.environ.items() if len(v) >= 8 and SECRET_ENV.search(k)}, key=len, reverse=True)
+    env = environ_snapshot()
+    secrets = sorted({v for k, v in env.items() if len(v) >= 8 and SECRET_ENV.search(k)}, key=len, reverse=True)
     for value in secrets:
         if value in text:
             text = text.replace(value, "***")
@@ -98,21 +114,31 @@ class Tracker:
 
     # ------------------------------------------------------------------------- experiments and runs
     def experiment(self, name: str, tags: dict[str, str] | None = None) -> str:
+        """The experiment's id, created with ``tags`` if it does not exist; an existing one gets the tags it
+        lacks (a description or kind set by hand in the UI is kept)."""
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=artifact_root(self.uri), tags=tags or {})
-        except Exception:  # a concurrent creator won the race
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        if exp is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=artifact_root(self.uri), tags=tags or {})
+            except Exception:  # a concurrent creator won the race
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        for key, value in (tags or {}).items():
+            if key not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
 
     def find_run(self, experiment_id: str, tags: dict[str, str]) -> str | None:
         flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([experiment_id], filter_string=flt, max_results=2)
         return runs[0].info.run_id if runs else None
+
+    def parent_run(self, experiment: str, sweep_id: str):
+        """The parent run (MLflow ``Run``) of sweep ``sweep_id`` in the experiment named ``experiment``, or None."""
+        exp = self.client.get_experiment_by_name(experiment)
+        run_id = exp and self.find_run(exp.experiment_id, {N.SWEEP_ID: sweep_id, N.ROLE: N.PARENT})
+        return self.client.get_run(run_id) if run_id else None
 
     def trial_runs(self, experiment_id: str, sweep_id: str) -> list:
         """Every trial run of one sweep (MLflow ``Run`` objects)."""
@@ -236,6 +262,21 @@ def _param_value(v: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- `python -m ssamba.sweep.tracking ui`
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The runs table of an experiment in the MLflow UI at ``base_url``.
+
+    MLflow 3.17's UI opens an experiment on the view of its sidebar switch ("GenAI apps & agents", the
+    default, or "Machine learning"), kept in the browser (``localStorage["mlflow.workflowType"]``) and
+    overridden by the page's ``workflowType`` parameter; the experiment tag ``mlflow.experimentKind`` is
+    not consulted while that switch exists. This link names the runs tab and the machine-learning view."""
+    return f"{redact_uri(base_url).rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_start_command(uri: str) -> str:
+    """The command that serves a database store's UI (``mlflow ui``), its URI made absolute."""
+    return f"mlflow ui --backend-store-uri {redact_uri(resolve_uri(uri))}"
+
+
 def ui_command(
     uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, extra: list[str] | None = None
 ) -> list[str]:
@@ -297,6 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no job runner: starts in ~5 s, ~0.5 GB
     print(f"MLflow UI for {redact_uri(uri)} on http://{args.host}:{args.port}", flush=True)
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    try:  # a link per sweep experiment, straight to its runs (not MLflow's default GenAI overview)
+        if not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///") :]).is_file():  # (never create it here)
+            for exp in MlflowClient(tracking_uri=uri).search_experiments(
+                filter_string=f"tags.`{N.EXPERIMENT_MARK}` = '1'", max_results=20
+            ):
+                print(f"  {exp.name}: {runs_page(base, exp.experiment_id)}", flush=True)
+    except Exception:  # noqa: BLE001 - only links; the server itself says what is wrong with the store
+        pass
     os.execve(cmd[0], cmd, env)  # replaces this process: its pid is the server's
     return 0
 

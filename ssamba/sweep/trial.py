@@ -27,8 +27,9 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ssamba.sweep.tracking import Tracker
-    from ssamba.sweep.worker import trial_worker
+    from ssamba.sweep.worker import quiet_actor_exit, trial_worker
 
+    quiet_actor_exit()
     spec = plan.trial(params)
     tracker = Tracker(plan.mlflow_uri)
     tags = {
@@ -44,7 +45,7 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     done_before = _finished_before(tracker, plan, spec)
     if done_before is not None:  # a resumed sweep: this trial completed before the driver died
         run_id, final = done_before
-        tune.report({**final, "arm": spec.arm, "seed": spec.seed, "mlflow_run_id": run_id})
+        tune.report(final_report(plan, spec, final, run_id))
         return
     run_id, created = tracker.get_or_create_run(
         plan.experiment_id,
@@ -68,6 +69,9 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
                 name=f"{spec.key}-{time.time_ns()}",
                 storage_path=str(plan.sweep_dir / "ray_train"),
                 failure_config=ray.train.FailureConfig(max_failures=plan.worker_retries),
+                # Train's own INFO lines (worker-group set-up, a `Reporting training result ...` dump per report)
+                # stay in its log files under the Ray session; warnings and errors still reach the console
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
                 # Optuna reads the metric from every intermediate result: with a search, report only the final one
                 callbacks=[] if plan.searching else [TuneReportCallback()],
             ),
@@ -105,7 +109,28 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
         tracker.finish(run_id, "FAILED")
         raise
     _apply_retention(spec)
-    tune.report({**final, "arm": spec.arm, "seed": spec.seed, "mlflow_run_id": run_id})
+    tune.report(final_report(plan, spec, final, run_id))
+
+
+def final_report(plan: SweepPlan, spec: TrialSpec, final: dict[str, float], run_id: str) -> dict[str, Any]:
+    """A finished trial's last result for Tune: the columns of every report first (``stage`` done, the last
+    stage's ``step`` and ``loss``, ``score``: the validation score selection uses, ``samples_per_s``), then
+    every final metric, arm, seed and run."""
+    last = N.ft(spec.tasks[-1].name) if spec.tasks else N.PRETRAIN
+    lead = {
+        "stage": "done",
+        "step": final.get(f"{last}/step"),
+        "loss": final.get(f"{last}/loss"),
+        "score": final.get(plan.metric),
+        "samples_per_s": final.get(N.COST_SAMPLES),
+    }
+    return {
+        **{k: v for k, v in lead.items() if v is not None},
+        **final,
+        "arm": spec.arm,
+        "seed": spec.seed,
+        "mlflow_run_id": run_id,
+    }
 
 
 def _error_text(exc: BaseException) -> str:

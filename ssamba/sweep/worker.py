@@ -17,6 +17,7 @@ skipped are listed in the run as ``skipped_clips/<stage>.json``.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -124,12 +125,115 @@ def stage_cost(seconds: float, world: int, per_worker: float, samples: int) -> d
     }
 
 
+def quiet_train_reports() -> None:
+    """Ray Train 2.60 logs ``Reporting training result N: TrainingReport(...)`` (every metric) at INFO for each
+    ``ray.train.report``, through a logger named by its source file rather than under ``ray.train`` (so the
+    trainer's ``LoggingConfig`` does not reach it), which the worker's root handler prints: raise that logger
+    to WARNING in this worker process."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_actor_exit() -> None:
+    """Ray stops a finished trial's processes with SIGTERM, whose handler raises ``SystemExit``; when the
+    signal lands in a weakref callback or a destructor, Python prints "Exception ignored in ..." with a
+    traceback on the console. In this process, such a ``SystemExit`` (nowhere to go: the process is ending)
+    is not printed; every other unraisable exception still is."""
+    if getattr(sys.unraisablehook, "_ssamba", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, SystemExit):
+            previous(unraisable)
+
+    hook._ssamba = True
+    sys.unraisablehook = hook
+
+
+def console_log(prefix: str) -> Callable[[str], None]:
+    """A worker's console lines, each written once. Ray Train 2.60 replaces ``print`` in its workers with one
+    that writes the line and also logs it through the root logger, whose console handler writes it again;
+    writing to the stream directly keeps one copy."""
+
+    def log(msg: str) -> None:
+        sys.stdout.write(f"{prefix}{msg}\n")
+        sys.stdout.flush()
+
+    return log
+
+
+def stage_done(name: str, res: dict[str, Any], cost_prefix: str) -> str:
+    """One line when a stage ends: its steps, time and samples/s (or that it was reused)."""
+    if res.get("reused"):
+        return f"{name} reused (computed by {res.get('trial', 'another trial')})"
+    step = next((int(v) for k, v in res.items() if k.endswith("/step") and isinstance(v, (int, float))), 0)
+    wall, rate = res.get(f"{cost_prefix}wall_s"), res.get(f"{cost_prefix}samples_per_s")
+    if wall is None:
+        return f"{name} done: {step} steps"
+    return f"{name} done: {step} steps in {wall:.0f} s ({rate or 0:.1f} samples/s)"
+
+
+class StageReporter:
+    """What the training loop reports for one stage (``report`` of :func:`ssamba.train.loop.fit`): each
+    evaluation to MLflow and to Ray Train (hence Tune's trial table), each progress point to MLflow only.
+
+    A metric is logged at a step only once, and never at a step the run already holds for it (read once per
+    metric and attempt), so a restarted stage does not log its points twice and an evaluation does not repeat
+    the progress point of its step. The report to Ray leads with ``stage``, ``step``, ``loss``, ``score``
+    (the stage's metric) and ``samples_per_s`` (of the latest progress point): the same columns for every
+    stage in Tune's table."""
+
+    def __init__(self, run: RunLog, stage: str, metric: str, ray_report: Callable[[dict], None] | None):
+        self.run, self.stage, self.metric, self.ray_report = run, stage, metric, ray_report
+        self.last: dict[str, int] = {}  # metric -> last step in the run
+        self.samples_per_s: float | None = None  # of the latest progress point
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.run.on:
+            return
+        fresh = {}
+        for k, v in metrics.items():
+            if k not in self.last:
+                self.last[k] = max((s for s, _ in self.run.metric_history(k)), default=-1)
+            if step > self.last[k]:
+                fresh[k] = v
+                self.last[k] = step
+        if fresh:
+            self.run.log_metrics(fresh, step=step)
+
+    def progress(self, metrics: dict[str, float], step: int) -> None:
+        self.samples_per_s = metrics.get(f"{self.stage}/samples_per_s", self.samples_per_s)
+        self._log(metrics, step)
+
+    def __call__(self, metrics: dict[str, float], _ckpt_dir) -> None:
+        step = int(metrics.get(f"{self.stage}/step", 0))
+        self._log(metrics, step)
+        if self.ray_report is not None:
+            lead = {
+                "stage": self.stage,
+                "step": step,
+                "loss": metrics.get(f"{self.stage}/loss"),
+                "score": metrics.get(f"{self.stage}/{self.metric}"),
+                "samples_per_s": self.samples_per_s,
+            }
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.ray_report({**{k: v for k, v in lead.items() if v is not None}, **numbers})
+
+
 def trial_worker(job: dict[str, Any]) -> None:
     """Ray Train entry (``train_loop_per_worker``): ``job`` is ``{"spec": TrialSpec, "run_id": str | None}``
     (:func:`ssamba.sweep.trial.run_trial`)."""
     import ray.train
     import ray.train.torch
 
+    quiet_train_reports()
+    quiet_actor_exit()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     spec: TrialSpec = job["spec"]
@@ -142,23 +246,10 @@ def trial_worker(job: dict[str, Any]) -> None:
 
         tracker = Tracker(spec.mlflow_uri)
     run = RunLog(tracker, job.get("run_id"))
-    log = (lambda msg: print(f"[{spec.name}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    log = console_log(f"[{spec.name}] ") if rank == 0 else (lambda msg: None)
 
-    def reporter():
-        logged: dict[str, int] = {}  # "<stage>/step" -> last step already in the run (read once per attempt)
-
-        def report(metrics: dict[str, float], _ckpt_dir) -> None:
-            key = next((k for k in metrics if k.endswith("/step")), "")
-            step = int(metrics.get(key, 0))
-            if run.on:
-                if key not in logged:
-                    logged[key] = max((s for s, _ in run.metric_history(key)), default=-1) if key else -1
-                if step > logged[key]:  # a restarted stage does not log an evaluation twice
-                    run.log_metrics(metrics, step=step)
-                    logged[key] = step
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-
-        return report
+    def reporter(stage: str, metric: str):
+        return StageReporter(run, stage, metric, ray.train.report)
 
     def resumed(stage: str):
         def on_resume(step: int) -> None:
@@ -191,7 +282,7 @@ def trial_worker(job: dict[str, Any]) -> None:
                     spec.resources.device_share,
                     device,
                     wrap,
-                    reporter(),
+                    reporter(N.PRETRAIN, "acc"),
                     resumed("pretrain"),
                     log,
                     rank,
@@ -204,6 +295,7 @@ def trial_worker(job: dict[str, Any]) -> None:
                 log=log,
             )
             pre_res = results["pretrain"]
+            log(stage_done("pretraining", pre_res, f"{N.COST_PREFIX}pretrain_"))
             if not pre_res.get("reused"):
                 run.log_metrics_once(
                     {k: v for k, v in pre_res.items() if k.startswith(N.COST_PREFIX)},
@@ -222,7 +314,7 @@ def trial_worker(job: dict[str, Any]) -> None:
                 task.config,
                 task.dir,
                 init=init,
-                report=reporter(),
+                report=reporter(N.ft(task.name), task.config.finetune.metric),
                 log=log,
                 rank=rank,
                 world=world,
@@ -234,6 +326,7 @@ def trial_worker(job: dict[str, Any]) -> None:
             final = dict(res.last_eval)
             final.update({f"{N.COST_PREFIX}ft_{task.name}_{k}": v for k, v in cost.items()})
             results[N.ft(task.name)] = final
+            log(stage_done(f"fine-tuning {task.name}", final, f"{N.COST_PREFIX}ft_{task.name}_"))
             # what the per-evaluation reports did not already log
             run.log_metrics_once(
                 {

@@ -120,6 +120,16 @@ class LoopSettings:
     fault_nan_at_step: int = 0  # testing hook: > 0 makes that step's loss NaN (never a config value)
 
 
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def tap_skipped(loader, skipped: SkipLog):
     """Iterate ``loader``, recording the clips its batches skipped (evaluation batches count too)."""
     for batch in loader:
@@ -145,7 +155,12 @@ def fit(
     """Train ``model`` on ``task``; see the module docstring. Resumes from ``out_dir/last.pt`` if present.
 
     ``report(metrics, checkpoint_dir)`` is called after every evaluation with metrics named
-    ``<task.prefix>/<name>`` (and ``.../train_<name>``), and the folder holding ``best.pt``.
+    ``<task.prefix>/<name>`` (and ``.../train_<name>``, ``lr``), and the folder holding ``best.pt``. Between
+    evaluations, at the first step of a run and every ``log_every`` steps, a progress point is printed
+    (training loss, lr, samples/s, ETA) and, if ``report`` has a ``progress(metrics, step)`` method, passed
+    to it: ``.../train_<name>`` (means since the previous point), ``lr`` (the one the last step used),
+    ``samples_per_s`` (a measurement: never part of an evaluation, which stays repeatable). An evaluation at
+    the step of a point repeats that point's training means.
     ``on_resume(step)`` is called once when the run continues from ``last.pt`` at that step.
     """
     out = Path(out_dir)
@@ -200,8 +215,8 @@ def fit(
         named[f"{task.prefix}/step"] = step
         named[f"{task.prefix}/epoch"] = epoch
         named[f"{task.prefix}/skipped_clips"] = len(res.skipped)
-        for k, v in train_window.items():
-            named[f"{task.prefix}/train_{k}"] = float(v) / max(train_window_n, 1)
+        point = last_point[1] if last_point is not None and last_point[0] == step else take_window()
+        named.update({k: v for k, v in point.items() if k.startswith(f"{task.prefix}/train_")})
         res.last_eval = named
         value = metrics.get(task.metric, float("nan"))
         schedule.after_eval(value)
@@ -236,6 +251,37 @@ def fit(
 
     train_window: dict[str, Any] = {}  # sums of the loss parts (0-d tensors, read back when logged)
     train_window_n = 0
+    last_point: tuple[int, dict[str, float]] | None = None  # (step, training metrics) of the latest progress point
+    progress = getattr(report, "progress", None)
+
+    def take_window() -> dict[str, float]:
+        """The training window's means (``<prefix>/train_<part>``) since the previous point; starts a new one."""
+        nonlocal train_window, train_window_n
+        out = {f"{task.prefix}/train_{k}": float(v) / max(train_window_n, 1) for k, v in train_window.items()}
+        train_window, train_window_n = {}, 0
+        return out
+
+    def speed() -> tuple[float, float]:
+        """(samples/s, seconds left) of this attempt so far."""
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        done = max(step - step0, 1)
+        return (res.samples - samples0) / elapsed, (total_steps - step) * elapsed / done
+
+    def progress_point() -> None:
+        nonlocal last_point
+        rate, left = speed()
+        point = take_window()
+        point[f"{task.prefix}/lr"] = schedule.lr
+        point[f"{task.prefix}/samples_per_s"] = rate
+        last_point = (step, point)
+        loss = point.get(f"{task.prefix}/train_loss", float("nan"))
+        log(
+            f"[{task.prefix}] step {step}/{total_steps} loss {loss:.4f} lr {schedule.lr:.2e} "
+            f"({rate:.1f} samples/s, ETA {duration(left)})"
+        )
+        if progress is not None:
+            progress(point, step)
+
     pending = None  # (loss, step, epoch, batch in epoch, first clip indices) not yet checked for finiteness
 
     def check_finite() -> None:
@@ -254,7 +300,7 @@ def fit(
                 f"enable clipping (clip_grad) or check these clips."
             )
 
-    t0 = time.perf_counter()
+    t0, step0, samples0 = time.perf_counter(), step, res.samples  # this attempt's start (after a resume)
     model.train()
     done = step >= total_steps
     while not done:
@@ -296,15 +342,10 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             micro = 0
             step += 1
-            if settings.log_every and step % settings.log_every == 0:
-                rate = res.samples / max(time.perf_counter() - t0, 1e-9)
-                log(
-                    f"[{task.prefix}] step {step}/{total_steps} loss {float(parts['loss']):.4f} lr {schedule.lr:.2e} "
-                    f"({rate:.1f} samples/s)"
-                )
+            if settings.log_every and (step % settings.log_every == 0 or step == step0 + 1):
+                progress_point()
             if settings.eval_every and step % settings.eval_every == 0 and step < total_steps:
                 evaluate_and_report()
-                train_window, train_window_n = {}, 0
             if step >= total_steps:
                 done = True
                 break
@@ -314,7 +355,6 @@ def fit(
             schedule.after_epoch(epoch)
             if not settings.eval_every and step < total_steps:
                 evaluate_and_report()
-                train_window, train_window_n = {}, 0
         if done:
             break
     res.steps, res.epochs = step, epoch
