@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Ray reads this when it is first imported (ray_constants.ENABLE_RAY_CLUSTER): set here, before any test
+# module imports Ray, every Ray a test starts in this process stays on 127.0.0.1. (A fixture that set it
+# just before its own `import ray` came too late once another test module had imported Ray first.)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -110,15 +110,17 @@ def installed_source(dist: str = "ssamba") -> Path | None:
     from urllib.parse import urlparse
     from urllib.request import url2pathname
 
-    try:
-        text = importlib.metadata.distribution(dist).read_text("direct_url.json")
-        info = json.loads(text or "{}")
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return None
-    url = info.get("url", "")
-    if not url.startswith("file:") or not info.get("dir_info", {}).get("editable"):
-        return None
-    return Path(url2pathname(urlparse(url).path))
+    # every copy of the metadata on sys.path: run from the source folder, its own ssamba.egg-info (which
+    # setuptools writes there, without direct_url.json) comes before the install's dist-info
+    for d in importlib.metadata.distributions(name=dist):
+        try:
+            info = json.loads(d.read_text("direct_url.json") or "{}")
+        except ValueError:
+            continue
+        url = info.get("url", "")
+        if url.startswith("file:") and info.get("dir_info", {}).get("editable"):
+            return Path(url2pathname(urlparse(url).path))
+    return None
 
 
 def same_code(a: Path, b: Path) -> bool:
