@@ -238,16 +238,11 @@ def run_sweeps(record: dict, factors: list[str], options: list[str], out: str, p
     env = dict(os.environ, RAY_ADDRESS=record["ray"]["address"], PYTHONUNBUFFERED="1")
     queue = [f for f in factors if record["sweeps"].get(f, {}).get("rc") != 0]
     running: dict[str, tuple[subprocess.Popen, Any]] = {}
-    gate: tuple[str, set[str], float] | None = None  # the last sweep launched, Tune's folders then, when
     try:
         while queue or running:
-            if gate is not None and _tune_started(gate, running):
-                gate = None
-            while queue and len(running) < parallel and gate is None:
+            while queue and len(running) < parallel:
                 f = queue.pop(0)
-                before = tune_staging_dirs()
                 running[f] = _launch(record, f, options, out, env)
-                gate = (f, before, time.time())
                 save(record, path)
             time.sleep(2)
             for f, (proc, log) in list(running.items()):
@@ -273,33 +268,6 @@ def run_sweeps(record: dict, factors: list[str], options: list[str], out: str, p
             f"the study was interrupted; the sweeps that ran were stopped and marked. Continue it with the same "
             f"command and --resume (record: {path})"
         ) from None
-
-
-GATE_TIMEOUT_S = 900.0
-
-
-def tune_staging_dirs() -> set[str]:
-    """Ray Tune's driver staging folders in this Ray session, ``<session>/artifacts/<second>/tune``: the name of
-    every sweep's Tune experiment is ``tune`` and the folder is named by the second its Tuner started in, so two
-    sweeps whose Tuners start in the same second share one and overwrite each other's experiment state (a
-    ``--resume`` then restores the other sweep's trials). The study starts a sweep only once the previous one's
-    folder exists."""
-    from ray.train.constants import _get_ray_train_session_dir
-
-    root = Path(_get_ray_train_session_dir())
-    return {str(p) for p in root.glob("*/tune")} if root.is_dir() else set()
-
-
-def _tune_started(gate: tuple[str, set[str], float], running: dict) -> bool:
-    """The sweep launched last has its own Tune staging folder now (or has ended, or it is taking too long)."""
-    factor, before, since = gate
-    proc = running.get(factor, (None,))[0]
-    if proc is None or proc.poll() is not None or tune_staging_dirs() - before:
-        return True
-    if time.time() - since > GATE_TIMEOUT_S:
-        print(f"sweep {factor}: no Tune folder after {GATE_TIMEOUT_S:.0f} s; starting the next sweep", flush=True)
-        return True
-    return False
 
 
 def _launch(record: dict, factor: str, options: list[str], out: str, env: dict) -> tuple[subprocess.Popen, Any]:

@@ -268,3 +268,26 @@ def test_set_arms_and_tuned_values_win_over_a_recipe(tmp_path, small_demo):
     assert slow.epochs == fast.epochs == 2 and slow.target_length == 512  # --set, and the rest of the recipe
     tuned = plan.trial({"cell": 1, "finetune.head_lr": 3.5}).tasks[0].config.finetune
     assert tuned.head_lr == 3.5 and tuned.lr == 1e-3  # Optuna's value reaches the task
+
+
+def test_each_sweep_has_its_own_tune_experiment_and_an_old_one_is_kept(tmp_path):
+    """Tune stages a driver's files under ``<session>/artifacts/<second>/<experiment name>``: two sweeps on one
+    Ray started in the same second must not share a name, or one ``--resume`` restores the other's trials."""
+    from ssamba.sweep.driver import tune_folder
+
+    a = make_plan(
+        NORM,
+        build_parser(NORM).parse_args(["--smoke-test", "--storage", str(tmp_path)]),
+        sweep_id="s-a",
+        mlflow_uri="sqlite:////tmp/none.db",
+    )
+    b = make_plan(
+        DIRECTION,
+        build_parser(DIRECTION).parse_args(["--smoke-test", "--storage", str(tmp_path)]),
+        sweep_id="s-b",
+        mlflow_uri="sqlite:////tmp/none.db",
+    )
+    assert tune_folder(a) == a.sweep_dir / "tune-s-a" and tune_folder(b) == b.sweep_dir / "tune-s-b"
+    assert tune_folder(a).name != tune_folder(b).name  # the staging folder is named by this
+    (a.sweep_dir / "tune").mkdir(parents=True)  # a sweep begun before the name carried its id
+    assert tune_folder(a) == a.sweep_dir / "tune"

@@ -644,6 +644,15 @@ PROGRESS_METRICS = ("stage", "step", "loss", "score", "samples_per_s")
 TRIAL_LINES = r"^\[\S+-s\d+-[0-9a-f]{6}\] "
 
 
+def tune_folder(plan: SweepPlan) -> Path:
+    """The sweep's Tune experiment, ``<sweep dir>/tune-<sweep id>``. Tune also stages the driver's files under
+    ``<Ray session>/artifacts/<second started>/<experiment name>``: a name shared by two sweeps on one Ray that
+    start in the same second would make them write one experiment state, and ``--resume`` would restore the
+    other sweep's trials. Sweeps begun before the name carried the id used ``tune``; theirs is kept."""
+    old = plan.sweep_dir / "tune"
+    return old if old.is_dir() else plan.sweep_dir / f"tune-{plan.sweep_id}"
+
+
 def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any]]:
     """Run (or restore) the Tuner over the plan's trials; one ``{config, metrics, error}`` per trial."""
     from ray import tune
@@ -653,12 +662,12 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"  # Train's intermediate reports lack the final metric
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"CPU": 0.01})
     trainable._progress_metrics = list(PROGRESS_METRICS)  # Tune prints only these when a trial completes
-    tuner_path = plan.sweep_dir / "tune"
+    tuner_path = tune_folder(plan)
     if resume and tune.Tuner.can_restore(str(tuner_path)):
         tuner = tune.Tuner.restore(str(tuner_path), trainable=trainable, resume_errored=True)
     else:
         run_config = tune.RunConfig(
-            name="tune",
+            name=tuner_path.name,
             storage_path=str(plan.sweep_dir),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
             callbacks=[_orphan_reaper()],
