@@ -185,7 +185,7 @@ def save(record: dict, path: Path) -> None:
 
 def git_state() -> tuple[str, bool]:
     """The commit of the code that runs, and whether its working tree has uncommitted changes."""
-    from ssamba.sweep.driver import git_commit
+    from ssamba.sweep.provenance import git_commit
 
     here = Path(__file__).resolve().parent
     try:
@@ -215,7 +215,7 @@ def run_data(record: dict, args, out: str, path: Path) -> None:
 
 def start_ray() -> tuple[str, dict[str, Any]]:
     """Ray for every sweep: joined or started here (its processes inherit what the sweeps need to join it)."""
-    from ssamba.sweep.driver import start_ray as start
+    from ssamba.sweep.cluster import start_ray as start
 
     mode = start(quiet=True)
     import ray

@@ -11,8 +11,9 @@ import pytest
 
 from ssamba.base import names as N
 from ssamba.sweep import driver
-from ssamba.sweep.driver import arm_summary, build_parser, log_arm_summary, open_records, ui_hint
+from ssamba.sweep.driver import build_parser, ui_hint
 from ssamba.sweep.factors import MASKING
+from ssamba.sweep.parent_run import arm_summary, log_arm_summary, open_records
 from ssamba.sweep.plan import make_plan
 from ssamba.sweep.tracking import Tracker
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ssamba.sweep.driver import GIT_COMMIT_ENV, git_commit, ray_job_copy, read_git_head, temporary_copy_warnings
+from ssamba.sweep.provenance import GIT_COMMIT_ENV, git_commit, ray_job_copy, read_git_head, temporary_copy_warnings
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs the git command")
 

@@ -195,7 +195,7 @@ def test_ray_job_submit_to_a_ray_start_cluster(cache_env, tmp_path, ray_tmp):
         assert len(trials) == 2 and (trials["tags.trial.status"] == "finished").all()
         # the job ran in Ray's copy of ROOT, without .git: its commit is the editable install's when that install
         # holds the same code (a clone installed with `pip install -e .`, then submitted), else unknown
-        from ssamba.sweep.driver import installed_source, same_code
+        from ssamba.sweep.provenance import installed_source, same_code
 
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         source = installed_source()

@@ -34,7 +34,7 @@ class DirectRecord:
 
     @classmethod
     def open(cls, uri: str, experiment: str, *, cfg: ExperimentConfig, out_dir: Path, prefix: str) -> DirectRecord:
-        from ssamba.sweep.driver import git_commit
+        from ssamba.sweep.provenance import git_commit
         from ssamba.sweep.tracking import Tracker
 
         tracker = Tracker(uri)

@@ -3,8 +3,10 @@
 A sweep script is one call (``ablations.run.main(FACTOR)``, i.e. ``run_sweep_cli`` with the ablation
 table's renderer). :func:`run_sweep` is four steps: the plan (:mod:`ssamba.sweep.plan`: every trial's config
 resolved and validated before Ray starts), the resources (Ray started or joined, the plan fitted to it),
-execution (the Tuner, or a killed one restored with ``--resume``) and the finish (the parent run's status).
-Ray lives here, in ``trial.py`` and in ``worker.py``.
+execution (the Tuner, or a killed one restored with ``--resume``) and the finish (the parent run's status,
+:mod:`ssamba.sweep.parent_run`).
+Ray lives here, in ``cluster.py`` (the Ray a sweep runs on), ``trial.py`` and ``worker.py``; the commit a
+sweep records is ``provenance.py``'s.
 """
 
 from __future__ import annotations
@@ -12,24 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shlex
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ssamba.base import names as N
 from ssamba.base.errors import SSAMBAError
-from ssamba.base.files import write_json_atomic
 from ssamba.config.presets import PRESETS, TASK_RECIPES
+from ssamba.sweep.cluster import orphan_reaper, start_ray
 from ssamba.sweep.factors import Factor
+from ssamba.sweep.parent_run import finish, finished_before, mark_interrupted, open_records
 from ssamba.sweep.plan import SweepPlan, make_plan, with_resources
+from ssamba.sweep.provenance import git_commit, ray_job_copy, temporary_copy_warnings
 from ssamba.sweep.records import settle_data
 from ssamba.sweep.trial import TRIAL_ERROR_KEY
 
@@ -43,169 +43,6 @@ class SweepResult:
     mlflow_uri: str
     storage: Path
     trials: list[dict[str, Any]] = field(default_factory=list)
-
-
-GIT_COMMIT_ENV = "SSAMBA_GIT_COMMIT"  # the commit to record, when the code runs without its repository
-_SHA = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")
-CODE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding the ssamba package (a clone, or Ray's copy)
-_CODE_FOLDERS, _CODE_SUFFIXES = ("ssamba", "ablations", "sweeps"), (".py", ".cu")
-
-
-def read_git_head(start: str | os.PathLike) -> str | None:
-    """The commit checked out in the git work tree holding ``start``, read from git's files alone (no git
-    binary): ``.git/HEAD``, the branch it names (a loose ref or a line of ``packed-refs``), following the
-    ``gitdir:`` file of a worktree. None when there is no repository or HEAD does not resolve."""
-    start = Path(start).resolve()
-    for folder in (start, *start.parents):
-        dotgit = folder / ".git"
-        try:
-            if dotgit.is_file():  # a worktree or submodule: "gitdir: PATH"
-                text = dotgit.read_text().strip()
-                if not text.startswith("gitdir:"):
-                    return None
-                gitdir = (folder / text[len("gitdir:") :].strip()).resolve()
-            elif dotgit.is_dir():
-                gitdir = dotgit
-            else:
-                continue
-            head = (gitdir / "HEAD").read_text().strip()
-            if _SHA.fullmatch(head):
-                return head  # detached
-            if not head.startswith("ref:"):
-                return None
-            ref = head[len("ref:") :].strip()
-            common = gitdir
-            if (gitdir / "commondir").is_file():  # a worktree's branches live in the main repository
-                common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
-            for base in (gitdir, common):
-                if (base / ref).is_file():
-                    sha = (base / ref).read_text().strip()
-                    return sha if _SHA.fullmatch(sha) else None
-            if (common / "packed-refs").is_file():
-                for line in (common / "packed-refs").read_text().splitlines():
-                    sha, _, name = line.partition(" ")
-                    if name.strip() == ref and _SHA.fullmatch(sha):
-                        return sha
-            return None
-        except OSError:
-            return None
-    return None
-
-
-def _head(where: Path) -> str | None:
-    """``git rev-parse HEAD`` in ``where``, else :func:`read_git_head`."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=where)
-        if out.returncode == 0 and _SHA.fullmatch(out.stdout.strip()):
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return read_git_head(where)
-
-
-def installed_source(dist: str = "ssamba") -> Path | None:
-    """The folder an editable install (``pip install -e``) of the project points at (its ``direct_url.json``,
-    PEP 610), None for another kind of install."""
-    import importlib.metadata
-    from urllib.parse import urlparse
-    from urllib.request import url2pathname
-
-    # every copy of the metadata on sys.path: run from the source folder, its own ssamba.egg-info (which
-    # setuptools writes there, without direct_url.json) comes before the install's dist-info
-    for d in importlib.metadata.distributions(name=dist):
-        try:
-            info = json.loads(d.read_text("direct_url.json") or "{}")
-        except ValueError:
-            continue
-        url = info.get("url", "")
-        if url.startswith("file:") and info.get("dir_info", {}).get("editable"):
-            return Path(url2pathname(urlparse(url).path))
-    return None
-
-
-def same_code(a: Path, b: Path) -> bool:
-    """Whether two copies of the project hold the same sources (every ``.py`` and ``.cu`` file under
-    ``ssamba/``, ``ablations/``, ``sweeps/``, byte for byte)."""
-
-    def files(root: Path) -> dict[Path, Path]:
-        return {
-            p.relative_to(root): p
-            for top in _CODE_FOLDERS
-            for p in (root / top).rglob("*")
-            if p.suffix in _CODE_SUFFIXES and "__pycache__" not in p.parts
-        }
-
-    fa, fb = files(a), files(b)
-    return bool(fa) and fa.keys() == fb.keys() and all(fa[k].read_bytes() == fb[k].read_bytes() for k in fa)
-
-
-def git_commit(
-    code: str | os.PathLike | None = None, environ: dict | None = None, installed: Path | None | bool = True
-) -> str:
-    """The commit of the code that runs (``code``: the folder holding the package):
-
-    1. ``$SSAMBA_GIT_COMMIT``, when set;
-    2. the HEAD of the git work tree the code sits in;
-    3. the code has no repository (Ray's copy of a submitted job's working directory: Ray leaves ``.git``
-       out): the HEAD of the editable install's source folder (``installed``; True: look it up), when that
-       folder holds the same sources, byte for byte, as the code that runs;
-    4. ``unknown``."""
-    env = os.environ if environ is None else environ
-    if env.get(GIT_COMMIT_ENV, "").strip():
-        return env[GIT_COMMIT_ENV].strip()
-    where = Path(code) if code is not None else CODE_ROOT
-    sha = _head(where) if ray_job_copy(where) is None else None  # (a job's copy may sit inside an unrelated repo)
-    if sha:
-        return sha
-    source = installed_source() if installed is True else installed or None
-    if source is not None and source.resolve() != where.resolve() and same_code(where, source):
-        return _head(source) or "unknown"
-    return "unknown"
-
-
-def ray_job_copy(cwd: str | os.PathLike | None = None) -> Path | None:
-    """Ray's temporary copy of a submitted job's working directory (``ray job submit --working-dir``:
-    ``<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>``) when ``cwd`` is in one, else None."""
-    here = Path(cwd or os.getcwd()).resolve()
-    return next(
-        (f for f in (here, *here.parents) if f.name.startswith("_ray_pkg_") and f.parent.name == "working_dir_files"),
-        None,
-    )
-
-
-def temporary_copy_warnings(storage: str | os.PathLike, mlflow_uri: str, copy: Path | None) -> list[str]:
-    """What would be written inside Ray's temporary copy of a job's working directory (``copy``): the sweep
-    storage, a local MLflow store. Ray deletes that copy with its session, and other nodes do not see it."""
-    if copy is None:
-        return []
-    out = []
-    storage = Path(storage).resolve()
-    if storage.is_relative_to(copy):
-        out.append(
-            f"--storage resolves to {storage}, inside Ray's temporary copy of the job's working directory "
-            f"({copy}): the checkpoints and the sweep's state are lost with it and other nodes do not see "
-            f"them. Give an absolute path on storage every node sees, e.g. --storage /shared/sweeps"
-        )
-    store = local_store_path(mlflow_uri)
-    if store is not None and store.is_relative_to(copy):
-        out.append(
-            f"the MLflow store {store} is inside Ray's temporary copy of the job's working directory ({copy}): "
-            f"the runs are lost with it. Pass --mlflow-uri with an absolute path (sqlite:////shared/mlflow.db) "
-            f"or a server (http://HEAD:5000)"
-        )
-    return out
-
-
-def local_store_path(uri: str) -> Path | None:
-    """The file or folder of a local MLflow store (``sqlite:///``, ``file:``), None for a server."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).resolve()
-    if uri.startswith("file:"):
-        from urllib.parse import urlparse
-        from urllib.request import url2pathname
-
-        return Path(url2pathname(urlparse(uri).path)).resolve()
-    return None
 
 
 def build_parser(factor: Factor) -> argparse.ArgumentParser:
@@ -293,152 +130,6 @@ class OptunaSpace:
                 trial.suggest_categorical(key, args[0])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _submitted_job() -> dict:
-    """What Ray's job supervisor hands the driver of a ``ray job submit`` (``runtime_env``, ``metadata``);
-    empty outside a submitted job."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    return json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
-
-
-def _check_submitted_here(job: dict, gcs: str) -> None:
-    """Refuse to run a submitted job on a cluster that has no record of it. Ray 2.60's job supervisor gives
-    the job's driver ``$RAY_ADDRESS`` by discovery: the cluster last started with ``ray start`` in the
-    supervisor node's temp folder. Two clusters that share a temp folder (the default ``/tmp/ray``) make
-    it hand a job submitted to the first the address of the second (measured), where it would run."""
-    if not job:
-        return
-    from ray._private import ray_constants
-    from ray.dashboard.modules.job.common import JOB_ID_METADATA_KEY, JobInfoStorageClient
-    from ray.experimental.internal_kv import _internal_kv_exists
-
-    job_id = (job.get("metadata") or {}).get(JOB_ID_METADATA_KEY)
-    key = JobInfoStorageClient.JOB_DATA_KEY.format(job_id=job_id)
-    if job_id and not _internal_kv_exists(key, namespace=ray_constants.KV_NAMESPACE_JOB):
-        raise SSAMBAError(
-            f"job {job_id} was not submitted to the Ray cluster at {gcs}, the address Ray's job supervisor "
-            "gave it: that is the cluster last started with the same temp folder, not the one the job was "
-            "submitted to. Start each Ray cluster on this machine with its own `ray start --temp-dir`."
-        )
-
-
-def start_ray(num_cpus: int | None = None, quiet: bool = False, dashboard_host: str = "127.0.0.1") -> str:
-    """Join the cluster of a ``ray job submit`` (or ``$RAY_ADDRESS``), else start a local Ray on loopback.
-
-    Either way every Ray process of the sweep is pinned to that one cluster. Where no address is given,
-    Ray finds one itself, and with several Rays on the machine it takes "the latest cluster", which may be
-    someone else's: Ray Train's placement-group cleaner (a detached actor) asks the state API about its
-    controller with no address, and that API reads ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``,
-    else discovers. A local Ray's dashboard gets a port chosen here and ``$RAY_API_SERVER_ADDRESS`` names
-    it before Ray starts, so every Ray process (a child of this one) inherits it. A joined cluster's
-    processes were started by ``ray start``: its GCS address, resolved once here, goes to this process and
-    to all of them as ``$RAY_ADDRESS`` (theirs through the job's runtime environment, which every task and
-    actor of the sweep inherits), with ``$RAY_API_SERVER_ADDRESS`` emptied so that a value inherited from
-    the shell that started the cluster cannot point them elsewhere: the state API then asks that GCS for
-    the dashboard's address. A Ray Client address (``ray://``) is joined as given."""
-    joining = bool(os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_SUBMISSION_ID"))
-    if not joining:
-        # single-machine mode: every Ray process on 127.0.0.1 (read when ray is imported)
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
-    if ray.is_initialized():
-        return "existing"
-    if joining:
-        address = os.environ.get("RAY_ADDRESS") or None
-        if address and "://" in address:
-            ray.init(log_to_driver=not quiet)
-            return "cluster"
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-
-        gcs = canonicalize_bootstrap_address_or_die(address)  # resolved once, here ("auto" included)
-        pinned = {"RAY_ADDRESS": gcs, "RAY_API_SERVER_ADDRESS": ""}
-        job = _submitted_job()
-        taken = (job.get("runtime_env") or {}).get("env_vars") or {}  # Ray refuses a variable set twice
-        runtime_env = {"env_vars": {k: v for k, v in pinned.items() if k not in taken}}
-        os.environ.update(pinned)
-        ray.init(address=gcs, log_to_driver=not quiet, runtime_env=runtime_env)
-        try:
-            _check_submitted_here(job, gcs)
-        except SSAMBAError:
-            ray.shutdown()
-            raise
-        return "cluster"
-    port = _free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host=dashboard_host,
-        dashboard_port=port,
-        log_to_driver=not quiet,
-    )
-    return "local"
-
-
-def reap_orphan_placement_groups() -> list[str]:
-    """Remove every placement group whose creating actor has died; return their ids.
-
-    Ray Train 2.60 hands a worker group's placement group to its clean-up actor only once the workers
-    have started, so a Train controller that dies while they start (its node lost) leaves the group
-    holding its CPUs for the rest of the sweep, and the retried trials wait for them forever (measured:
-    two 1-CPU nodes, one killed). A group whose creator is dead is never used again. Tune's own groups
-    are created by the driver (no creator actor) and are left alone.
-    """
-    import ray
-    from ray._private.state import state  # the GCS table names each group's creator; the public one does not
-    from ray.core.generated.gcs_pb2 import PlacementGroupTableData as PG
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    removed = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = PG.FromString(raw)
-        creator = pg.creator_actor_id
-        if (
-            pg.state != PG.REMOVED
-            and not pg.is_detached
-            and pg.creator_actor_dead
-            and creator
-            and not ray.ActorID(creator).is_nil()
-        ):
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed.append(pg.placement_group_id.hex())
-    return removed
-
-
-def _orphan_reaper(every_s: float = 5.0):
-    """A Tune callback that runs :func:`reap_orphan_placement_groups` every few seconds (and turns itself
-    off, saying so, if Ray's internals changed)."""
-    from ray import tune
-
-    class OrphanPlacementGroupReaper(tune.Callback):
-        last, enabled = 0.0, True
-
-        def on_step_begin(self, iteration, trials, **info):
-            if not self.enabled or time.monotonic() - self.last < every_s:
-                return
-            self.last = time.monotonic()
-            try:
-                for pg in reap_orphan_placement_groups():
-                    print(f"removed placement group {pg}: its Ray Train controller died (node lost?)", flush=True)
-            except Exception as exc:  # noqa: BLE001 - a private Ray API: never let it stop a sweep
-                self.enabled = False
-                print(
-                    f"warning: orphan placement-group clean-up disabled ({type(exc).__name__}: {exc})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-    return OrphanPlacementGroupReaper()
-
-
 def _sweep_id(factor: Factor, args: argparse.Namespace) -> str:
     """A new sweep's id, or with ``--resume`` the id stored in the killed sweep's ``sweep.json``."""
     name = args.name or f"{factor.name}-{'smoke' if args.smoke_test else args.preset}"
@@ -463,164 +154,6 @@ def fit_resources(plan: SweepPlan) -> SweepPlan:
         (n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=total.get("CPU", 1.0)
     )
     return with_resources(plan, plan.resources.fit(total.get("CPU", 1.0), total.get("GPU", 0.0), largest))
-
-
-def open_records(plan: SweepPlan, tracker, ray_mode: str, resume: bool) -> SweepPlan:
-    """The MLflow experiment and the sweep's parent run (created, or found again on resume), and
-    ``sweep.json`` in the sweep's folder; returns the plan with their ids."""
-    factor, res = plan.factor, plan.resources
-    exp_id = tracker.experiment(
-        plan.experiment,
-        {
-            N.EXPERIMENT_MARK: "1",
-            N.FACTOR: factor.name,
-            N.EXPERIMENT_KIND: N.EXPERIMENT_KIND_ML,  # the UI's "Machine learning" kind: runs, not GenAI traces
-            N.NOTE: experiment_note(plan),
-        },
-    )
-    parent_tags = {
-        N.ROLE: N.PARENT,
-        N.FACTOR: factor.name,
-        N.SWEEP_ARMS: json.dumps(list(plan.arms)),
-        N.SWEEP_REFERENCE: factor.reference,
-        N.SWEEP_TASKS: json.dumps(list(plan.tasks)),
-        N.SWEEP_PRESET: plan.preset,
-        **({N.SWEEP_SCRATCH: N.SCRATCH_ARM} if plan.scratch else {}),
-        N.GIT_COMMIT: plan.git_commit,
-        N.SWEEP_RAY: ray_mode,
-    }
-    parent_params = {
-        "preset": plan.preset,
-        "seeds": json.dumps(list(plan.seeds)),
-        "tasks": json.dumps(list(plan.tasks)),
-        "workers_per_trial": res.workers,
-        "gpus_per_trial": res.gpus,
-        "cpus_per_worker": res.cpus_per_worker,
-        "max_concurrent": res.concurrent,
-        "tune": json.dumps({k: list(v) for k, v in plan.tune.items()}),
-        "tune_samples": plan.tune_samples if plan.searching else 0,
-        **{f"set.{k}": v for k, v in plan.overrides.items()},
-    }
-    parent_id, created = tracker.get_or_create_run(
-        exp_id,
-        key_tags={N.SWEEP_ID: plan.sweep_id, N.ROLE: N.PARENT},
-        name=plan.sweep_id,
-        tags=parent_tags,
-        params=parent_params,
-    )
-    if created:
-        tracker.set_tags(parent_id, {N.NOTE: sweep_note(plan)})
-    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        write_json_atomic(
-            plan.sweep_dir / "sweep.json",
-            {
-                "sweep_id": plan.sweep_id,
-                "factor": factor.name,
-                "preset": plan.preset,
-                "experiment": plan.experiment,
-                "parent_run_id": parent_id,
-            },
-        )
-    return replace(plan, experiment_id=exp_id, parent_run_id=parent_id)
-
-
-def _selection_metrics(plan: SweepPlan) -> dict[str, str]:
-    """Each task's validation score (what selection uses): task -> ``ft/<task>/best_<metric>``."""
-    cell = plan.cells[0] if plan.cells else None
-    return {t.name: f"{N.ft(t.name)}/best_{t.config.finetune.metric}" for t in (cell.tasks if cell else ())}
-
-
-def experiment_note(plan: SweepPlan) -> str:
-    """The experiment's description (MLflow's ``mlflow.note.content``, shown above its runs)."""
-    f = plan.factor
-    return (
-        f"**Ablation of {f.description or f.name}** (factor `{f.name}`): arms {', '.join(f.arms)}, "
-        f"reference `{f.reference}`.\n\n"
-        f"Each **parent run** is one sweep (`python -m ablations.run {f.name} ...` or `sweeps/{f.name}.py`); "
-        f"its **child runs** are the trials, one arm x seed each: a masked-patch pretraining, then a "
-        f"fine-tuning on each task (`pretrain/...`, `ft/<task>/...`; `ft/<task>/final` is the test score). "
-        f"A parent run carries each arm's summary as `arm/<arm>/...` metrics (means over seeds, `n` seeds) "
-        f"and a table in its description.\n\n"
-        f"Tables with differences and intervals: `python -m ablations.summarize --experiment {plan.experiment}`."
-    )
-
-
-def sweep_note(plan: SweepPlan, table: str = "") -> str:
-    """The parent run's description: what the sweep runs and how it selects, then (once it ends) its arms."""
-    sel = _selection_metrics(plan)
-    res = plan.resources
-    tune = f"; Optuna tunes {', '.join(plan.tune)} ({plan.tune_samples} samples per arm x seed)" if plan.tune else ""
-    text = (
-        f"**Sweep `{plan.sweep_id}`**: {plan.factor.name}, arms {', '.join(plan.arms)} (reference "
-        f"`{plan.factor.reference}`) x seeds {', '.join(map(str, plan.seeds))} = {plan.n_trials} trials on preset "
-        f"`{plan.preset}`, tasks {', '.join(plan.tasks)}{tune}.\n\n"
-        f"Selection uses the validation score ({', '.join(f'`{m}`' for m in sel.values())}), never the test "
-        f"score (`ft/<task>/final`). Resources: {res.workers} worker(s) per trial, "
-        f"{res.cpus_per_worker} CPU{f' + {res.gpus} GPU' if res.use_gpu else ''} each, {res.concurrent} trials "
-        f"at once. Storage: `{plan.sweep_dir}`. Commit: `{plan.git_commit}`."
-    )
-    cmd = shlex.join(["python", *sys.argv]) if sys.argv and sys.argv[0] else ""
-    if cmd:
-        text += f"\n\nCommand: `{cmd}`"
-    return text + (f"\n\n{table}" if table else "")
-
-
-def arm_summary(trials: list[tuple[str, str, dict[str, float]]], plan: SweepPlan) -> dict[str, dict[str, float]]:
-    """Each arm's mean over its seeds of every task's validation score (``ft/<task>/best_<metric>``) and test
-    score (``ft/<task>/final``), and ``n`` (seeds). ``trials`` are the finished trials as ``(arm, seed,
-    metrics)``; with Optuna samples, a seed counts the sample with the best validation score (``plan.metric``).
-    Arms in the plan's order; an arm without a finished trial is left out."""
-    chosen: dict[tuple[str, str], dict[str, float]] = {}
-    for arm, seed, metrics in trials:
-        best = chosen.get((arm, seed))
-        score = metrics.get(plan.metric, float("-inf"))
-        if best is None or score > best.get(plan.metric, float("-inf")):
-            chosen[(arm, seed)] = metrics
-    keys = [k for task, m in _selection_metrics(plan).items() for k in (m, N.ft_final(task))]
-    out: dict[str, dict[str, float]] = {}
-    for arm in plan.arms:
-        runs = [m for (a, _), m in chosen.items() if a == arm]
-        if not runs:
-            continue
-        summary: dict[str, float] = {"n": float(len(runs))}
-        for k in keys:
-            values = [m[k] for m in runs if k in m and m[k] == m[k]]
-            if values:
-                summary[k] = sum(values) / len(values)
-        out[arm] = summary
-    return out
-
-
-def arm_table(summary: dict[str, dict[str, float]], plan: SweepPlan) -> str:
-    """A Markdown table of :func:`arm_summary` for the parent run's description."""
-    sel = _selection_metrics(plan)
-    cols = [(m, f"{t} validation") for t, m in sel.items()] + [(N.ft_final(t), f"{t} test") for t in sel]
-    lines = [
-        "| arm | n | " + " | ".join(label for _, label in cols) + " |",
-        "|---|---|" + "---|" * len(cols),
-    ]
-    for arm, m in summary.items():
-        cells = [f"{m[k]:.4f}" if k in m else "-" for k, _ in cols]
-        lines.append(f"| {arm} | {int(m['n'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n(means over seeds; the summary's intervals: `python -m ablations.summarize`)"
-
-
-def log_arm_summary(plan: SweepPlan, tracker) -> dict[str, dict[str, float]]:
-    """Put each arm's summary on the parent run: metrics ``arm/<arm>/<metric>`` and ``arm/<arm>/n`` (at the
-    step = the number of finished trials, so a resumed sweep adds a later point) and a table in its
-    description, so that the runs table compares arms and sweeps without opening the children."""
-    trials = [
-        (r.data.tags.get(N.ARM, "?"), r.data.tags.get(N.SEED, "?"), dict(r.data.metrics))
-        for r in tracker.trial_runs(plan.experiment_id, plan.sweep_id)
-        if r.info.status == "FINISHED" and r.data.tags.get(N.TRIAL_STATUS, "finished") == "finished"
-    ]
-    summary = arm_summary(trials, plan)
-    metrics = {N.arm_metric(arm, k): v for arm, m in summary.items() for k, v in m.items()}
-    if metrics:
-        tracker.log_metrics_once(plan.parent_run_id, metrics, step=len(trials))
-        tracker.set_tags(plan.parent_run_id, {N.NOTE: sweep_note(plan, arm_table(summary, plan))})
-    return summary
 
 
 class TrialNames:
@@ -670,7 +203,7 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
             name=tuner_path.name,
             storage_path=str(plan.sweep_dir),
             failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-            callbacks=[_orphan_reaper()],
+            callbacks=[orphan_reaper()],
             verbose=0 if quiet else 1,
         )
         n, conc = len(plan.cells), plan.resources.concurrent
@@ -710,57 +243,6 @@ def execute(plan: SweepPlan, *, resume: bool, quiet: bool) -> list[dict[str, Any
 
 class SweepInterrupted(SSAMBAError):
     """The sweep was stopped by a signal (Ctrl-C, SIGTERM); what it recorded says so, and --resume continues."""
-
-
-def mark_interrupted(plan: SweepPlan, tracker, trials: list[dict[str, Any]] | None) -> int:
-    """The parent run and every trial run of the sweep that neither finished nor failed on its own: KILLED,
-    ``sweep.status`` / ``trial.status`` ``interrupted``. ``trials`` are Tune's results when it returned (its
-    errored trials keep their failure); returns the number of trial runs marked."""
-    failed_keys = {plan.trial(t["config"]).key for t in trials or [] if t["error"]}
-    marked = 0
-    for run in tracker.trial_runs(plan.experiment_id, plan.sweep_id):
-        tags = run.data.tags
-        if tags.get(N.TRIAL_STATUS) == "finished" or tags.get(N.TRIAL_KEY) in failed_keys:
-            continue
-        if run.info.status == "FAILED" and tags.get(N.TRIAL_STATUS) == "failed" and trials is None:
-            continue  # failed before the signal (Tune's results are not known)
-        tracker.set_tags(run.info.run_id, {N.TRIAL_STATUS: "interrupted"})
-        tracker.finish(run.info.run_id, "KILLED")
-        marked += 1
-    done = sum(bool(t.get("done")) for t in trials or [])
-    tracker.set_tags(
-        plan.parent_run_id, {N.SWEEP_STATUS: "interrupted", N.SWEEP_TRIALS: str(plan.n_trials), N.SWEEP_DONE: str(done)}
-    )
-    tracker.finish(plan.parent_run_id, "KILLED")
-    return marked
-
-
-def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
-    """Mark the parent run finished or failed, with the trial counts; apply the sweep-end retention."""
-    status = "FINISHED" if all(t["error"] is None for t in trials) else "FAILED"
-    if status == "FINISHED" and plan.keep_checkpoints == "none":
-        from ssamba.sweep.trial import drop_pretrainings
-
-        drop_pretrainings(plan.sweep_dir)  # no trial left that could reuse them
-    log_arm_summary(plan, tracker)
-    tracker.set_tags(
-        plan.parent_run_id,
-        {
-            N.SWEEP_STATUS: status.lower(),
-            N.SWEEP_TRIALS: str(len(trials)),
-            N.SWEEP_FAILED: str(sum(t["error"] is not None for t in trials)),
-        },
-    )
-    tracker.finish(plan.parent_run_id, status)
-
-
-def finished_before(plan: SweepPlan, tracker):
-    """The parent run of this sweep when it already finished with every trial (``--resume`` has nothing to
-    do), else None. Read from MLflow alone: no Ray needed to tell."""
-    run = tracker.parent_run(plan.experiment, plan.sweep_id)
-    if run is None or run.info.status != "FINISHED" or run.data.tags.get(N.SWEEP_STATUS) != "finished":
-        return None
-    return run
 
 
 def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
