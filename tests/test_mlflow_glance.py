@@ -138,12 +138,14 @@ def test_resume_of_a_finished_sweep_says_so_and_starts_no_ray(make, tmp_path, mo
     monkeypatch.setattr(driver, "start_ray", no_ray)
     argv = ["--smoke-test", "--resume", "--storage", str(tmp_path / "store"), "--mlflow-uri", tracker.uri,
             "--experiment", plan.experiment]  # fmt: skip
-    rc = driver.run_sweep_cli(MASKING, argv, summarize=lambda uri, sweep: f"TABLE {sweep}")
+    logged = []
+    rc = driver.run_sweep_cli(MASKING, argv, summarize=lambda uri, sweep, log: logged.append(log) or f"TABLE {sweep}")
     out = capsys.readouterr().out
     assert rc == 0, out
     assert f"nothing to resume: sweep {plan.sweep_id} finished" in out and "3 trials" in out
     assert f"TABLE {plan.sweep_id}" in out and "mlflow ui --backend-store-uri" in out
     assert tracker.client.get_run(plan.parent_run_id).info.status == "FINISHED"  # left as it was
+    assert logged == [False]  # the table is printed, not logged again on the finished run
 
     # an interrupted sweep is not finished: --resume goes on (to Ray)
     tracker.set_tags(plan.parent_run_id, {N.SWEEP_STATUS: "interrupted"})

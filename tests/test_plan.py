@@ -291,3 +291,16 @@ def test_each_sweep_has_its_own_tune_experiment_and_an_old_one_is_kept(tmp_path)
     assert tune_folder(a).name != tune_folder(b).name  # the staging folder is named by this
     (a.sweep_dir / "tune").mkdir(parents=True)  # a sweep begun before the name carried its id
     assert tune_folder(a) == a.sweep_dir / "tune"
+
+
+def test_recipe_notice_never_prints_an_empty_budget():
+    from ssamba.config import to_flat
+    from ssamba.config.presets import get_preset
+    from ssamba.sweep.plan import recipe_notice
+
+    p = get_preset("demo")
+    epochs = to_flat(p.config)["finetune.epochs"]
+    same = recipe_notice("esc10", p, {"finetune.lr": 0.1}, {"finetune.epochs": epochs}, {})
+    assert "()" not in same and "budget is the preset's" in same
+    other = recipe_notice("esc10", p, {"finetune.lr": 0.1}, {"finetune.epochs": epochs + 7}, {})
+    assert f"keeps its budget (epochs={epochs} [recipe {epochs + 7}])" in other

@@ -205,3 +205,20 @@ def test_stage_settings_are_declared_once_and_name_their_stage():
     assert injected_nan_step("nan", {"SSAMBA_TEST_NAN_AT_STEP": "nan:2"}) == 2
     assert injected_nan_step("ok", {"SSAMBA_TEST_NAN_AT_STEP": "nan:2"}) == 0
     assert injected_nan_step("nan", {}) == 0
+
+
+def test_settled_statistics_are_used_as_they_are(small_demo, tmp_path):
+    """A sweep settles each stage's statistics before Ray (ssamba.sweep.records) and logs them: the stage then
+    runs with exactly those, reading or computing none again."""
+    cfg = _cfg(small_demo, **{"pretrain.max_steps": "1", "pretrain.mean": "-1.5", "pretrain.std": "2.5"})
+    seen = {}
+    for settled in (False, True):
+        run_pretrain(
+            cfg,
+            tmp_path / str(settled),
+            log=_quiet,
+            stats_settled=settled,
+            on_start=lambda flat, s=settled: seen.setdefault(s, (flat["pretrain.mean"], flat["pretrain.std"])),
+        )
+    assert seen[True] == (-1.5, 2.5)
+    assert seen[False] != (-1.5, 2.5)  # unsettled: the manifest's (or computed) statistics win

@@ -43,6 +43,7 @@ class SweepResult:
     mlflow_uri: str
     storage: Path
     trials: list[dict[str, Any]] = field(default_factory=list)
+    already_finished: bool = False  # --resume of a sweep that had finished: nothing ran, nothing is written
 
 
 def build_parser(factor: Factor) -> argparse.ArgumentParser:
@@ -265,7 +266,13 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
                 flush=True,
             )
             return SweepResult(
-                plan.sweep_id, plan.experiment, done.info.experiment_id, done.info.run_id, tracker.uri, plan.sweep_dir
+                plan.sweep_id,
+                plan.experiment,
+                done.info.experiment_id,
+                done.info.run_id,
+                tracker.uri,
+                plan.sweep_dir,
+                already_finished=True,
             )
     plan = settle_data(plan)  # each stage's statistics and data file, as the trials will log them
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", TRIAL_LINES)  # read when Ray is imported (next line)
@@ -313,14 +320,13 @@ def run_sweep(factor: Factor, args: argparse.Namespace) -> SweepResult:
     )
 
 
-def run_sweep_cli(
-    factor: Factor, argv: list[str] | None = None, summarize: Callable[[str, str], str] | None = None
-) -> int:
+def run_sweep_cli(factor: Factor, argv: list[str] | None = None, summarize: Callable[..., str] | None = None) -> int:
     """Entry point of a sweep script: run the sweep, then print its ablation table.
 
-    ``summarize(mlflow_uri, sweep_id)`` renders the table (the scripts pass ``ablations.summarize.
-    summarize_sweep``: the reporting layer sits above this one, which does not import it); without it a
-    plain table of the trials' final metrics is printed."""
+    ``summarize(mlflow_uri, sweep_id, log=...)`` renders the table (the scripts pass ``ablations.summarize.
+    summarize_sweep``: the reporting layer sits above this one, which does not import it) and logs it on the
+    parent run unless ``log`` is False (a ``--resume`` of a finished sweep writes nothing); without it a plain
+    table of the trials' final metrics is printed."""
     args = build_parser(factor).parse_args(argv)
     try:
         res = run_sweep(factor, args)
@@ -331,7 +337,8 @@ def run_sweep_cli(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed = [t for t in res.trials if t["error"]]
-    print(summarize(res.mlflow_uri, res.sweep_id) if summarize is not None else _plain_table(res))
+    table = summarize(res.mlflow_uri, res.sweep_id, log=not res.already_finished) if summarize else _plain_table(res)
+    print(table)
     print(ui_hint(res.mlflow_uri, res.experiment_id, res.experiment, res.sweep_id))
     if failed:
         print(f"{len(failed)} trial(s) failed: " + "; ".join((t["error"] or "")[:200] for t in failed), file=sys.stderr)

@@ -89,9 +89,10 @@ def recipe_notice(name: str, p: Preset, applied: Overrides, kept: Overrides, giv
         for k, v in kept.items()
         if k not in given and base[k] != v
     )
+    kept_said = f"the preset keeps its budget ({budget})" if budget else "its budget is the preset's too"
     return (
         f"task {name}: recipe {name!r} under preset {p.name}: its task settings apply ({_values(applied)}; "
-        f"mean/std: the manifest's when data.stats_from_manifest), the preset keeps its budget ({budget}){said}. "
+        f"mean/std: the manifest's when data.stats_from_manifest), {kept_said}{said}. "
         f"A paper-* preset applies the whole recipe; --set finetune.KEY=VALUE overrides any of these"
     )
 

@@ -321,6 +321,7 @@ def trial_worker(job: dict[str, Any]) -> None:
                 device=device,
                 wrap_model=wrap,
                 on_resume=resumed(N.ft(task.name)),
+                stats_settled=True,  # by the driver (ssamba.sweep.records), as the trial logged them
             )
             cost = stage_cost(time.perf_counter() - t0, world, spec.resources.device_share, res.samples)
             final = dict(res.last_eval)
@@ -362,6 +363,7 @@ def _pretrain(
         wrap_model=wrap,
         on_resume=on_resume,
         fault_nan_at_step=nan_step,
+        stats_settled=True,  # by the driver (ssamba.sweep.records), as the trial logged them
     )
     cost = stage_cost(time.perf_counter() - t0, world, device_share, res.samples)
     out = dict(res.last_eval)

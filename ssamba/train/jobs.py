@@ -62,12 +62,16 @@ def run_pretrain(
     on_resume: OnResume | None = None,
     fault_nan_at_step: int = 0,
     on_start: OnStart | None = None,
+    stats_settled: bool = False,
 ) -> FitResult:
     """MSPM pretraining on ``cfg.data.manifest`` (the demo corpus when empty); ``best.pt`` in ``out_dir``.
 
     ``on_start(config)``: the flat config the stage runs with (statistics and runtime settings resolved, as
     its checkpoints store it), before training starts.
-    ``fault_nan_at_step`` (a testing hook, never a config value): > 0 makes that optimiser step's loss NaN."""
+    ``fault_nan_at_step`` (a testing hook, never a config value): > 0 makes that optimiser step's loss NaN.
+    ``stats_settled``: the stage's ``mean``/``std`` were already resolved by the caller (a sweep settles them
+    before Ray starts, ``ssamba.sweep.records``): they are used as they are, with no manifest read or
+    computation again."""
     _threads()
     seed_everything(cfg.seed)
     device = device or pick_device(cfg.device)
@@ -86,7 +90,7 @@ def run_pretrain(
         eval_split=cfg.data.eval_split,
         fold=0,
         batch_size=p.batch_size,
-        use_manifest_stats=cfg.data.stats_from_manifest,
+        use_manifest_stats=cfg.data.stats_from_manifest and not stats_settled,
         log=log,
         rank=rank,
         world=world,
@@ -178,11 +182,12 @@ def run_finetune(
     wrap_model: Callable | None = None,
     on_resume: OnResume | None = None,
     on_start: OnStart | None = None,
+    stats_settled: bool = False,
 ) -> FitResult:
     """Fine-tune on ``cfg.finetune`` from ``init`` (our checkpoint) or from scratch (``init=None``).
 
     After training, the best checkpoint is evaluated on the test split (when the manifest has one);
-    those metrics are added as ``ft/<task>/test_<m>``. ``on_start``: as in :func:`run_pretrain`.
+    those metrics are added as ``ft/<task>/test_<m>``. ``on_start``, ``stats_settled``: as in :func:`run_pretrain`.
     """
     _threads()
     seed_everything(cfg.seed)
@@ -201,7 +206,7 @@ def run_finetune(
         eval_split=ft.eval_split,
         fold=ft.fold,
         batch_size=ft.batch_size,
-        use_manifest_stats=cfg.data.stats_from_manifest,
+        use_manifest_stats=cfg.data.stats_from_manifest and not stats_settled,
         log=log,
         rank=rank,
         world=world,
