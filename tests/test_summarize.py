@@ -14,7 +14,8 @@ import pytest
 from scipy import stats as sps
 
 from ablations import render
-from ablations.table import SummaryError, _t_quantile_fallback, from_dict, summarize, to_dict
+from ablations.stats import _t_quantile_fallback
+from ablations.table import SummaryError, from_dict, summarize, to_dict
 
 TASKS = ["esc50", "sc"]
 
