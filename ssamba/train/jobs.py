@@ -49,6 +49,31 @@ def stage_record(cfg: ExperimentConfig, section: str, clip) -> dict:
     return {"config": to_flat(used), "frontend": fe}
 
 
+def _fit_stage(
+    model, task, loaders, settings, meta, device, out_dir, report, log, is_main, on_resume, on_start, wrap_model
+) -> FitResult:
+    """A stage's common end: announce its flat config (``on_start``), place and wrap the model, train."""
+    if on_start is not None:
+        on_start(meta["config"])
+    model.to(device)
+    if wrap_model is not None:
+        model = wrap_model(model)
+    return fit(
+        model,
+        task,
+        loaders.train,
+        loaders.eval,
+        settings,
+        device=device,
+        out_dir=out_dir,
+        checkpoint_meta=meta,
+        report=report,
+        log=log,
+        is_main=is_main,
+        on_resume=on_resume,
+    )
+
+
 def run_pretrain(
     cfg: ExperimentConfig,
     out_dir: str | os.PathLike,
@@ -112,24 +137,8 @@ def run_pretrain(
         f"masks {p.mask_count} ({p.mask_strategy}), device {device} x {world} worker(s), scan {getattr(model.v, 'backend', '-')}"
     )
     meta = stage_record(cfg, "pretrain", loaders.clip)
-    if on_start is not None:
-        on_start(meta["config"])
-    model.to(device)
-    if wrap_model is not None:
-        model = wrap_model(model)
-    return fit(
-        model,
-        task,
-        loaders.train,
-        loaders.eval,
-        settings,
-        device=device,
-        out_dir=out_dir,
-        checkpoint_meta=meta,
-        report=report,
-        log=log,
-        is_main=is_main,
-        on_resume=on_resume,
+    return _fit_stage(
+        model, task, loaders, settings, meta, device, out_dir, report, log, is_main, on_resume, on_start, wrap_model
     )
 
 
@@ -239,24 +248,8 @@ def run_finetune(
         eval_every=0,
     )
     meta = {**stage_record(cfg, "finetune", loaders.clip), "label_vocab": loaders.label_vocab}
-    if on_start is not None:
-        on_start(meta["config"])
-    model.to(device)
-    if wrap_model is not None:
-        model = wrap_model(model)
-    res = fit(
-        model,
-        task,
-        loaders.train,
-        loaders.eval,
-        settings,
-        device=device,
-        out_dir=out_dir,
-        checkpoint_meta=meta,
-        report=report,
-        log=log,
-        is_main=is_main,
-        on_resume=on_resume,
+    res = _fit_stage(
+        model, task, loaders, settings, meta, device, out_dir, report, log, is_main, on_resume, on_start, wrap_model
     )
     test = _test_metrics(cfg, manifest, loaders, res, task, device, log) if is_main else {}
     final = dict(res.last_eval)
