@@ -7,6 +7,7 @@ import json
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
 
 from ssamba.base.errors import ConfigError, ManifestError
 from ssamba.data.importers.speech import BACKGROUND_SPLIT, SILENCE_LABEL
@@ -148,8 +149,10 @@ def speaker_disjoint_split(
 
     if "original_split" not in df.columns:
         df["original_split"] = df["split"]
-    new_split = df["split"].copy()
-    new_split[active] = [assignment[k] for k in keys[active]]
+    # a plain object array: pandas 2.x cannot put a list into a masked string (Arrow) column
+    values = df["split"].to_numpy(dtype=object, copy=True)
+    values[np.asarray(active, dtype=bool)] = [assignment[k] for k in keys[active]]
+    new_split = pd.Series(values, index=df.index, name="split")
     df["split"] = new_split
     total = int(active.sum())
     clips = {s: int(((new_split == s) & active).sum()) for s in SPLIT_NAMES}
