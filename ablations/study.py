@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the study recorded in OUT/study.json")
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between GPU samples (default 5)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for the cache")
+    p.add_argument(
+        "--pilot",
+        action="store_true",
+        help="time one trial's stages here and work out the study's cost (no Ray, no MLflow; ablations.pilot)",
+    )
+    p.add_argument("--pilot-steps", type=int, default=200, help="pilot: pretraining steps (default 200)")
+    p.add_argument("--pilot-epochs", type=int, default=2, help="pilot: fine-tuning epochs per task (default 2)")
+    p.add_argument(
+        "--pilot-share", type=int, help="pilot: pretrainings at once on the device (default 2 on a GPU, else 1)"
+    )
     return p
 
 
@@ -347,6 +357,8 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
     sets = settings(args)
     out = args.out.rstrip("/") or "."
     D.find_sets(args.data)
+    if args.pilot:
+        return _pilot(args, factors, seeds, sets, out)
     options = {"data": args.data, "smoke": args.smoke, "seeds": list(seeds), "set": sets, "only": factors}
     path = Path(out) / "study.json"
     record = load_record(path, options, args.resume)
@@ -435,6 +447,22 @@ def _on_ray(record, args, factors, seeds, sets, out, path, results, t_start) -> 
         + (f"; failed: {failed}" if failed else "")
     )
     return 1 if failed else 0
+
+
+def _pilot(args, factors, seeds, sets, out) -> int:
+    import torch
+
+    from ablations.pilot import run_pilot
+
+    gpu = torch.cuda.is_available()
+    share = args.gpus_per_trial if args.gpus_per_trial is not None else (GPU_SHARE if gpu else 1.0)
+    if args.pilot_share is None:
+        args.pilot_share = 2 if gpu else 1
+    if min(args.pilot_steps, args.pilot_epochs, args.pilot_share) < 1:
+        raise ConfigError("--pilot-steps, --pilot-epochs and --pilot-share take 1 or more")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / ".gitignore").write_text("# the study's run (data, MLflow store, checkpoints): never in git\n*\n")
+    return run_pilot(args, factors, seeds, sets, out, share)
 
 
 def _as_interrupt(signum, _frame):

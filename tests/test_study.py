@@ -477,3 +477,49 @@ def test_smoke_study_of_one_ablation_end_to_end(shared_data, cache_env, tmp_path
     assert "CPU only (no GPU" in readme and R.READING_START in readme and "makespan / that = **" in readme
     assert (out / "results" / "study.md").is_file() and (page / "ablation-norm.png").is_file()
     assert (out / ".gitignore").read_text().splitlines()[-1] == "*"  # the run's folder stays out of git
+
+
+# ------------------------------------------------------------------------------ the pilot
+def test_pilot_cost_scales_each_stage_to_its_budget():
+    from ablations.pilot import full_steps, stage_estimate, study_cost, trial_counts
+
+    pre = {"stage": "pretrain", "steps": 200, "fit_s": 50.0, "wall_s": 60.0, "full_steps": 2000}
+    ft = {"stage": "ft/a", "steps": 124, "fit_s": 12.0, "wall_s": 20.0, "epochs": 2, "full_epochs": 20, "max_steps": 0}
+    capped = {**ft, "stage": "ft/b", "max_steps": 100}
+    assert full_steps(pre) == 2000 and full_steps(ft) == 1240 and full_steps(capped) == 100
+    assert stage_estimate(pre) == pytest.approx(50.0 / 200 * 2000 + 10.0)
+    assert stage_estimate(ft) == pytest.approx(12.0 / 124 * 1240 + 8.0)
+    assert trial_counts(["masking", "norm"], 3) == {"pretrained": (3 + 2) * 3, "scratch": 2 * 3}
+    alone = [pre, ft]
+    shared = [[{**pre, "fit_s": 60.0}], [{**pre, "fit_s": 70.0}]]  # 1.2x and 1.4x the step alone
+    cost = study_cost(alone, shared, {"pretrained": 10, "scratch": 2}, 0.5)
+    trial = stage_estimate(pre) + stage_estimate(ft)
+    assert cost["trial_pretrained_s"] == pytest.approx(trial)
+    assert cost["trial_scratch_s"] == pytest.approx(stage_estimate(ft))
+    assert cost["share_slowdown"] == pytest.approx(1.3)
+    held = (10 * trial + 2 * stage_estimate(ft)) * 1.3 * 0.5 / 3600
+    assert cost["gpu_hours_held"] == pytest.approx(held) and cost["makespan_h"]["8"] == pytest.approx(held / 8)
+    assert study_cost(alone, None, {"pretrained": 1, "scratch": 0}, 1.0)["share_slowdown"] == 1.0
+
+
+def test_pilot_times_one_trial_of_the_study_on_the_real_path(small_sets, tmp_path, cache_env):
+    """--pilot: the data steps, the reference arm's trial planned by the sweep's code, its stages run capped in
+    processes of their own (twice at once with --pilot-share 2), and the cost worked out and recorded."""
+    out = tmp_path / "study"
+    argv = ["--data", str(small_sets), "--out", str(out), "--smoke", "--only", "norm", "--pilot",
+            "--pilot-steps", "2", "--pilot-epochs", "1", "--pilot-share", "2"]  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "ablations.study", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = json.loads((out / "pilot.json").read_text())
+    assert rec["factor"] == "norm" and rec["arm"] == "layernorm"  # the reference arm
+    stages = [r["stage"] for r in rec["stages"]]
+    assert stages == ["pretrain", "ft/fsdd", "ft/esc10", "ft/speechcommands"]
+    assert rec["stages"][0]["steps"] == 2 and all(r["steps"] >= 1 and r["fit_s"] > 0 for r in rec["stages"])
+    assert len(rec["shared"]) == 2 and all(rows[0]["steps"] == 2 for rows in rec["shared"])
+    assert rec["cost"]["trials"] == {"pretrained": 2, "scratch": 1}
+    assert rec["cost"]["gpu_hours_held"] > 0
+    assert "device-hours held" in res.stdout and "| pretrain | 2 |" in res.stdout
+    assert (out / "data" / "pretrain.parquet").is_file() and (out / ".gitignore").is_file()
+    assert not (out / "mlflow.db").exists()  # no MLflow, no Ray: nothing but the timing
