@@ -149,7 +149,7 @@ def speaker_disjoint_split(
 
     if "original_split" not in df.columns:
         df["original_split"] = df["split"]
-    # a plain object array: pandas 2.x cannot put a list into a masked string (Arrow) column
+    # a plain object array: pandas 3.0 (3.0.6 on the GPU machines) cannot put a list into a masked string column
     values = df["split"].to_numpy(dtype=object, copy=True)
     values[np.asarray(active, dtype=bool)] = [assignment[k] for k in keys[active]]
     new_split = pd.Series(values, index=df.index, name="split")
