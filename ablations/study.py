@@ -3,6 +3,7 @@
     python -m ablations.study --data ../shared/data --out study/                # the study (on GPUs: 0.5 per trial)
     python -m ablations.study --data ../shared/data --out study-smoke/ --smoke  # tiny sizes, e.g. on a CPU
     python -m ablations.study --data ../shared/data --out study/ --resume       # continue a killed study
+    python -m ablations.study --data ../shared/data --out study/ --pilot        # one trial timed: the cost
 
 1. **data** (:mod:`ablations.study_data`): the importers' commands on the published layouts, the pretraining
    union, statistics and the feature cache, into ``OUT/data``;
