@@ -10,8 +10,8 @@ worked out from it, before the study commits its GPU-hours.
 3. ``--pilot-share K``: K pretraining stages at once on the one device, as the study packs ``1 / GPU share``
    trials on a card: the slowdown each then sees.
 4. The cost: each stage's time per step (or epoch) scaled to the preset's full budget, plus its start-up
-   (wall time outside training); trials counted per ablation (arms x seeds that pretrain, and the scratch
-   arm's); GPU-hours held at the study's share per trial, and the makespan on 1 and 8 GPUs if perfectly
+   (wall time outside training); the study's trials and its distinct pretrainings counted from the four
+   plans (the sweeps share their pretrainings: the reference arms are one config); GPU-hours held at the study's share per trial, and the makespan on 1 and 8 GPUs if perfectly
    packed. What it leaves out is printed with it: Ray's and MLflow's per-trial overhead, the unidirectional
    arm's cheaper scan (counted as bidirectional), and the sweeps' ramp-up and tail.
 
@@ -20,6 +20,8 @@ The record is ``OUT/pilot.json``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pickle
@@ -61,14 +63,22 @@ def pilot_cell(factor: str, options: list[str]):
     return plan, cell
 
 
-def trial_counts(factors: list[str], seeds: int) -> dict[str, int]:
-    """Trials of the study that pretrain (every arm of every ablation) and that only fine-tune (scratch)."""
+def study_counts(factors: list[str], options: list[str]) -> dict[str, int]:
+    """The study's trials and its distinct pretrainings: every ablation planned with the study's options; trials
+    whose pretraining has the same config and seed share one (the sweeps share ``--pretrain-store``)."""
+    from ablations.run import sweep_argv
+    from ssamba.sweep.driver import build_parser
     from ssamba.sweep.factors import FACTORS
+    from ssamba.sweep.plan import make_plan
 
-    return {
-        "pretrained": sum(len(FACTORS[f].arms) for f in factors) * seeds,
-        "scratch": len(factors) * seeds,
-    }
+    trials, pretrainings = 0, set()
+    for f in factors:
+        args = build_parser(FACTORS[f]).parse_args(sweep_argv(FACTORS[f], options))
+        with contextlib.redirect_stdout(io.StringIO()):
+            plan = make_plan(FACTORS[f], args, sweep_id="pilot")
+        trials += len(plan.cells)
+        pretrainings |= {c.pretrain_dir for c in plan.cells if c.pretrained}
+    return {"trials": trials, "pretrainings": len(pretrainings)}
 
 
 # ------------------------------------------------------------------------------ one stage, in its own process
@@ -142,13 +152,13 @@ def study_cost(alone: list[dict], shared: list[list[dict]] | None, counts: dict[
     """GPU-hours and makespans from the pilot's stages (see the module docstring)."""
     pre = [stage_estimate(r) for r in alone if r["stage"] == "pretrain"]
     ft = sum(stage_estimate(r) for r in alone if r["stage"] != "pretrain")
-    trial_pre, trial_scratch = (pre[0] if pre else 0.0) + ft, ft
+    trial_pre, trial_scratch = (pre[0] if pre else 0.0) + ft, ft  # a trial that pretrains; one that reuses or not
     slowdown = 1.0
     if shared:
         step = next(r["fit_s"] / max(r["steps"], 1) for r in alone if r["stage"] == "pretrain")
         together = [rows[0]["fit_s"] / max(rows[0]["steps"], 1) for rows in shared]
         slowdown = (sum(together) / len(together)) / step
-    alone_s = counts["pretrained"] * trial_pre + counts["scratch"] * trial_scratch
+    alone_s = counts["pretrainings"] * (trial_pre - trial_scratch) + counts["trials"] * trial_scratch
     held_h = alone_s * slowdown * share / 3600
     return {
         "trial_pretrained_s": trial_pre,
@@ -174,9 +184,9 @@ def cost_text(rows: list[dict], cost: dict, share: float, k: int, device: str) -
     c = cost
     lines += [
         "",
-        f"a pretrained trial ~{c['trial_pretrained_s'] / 60:.1f} min alone, a scratch trial ~"
-        f"{c['trial_scratch_s'] / 60:.1f} min; {c['trials']['pretrained']} + {c['trials']['scratch']} trials: "
-        f"{c['trial_hours_alone']:.2f} trial-hours alone",
+        f"a trial that pretrains ~{c['trial_pretrained_s'] / 60:.1f} min alone, one that fine-tunes only ~"
+        f"{c['trial_scratch_s'] / 60:.1f} min; {c['trials']['trials']} trials, {c['trials']['pretrainings']} "
+        f"distinct pretrainings: {c['trial_hours_alone']:.2f} trial-hours alone",
         f"{k} pretrainings at once: each step {c['share_slowdown']:.2f}x its time alone"
         if k > 1
         else "sharing not measured (--pilot-share 2 measures it): counted as no slowdown",
@@ -217,7 +227,8 @@ def run_pilot(args, factors: list[str], seeds: tuple[int, ...], sets: list[str],
         jobs = [("pretrain", str(work / f"shared-{i}"), args.pilot_steps, "") for i in range(args.pilot_share)]
         shared = _run_stages(spec_file, jobs, work)
     rows = pre + ft
-    cost = study_cost(rows, shared, trial_counts(factors, len(seeds)), share)
+    study_options = sweep_options(out, seeds, sets, share, cpus, 1)
+    cost = study_cost(rows, shared, study_counts(factors, study_options), share)
     text = cost_text(rows, cost, share, args.pilot_share, device)
     record = {
         "device": device,

@@ -140,7 +140,7 @@ def sweep_options(out: str, seeds, sets: list[str], gpus: float, cpus: float, co
         "--tasks", *(f"{t}={d}/{t}.parquet" for t in D.TASKS),
         *(x for s in sets for x in ("--set", s)),
         "--gpus-per-trial", f"{gpus:g}", "--cpus-per-worker", f"{cpus:g}", "--max-concurrent", str(conc),
-        "--storage", f"{out}/sweeps", "--mlflow-uri", mlflow_uri(out),
+        "--storage", f"{out}/sweeps", "--pretrain-store", f"{out}/pretrain", "--mlflow-uri", mlflow_uri(out),
     ]  # fmt: skip
 
 

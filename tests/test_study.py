@@ -481,7 +481,7 @@ def test_smoke_study_of_one_ablation_end_to_end(shared_data, cache_env, tmp_path
 
 # ------------------------------------------------------------------------------ the pilot
 def test_pilot_cost_scales_each_stage_to_its_budget():
-    from ablations.pilot import full_steps, stage_estimate, study_cost, trial_counts
+    from ablations.pilot import full_steps, stage_estimate, study_cost
 
     pre = {"stage": "pretrain", "steps": 200, "fit_s": 50.0, "wall_s": 60.0, "full_steps": 2000}
     ft = {"stage": "ft/a", "steps": 124, "fit_s": 12.0, "wall_s": 20.0, "epochs": 2, "full_epochs": 20, "max_steps": 0}
@@ -489,17 +489,33 @@ def test_pilot_cost_scales_each_stage_to_its_budget():
     assert full_steps(pre) == 2000 and full_steps(ft) == 1240 and full_steps(capped) == 100
     assert stage_estimate(pre) == pytest.approx(50.0 / 200 * 2000 + 10.0)
     assert stage_estimate(ft) == pytest.approx(12.0 / 124 * 1240 + 8.0)
-    assert trial_counts(["masking", "norm"], 3) == {"pretrained": (3 + 2) * 3, "scratch": 2 * 3}
     alone = [pre, ft]
     shared = [[{**pre, "fit_s": 60.0}], [{**pre, "fit_s": 70.0}]]  # 1.2x and 1.4x the step alone
-    cost = study_cost(alone, shared, {"pretrained": 10, "scratch": 2}, 0.5)
+    cost = study_cost(alone, shared, {"trials": 12, "pretrainings": 7}, 0.5)  # 10 pretrain, 3 of them reuse
     trial = stage_estimate(pre) + stage_estimate(ft)
     assert cost["trial_pretrained_s"] == pytest.approx(trial)
     assert cost["trial_scratch_s"] == pytest.approx(stage_estimate(ft))
     assert cost["share_slowdown"] == pytest.approx(1.3)
-    held = (10 * trial + 2 * stage_estimate(ft)) * 1.3 * 0.5 / 3600
+    held = (7 * stage_estimate(pre) + 12 * stage_estimate(ft)) * 1.3 * 0.5 / 3600
     assert cost["gpu_hours_held"] == pytest.approx(held) and cost["makespan_h"]["8"] == pytest.approx(held / 8)
-    assert study_cost(alone, None, {"pretrained": 1, "scratch": 0}, 1.0)["share_slowdown"] == 1.0
+    assert study_cost(alone, None, {"trials": 1, "pretrainings": 1}, 1.0)["share_slowdown"] == 1.0
+
+
+def test_the_study_sweeps_share_their_pretrainings(small_sets, tmp_path, cache_env, capsys):
+    """The four ablations' reference arms are one config: with the study's --pretrain-store each seed's reference
+    pretraining is one folder for all four sweeps (computed once, reused by the others), 21 of 30 at 3 seeds."""
+    from ablations.pilot import study_counts
+    from ablations.study import ORDER, STUDY_SET, sweep_options
+
+    out = str(tmp_path / "study")
+    for step in D.data_steps(str(small_sets), out, workers=1):
+        if step.name.startswith(("prepare", "esc10", "pretraining")):
+            _run_here(step)
+    options = sweep_options(out, (0, 1, 2), list(STUDY_SET), 0.5, 2, 2)
+    assert options[options.index("--pretrain-store") + 1] == f"{out}/pretrain"
+    assert study_counts(list(ORDER), options) == {"trials": 42, "pretrainings": 21}
+    own = [o for i, o in enumerate(options) if o != "--pretrain-store" and options[i - 1] != "--pretrain-store"]
+    assert study_counts(["masking", "norm"], own) == {"trials": 5 * 3 + 2 * 3, "pretrainings": 5 * 3}
 
 
 def test_pilot_times_one_trial_of_the_study_on_the_real_path(small_sets, tmp_path, cache_env):
@@ -518,7 +534,7 @@ def test_pilot_times_one_trial_of_the_study_on_the_real_path(small_sets, tmp_pat
     assert stages == ["pretrain", "ft/fsdd", "ft/esc10", "ft/speechcommands"]
     assert rec["stages"][0]["steps"] == 2 and all(r["steps"] >= 1 and r["fit_s"] > 0 for r in rec["stages"])
     assert len(rec["shared"]) == 2 and all(rows[0]["steps"] == 2 for rows in rec["shared"])
-    assert rec["cost"]["trials"] == {"pretrained": 2, "scratch": 1}
+    assert rec["cost"]["trials"] == {"trials": 3, "pretrainings": 2}  # layernorm, rmsnorm, scratch
     assert rec["cost"]["gpu_hours_held"] > 0
     assert "device-hours held" in res.stdout and "| pretrain | 2 |" in res.stdout
     assert (out / "data" / "pretrain.parquet").is_file() and (out / ".gitignore").is_file()

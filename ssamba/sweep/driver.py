@@ -91,6 +91,11 @@ def build_parser(factor: Factor) -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="tracking URI (default $MLFLOW_TRACKING_URI or sqlite mlflow.db here)")
     p.add_argument("--experiment", help=f"MLflow experiment (default ssamba-{factor.name})")
     p.add_argument("--name", help="sweep name under the storage folder (default <factor>-<preset>)")
+    p.add_argument(
+        "--pretrain-store",
+        help="folder of the pretrainings (default STORAGE/NAME/pretrain): sweeps given the same folder compute "
+        "a pretraining of the same config and seed once and reuse it",
+    )
     p.add_argument("--resume", action="store_true", help="continue a killed sweep of the same name and storage")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a failed trial (from its last checkpoint)")
     p.add_argument("--worker-retries", type=int, default=1, help="Ray Train worker-group restarts within a trial")

@@ -199,10 +199,10 @@ def mark_interrupted(plan: SweepPlan, tracker, trials: list[dict[str, Any]] | No
 def finish(plan: SweepPlan, tracker, trials: list[dict[str, Any]]) -> None:
     """Mark the parent run finished or failed, with the trial counts; apply the sweep-end retention."""
     status = "FINISHED" if all(t["error"] is None for t in trials) else "FAILED"
-    if status == "FINISHED" and plan.keep_checkpoints == "none":
+    if status == "FINISHED" and plan.keep_checkpoints == "none" and plan.pretrain_store is None:
         from ssamba.sweep.trial import drop_pretrainings
 
-        drop_pretrainings(plan.sweep_dir)  # no trial left that could reuse them
+        drop_pretrainings(plan.sweep_dir)  # no trial left that could reuse them (a shared store is left alone)
     log_arm_summary(plan, tracker)
     tracker.set_tags(
         plan.parent_run_id,

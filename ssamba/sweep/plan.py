@@ -372,6 +372,7 @@ class SweepPlan:
     max_failures: int = 1
     scratch: bool = False  # the arm SCRATCH_ARM fine-tunes without pretraining
     notices: tuple[str, ...] = ()  # what each task's recipe does under the preset (printed by make_plan)
+    pretrain_store: Path | None = None  # --pretrain-store: shared with other sweeps; None: the sweep's own
     # set by the driver once MLflow is open
     experiment_id: str = ""
     parent_run_id: str = ""
@@ -388,6 +389,12 @@ class SweepPlan:
         task = self.cells[0].tasks[0] if self.cells else None
         name = next(iter(self.tasks))
         return f"{N.ft(name)}/best_{task.config.finetune.metric if task else 'acc'}"
+
+    @property
+    def pretrain_root(self) -> Path:
+        """The folder of the sweep's pretrainings, one per config and seed (``<key>/``): ``--pretrain-store``,
+        which sweeps may share (one computes a pretraining, the others reuse it), else the sweep's own."""
+        return self.pretrain_store or self.sweep_dir / "pretrain"
 
     @property
     def n_trials(self) -> int:
@@ -432,7 +439,7 @@ def resolve_trial(plan: SweepPlan, arm: str, seed: int, tuned: Mapping[str, Any]
         config=cfg,
         tasks=tasks,
         pretrain_key=pkey,
-        pretrain_dir=plan.sweep_dir / "pretrain" / pkey,
+        pretrain_dir=plan.pretrain_root / pkey,
         pretrained=pretrained,
         result_file=trial_dir / "result.json",
         resources=plan.resources,
@@ -501,6 +508,7 @@ def make_plan(
         max_failures=args.max_failures,
         scratch=scratch,
         notices=tuple(notices),
+        pretrain_store=Path(args.pretrain_store).expanduser().resolve() if args.pretrain_store else None,
     )
     cells = tuple(resolve_trial(plan, arm, seed, {}) for arm in arms for seed in plan.seeds)
     plan = replace(plan, cells=cells)
