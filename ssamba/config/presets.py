@@ -214,8 +214,9 @@ def _smoke() -> ExperimentConfig:
 def _study() -> ExperimentConfig:
     """The real-data ablation study (``python -m ablations.study``, docs/results/README.md): SSAMBA-tiny
     pretrained on the union of the training splits of FSDD, ESC-10 and Speech Commands, then fine-tuned on
-    each. Sized so that the four ablations x 3 seeds, with the from-scratch arm, take about an hour on one
-    machine of 8 GPUs at half a GPU per trial (an estimate from docs/benchmarks.md, not a measurement)."""
+    each. Sized so that the four ablations x 3 seeds, with the from-scratch arm, take under an hour on one
+    machine of 8 GPUs at half a GPU per trial: about 4.2 GPU-hours, worked out from one trial timed on an H100
+    (``python -m ablations.study --pilot``, docs/results/pilot.md)."""
     return ExperimentConfig(
         name="study",
         model=model_preset("tiny"),  # the paper's smallest SSAMBA: D 192, depth 24
