@@ -24,7 +24,6 @@ import contextlib
 import io
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -87,7 +86,9 @@ def _stage(spec_file: str, stage: str, out_dir: str, cap: str, init: str, result
 
     from ssamba.train.jobs import run_finetune, run_pretrain
 
-    cell, cap = pickle.loads(Path(spec_file).read_bytes()), int(cap)
+    spec = json.loads(Path(spec_file).read_text())  # the trial planned again here, as the sweep's code plans it
+    _, cell = pilot_cell(spec["factor"], spec["options"])
+    cap = int(cap)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quiet = lambda s: None  # noqa: E731
     t0 = time.time()
@@ -198,11 +199,12 @@ def cost_text(rows: list[dict], cost: dict, share: float, k: int, device: str) -
     return "\n".join(lines)
 
 
-def run_pilot(args, factors: list[str], seeds: tuple[int, ...], sets: list[str], out: str, share: float) -> int:
-    """The pilot (module docstring); ``share``: the GPUs a study trial would hold."""
+def run_pilot(
+    args, factors: list[str], seeds: tuple[int, ...], sets: list[str], out: str, share: float, sweep_options
+) -> int:
+    """The pilot (module docstring); ``share``: the GPUs a study trial would hold; ``sweep_options``: the study's
+    options of one sweep (``ablations.study.sweep_options``, passed in: this module sits below the study)."""
     import torch
-
-    from ablations.study import sweep_options
 
     t0 = time.time()
     data_s = run_data_steps(args.data, out, args.workers)
@@ -211,8 +213,8 @@ def run_pilot(args, factors: list[str], seeds: tuple[int, ...], sets: list[str],
     plan, cell = pilot_cell(factors[0], options)
     work = Path(out) / "pilot"
     work.mkdir(parents=True, exist_ok=True)
-    spec_file = work / "trial.pkl"
-    spec_file.write_bytes(pickle.dumps(cell))
+    spec_file = work / "trial.json"
+    spec_file.write_text(json.dumps({"factor": factors[0], "options": options}))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(
         f"pilot: {factors[0]} arm {cell.arm}, seed {cell.seed}; pretraining capped at {args.pilot_steps} steps "

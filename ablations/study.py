@@ -463,7 +463,7 @@ def _pilot(args, factors, seeds, sets, out) -> int:
         raise ConfigError("--pilot-steps, --pilot-epochs and --pilot-share take 1 or more")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / ".gitignore").write_text("# the study's run (data, MLflow store, checkpoints): never in git\n*\n")
-    return run_pilot(args, factors, seeds, sets, out, share)
+    return run_pilot(args, factors, seeds, sets, out, share, sweep_options)
 
 
 def _as_interrupt(signum, _frame):

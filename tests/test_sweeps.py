@@ -158,3 +158,26 @@ def pd_isna(v) -> bool:
     import math
 
     return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def test_two_sweeps_share_a_pretraining_store(local_ray, tmp_path, capsys):
+    """--pretrain-store: the norm sweep's layernorm arm and the direction sweep's bidirectional arm are one
+    pretraining config; the second sweep reuses what the first computed (tagged in MLflow, no cost twice) and a
+    sweep's own store (no flag) is used otherwise."""
+    from ablations.run import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = tmp_path / "pretrain"
+    common = ["--smoke-test", "--quiet", "--storage", str(tmp_path / "store"), "--mlflow-uri", uri]
+    assert main("norm", [*common, "--arms", "layernorm", "--pretrain-store", str(store)]) == 0
+    assert main("direction", [*common, "--arms", "bidirectional", "--pretrain-store", str(store)]) == 0
+    capsys.readouterr()
+    _, runs = _store(uri)
+    trials = runs[runs["tags.sweep.role"] == "trial"].set_index("tags.ablation.arm")
+    assert (trials["tags.trial.status"] == "finished").all()
+    key = trials.loc["layernorm", "tags.pretrain.key"]
+    assert trials.loc["bidirectional", "tags.pretrain.key"] == key and (store / key / "DONE").is_file()
+    assert trials.loc["layernorm", "tags.pretrain.reused"] == "false"
+    assert trials.loc["bidirectional", "tags.pretrain.reused"] == "true"
+    assert trials.loc["bidirectional", "metrics.pretrain/acc"] == trials.loc["layernorm", "metrics.pretrain/acc"]
+    assert not list((tmp_path / "store").glob("*/pretrain/*/DONE"))  # nothing in the sweeps' own stores
