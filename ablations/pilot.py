@@ -1,7 +1,7 @@
 """``python -m ablations.study ... --pilot``: one trial of the study, timed on this machine, and the study's cost
 worked out from it, before the study commits its GPU-hours.
 
-1. The study's data steps (the same commands, into ``OUT/data``; the study reuses them).
+1. The study's data steps (the same commands, into ``OUT/data``; the feature cache they build serves the study too).
 2. The trial: the first ablation's reference arm, seed 0, planned and settled by the sweep's own code
    (:func:`ssamba.sweep.plan.make_plan`, :func:`ssamba.sweep.records.settle_data`), so its configs are the
    ones the study's trial runs. Its stages run as its Ray Train worker runs them (``run_pretrain`` then
@@ -37,11 +37,9 @@ from ssamba.base.errors import SSAMBAError
 
 
 def run_data_steps(data: str, out: str, workers: int) -> float:
-    """The study's data steps, each skipped when its output exists; their seconds."""
+    """The study's data steps, all of them (each is quick again once the feature cache exists); their seconds."""
     t0 = time.time()
     for step in D.data_steps(data, out, workers):
-        if Path(step.output).is_file() and step.name.startswith(("prepare", "esc10", "pretraining")):
-            continue
         print(f"pilot data: {step.name}", flush=True)
         D.run_step(step, Path(out) / "logs" / "data.log")
     return time.time() - t0
@@ -208,9 +206,9 @@ def run_pilot(
 
     t0 = time.time()
     data_s = run_data_steps(args.data, out, args.workers)
-    cpus = max(1, (os.cpu_count() or 2) // max(1, round(1 / share) if share > 0 else 1))
+    cpus = max(1, int((os.cpu_count() or 1) * min(share, 1.0)))  # a trial's share of the cores, as of the device
     options = sweep_options(out, (0,), sets, share, cpus, 1)
-    plan, cell = pilot_cell(factors[0], options)
+    _, cell = pilot_cell(factors[0], options)
     work = Path(out) / "pilot"
     work.mkdir(parents=True, exist_ok=True)
     spec_file = work / "trial.json"
